@@ -1,0 +1,77 @@
+"""Trainer callbacks: metrics.jsonl in the run folder and a one-line progress report per logging step."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Dict, List
+
+from transformers import TrainerCallback
+
+log = logging.getLogger("fttool")
+METRICS_FILE = "metrics.jsonl"
+
+
+def _hms(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class MetricsCallback(TrainerCallback):
+    """Append one JSON object per logging step to metrics.jsonl and print step/total, loss, lr, tokens/s, ETA."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.t0 = self.t_last = time.time()
+        self.tokens_last = 0
+        self.step0 = 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0 = self.t_last = time.time()
+        self.step0 = state.global_step
+        self.tokens_last = state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs:
+            return
+        now = time.time()
+        rec: Dict = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        if "loss" in logs:
+            dt = max(now - self.t_last, 1e-9)
+            tokens = state.num_input_tokens_seen
+            rec.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                       tokens=tokens, tokens_per_s=round((tokens - self.tokens_last) / dt, 1), elapsed_s=round(now - self.t0, 2))
+            self.t_last, self.tokens_last = now, tokens
+            done = state.global_step - self.step0
+            eta = (now - self.t0) / done * (state.max_steps - state.global_step) if done else 0.0
+            log.info(f"step {state.global_step}/{state.max_steps} ({100 * state.global_step / max(state.max_steps, 1):.0f}%) | "
+                     f"loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0):.2e} | {rec['tokens_per_s']:,.0f} tok/s | "
+                     f"elapsed {_hms(now - self.t0)} | eta {_hms(eta)}")
+        else:
+            rec.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def read_metrics(run_dir: Path) -> List[Dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop rows logged after `step` (a resumed run logs those steps again)."""
+    rows = [r for r in read_metrics(run_dir) if r["step"] <= step and "loss" in r]
+    (Path(run_dir) / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def sparkline(values: List[float], width: int = 40) -> str:
+    if not values:
+        return ""
+    if len(values) > width:
+        values = [values[int(i * len(values) / width)] for i in range(width)]
+    lo, hi = min(values), max(values)
+    bars = "▁▂▃▄▅▆▇█"
+    return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in values)

@@ -1,0 +1,98 @@
+"""`fttool [VERB] [overrides...]`: the command line. Imports nothing heavy until a run trains."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional
+
+from fttool.errors import UserError, fail, suggestion
+
+VERBS = {
+    "train": "compose, validate, write the run folder and train (the default verb)",
+    "check": "compose and validate, print the resolved spec and the plan; loads no model",
+}
+HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--version"}
+HYDRA_PRINT_FLAGS = {"--cfg", "-c"}
+MULTIRUN_FLAGS = {"-m", "--multirun"}
+
+USAGE = """\
+fttool: declarative fine-tuning of language models.
+
+usage: fttool [VERB] [key=value ...] [+recipe=NAME] [-m]
+
+verbs:
+{verbs}
+
+examples:
+  fttool                                  the embedded demo: tiny model, demo data, CPU, a few minutes
+  fttool check +recipe=qlora_7b           show the resolved spec and plan of a recipe
+  fttool +recipe=tiny_cpu train.lr=1e-3   a recipe with one key overridden
+  fttool -m +recipe=tiny_cpu method.rank=8,16   a sweep: one run per value
+
+Hydra's own help (groups, options, the composed config) follows.
+"""
+
+
+def split_verb(argv: List[str]):
+    if argv and argv[0] in VERBS:
+        return argv[0], argv[1:]
+    if argv and not argv[0].startswith("-") and "=" not in argv[0] and not argv[0].startswith(("+", "~")):
+        raise UserError(f"unknown verb '{argv[0]}'.{suggestion(argv[0], VERBS)} Verbs: {', '.join(VERBS)}; overrides look like key=value.")
+    return "train", argv
+
+
+def _overrides(argv: List[str]) -> List[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in HYDRA_PRINT_FLAGS or a in ("--package", "-p", "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--experimental-rerun"):
+            skip = a not in HYDRA_PRINT_FLAGS
+            continue
+        if a.startswith("-"):
+            continue
+        out.append(a)
+    return out
+
+
+def _prog() -> str:
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fttool"
+    return "python -m fttool" if prog in ("__main__.py", "-m", "-c") else prog
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        verb, rest = split_verb(argv)
+        from fttool import registry
+
+        try:
+            registry.register()
+        except Exception as e:  # a malformed recipe file
+            raise UserError(f"could not read a recipe file: {e}".replace("\n", " "))
+        info_only = any(a in HYDRA_INFO_FLAGS for a in rest)
+        if info_only and any(a in ("--help", "-h") for a in rest):
+            print(USAGE.format(verbs="\n".join(f"  {k:<8}{v}" for k, v in VERBS.items())))
+        overrides = _overrides(rest)
+        if not info_only:
+            from fttool.compose import precheck
+
+            precheck(overrides, multirun=any(a in MULTIRUN_FLAGS for a in rest))
+    except UserError as e:
+        fail(str(e), e.exit_code)
+    _run_hydra(verb, rest, overrides, [_prog()] + argv)
+
+
+def _run_hydra(verb: str, rest: List[str], overrides: List[str], argv: List[str]) -> None:
+    import hydra
+
+    from fttool import registry
+    from fttool.run import run_task
+
+    @hydra.main(config_path=str(registry.conf_dir()), config_name="config", version_base=None)
+    def _app(cfg) -> None:
+        run_task(verb, cfg, overrides, argv)
+
+    sys.argv = [_prog()] + rest
+    _app()

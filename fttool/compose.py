@@ -1,0 +1,160 @@
+"""Compose the config from command-line overrides and turn Hydra's failures into actionable messages.
+
+Hydra itself runs the program (so `--help`, `--cfg job` and `-m` behave as Hydra users expect); before
+handing over, every override is checked here: group options and recipe names exist, keys exist (with a
+did-you-mean), values have the right type, and the composed config passes :mod:`fttool.validation`.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from fttool import registry
+from fttool.errors import UserError, suggestion
+from fttool.spec import GROUPS, METHOD_SCHEMAS
+
+GROUP_KEYS = set(GROUPS) | {"recipe"}
+TYPE_WORDS = {"Float": "a number, e.g. 2e-4", "Integer": "an integer", "Boolean": "true or false", "String": "a string"}
+MAX_CHECKED_TRIALS = 64
+
+
+def parse(overrides: List[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        raise UserError(f"could not read an override: {str(e).splitlines()[0]}. Overrides look like key=value, e.g. train.lr=2e-4.")
+
+
+def _values(ov) -> List[str]:
+    if ov.is_sweep_override():
+        return [str(v) for v in ov.sweep_string_iterator()]
+    return [ov.get_value_element_as_str()] if ov.value() is not None else ["null"]
+
+
+def _check_group(ov) -> None:
+    key = ov.key_or_group
+    if key == "recipe" and not ov.is_add() and not ov.is_force_add():
+        raise UserError(f"a recipe is added on top of the defaults: write +recipe={ov.get_value_element_as_str()} (with a '+').")
+    options = registry.group_options(key)
+    for val in _values(ov):
+        if val not in options:
+            where = "recipe" if key == "recipe" else f"option '{val}' in group '{key}'"
+            head = f"no recipe '{val}'" if key == "recipe" else f"no {where}"
+            extra = ""
+            if key == "recipe":
+                extra = f" Recipes are looked up in: {', '.join(str(d) for d in registry.recipe_dirs())} (add folders with {registry.RECIPE_PATH_ENV}=DIR1:DIR2)."
+            raise UserError(f"{head}.{suggestion(val, options, key + '={}')} Available: {', '.join(options) or '(none)'}.{extra}")
+
+
+def _known_keys(node) -> List[str]:
+    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+
+
+def _check_key(cfg: DictConfig, key: str) -> None:
+    node = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            raise UserError(f"'{'.'.join(parts[:i])}' is a value, not a section; '{key}' does not exist.")
+        if part not in node:
+            parent = ".".join(parts[:i])
+            choices = _known_keys(node)
+            full = [f"{parent}.{c}" if parent else c for c in choices]
+            hint = suggestion(key, full)
+            where = f"in '{parent}'" if parent else "at the top level"
+            if parent == "method":
+                where += f" for method={cfg.method.name}"
+                owners = [n for n, schema in METHOD_SCHEMAS.items() if part in schema.__dataclass_fields__]
+                if owners:
+                    raise UserError(f"'{key}' belongs to method={' / method='.join(owners)}, not method={cfg.method.name}; "
+                                    f"choose one of those methods or drop the key.")
+            raise UserError(f"unknown key '{key}'.{hint} Keys {where}: {', '.join(choices)}.")
+        node = node[part]
+
+
+def _describe_validation(e: BaseException, override_text: Dict[str, str]) -> Optional[str]:
+    cause = e.__cause__ or e.__context__
+    full_key = getattr(cause, "full_key", None)
+    if cause is None or not full_key:
+        return None
+    msg = str(cause).split("\n")[0]
+    kind = re.search(r"converted to (\w+)", msg)
+    if kind:
+        msg = f"expected {TYPE_WORDS.get(kind.group(1), kind.group(1))}"
+    given = override_text.get(full_key, "")
+    return f"{given or full_key}: {msg}."
+
+
+def trials(parsed) -> Iterator[List[str]]:
+    """Each combination of a multirun's sweep values as a plain override list (the first 64)."""
+    pools = []
+    for ov in parsed:
+        prefix = "~" if ov.is_delete() else "++" if ov.is_force_add() else "+" if ov.is_add() else ""
+        pools.append([f"{prefix}{ov.key_or_group}={v}" for v in _values(ov)])
+    return itertools.islice(itertools.product(*pools), MAX_CHECKED_TRIALS)
+
+
+def compose(overrides: List[str]) -> DictConfig:
+    """Compose with Hydra's compose API, mapping its exceptions to UserError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException, HydraException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(registry.conf_dir()), version_base=None):
+            return hydra_compose("config", overrides=list(overrides))
+    except (ConfigCompositionException, HydraException) as e:
+        text = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
+        described = _describe_validation(e, text)
+        raise UserError(described or " ".join(str(e).split("\n")[:2]))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def user_keys(overrides: List[str]) -> set:
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides if not o.startswith("hydra.")}
+
+
+def recipe_of(overrides: List[str]) -> Optional[str]:
+    for o in overrides:
+        if o.lstrip("+").startswith("recipe="):
+            return o.split("=", 1)[1]
+    return None
+
+
+def precheck(overrides: List[str], multirun: bool = False) -> List[Tuple[List[str], object]]:
+    """Check every override (and every sweep trial); return (overrides, RunSpec) per checked trial."""
+    from fttool import validation
+
+    bad = registry.bad_recipe_path_entries()
+    if bad:
+        raise UserError(f"{registry.RECIPE_PATH_ENV} names a folder that does not exist: {bad[0]}. Fix the path or remove it.")
+    parsed = parse(overrides)
+    for ov in parsed:
+        if ov.is_sweep_override() and not multirun:
+            raise UserError(f"{ov.input_line} lists several values: add -m to run a sweep (one run per value), or give one value.")
+        if ov.key_or_group.split("@")[0] in GROUP_KEYS:
+            _check_group(ov)
+    checked = []
+    for combo in trials(parsed):
+        groups = [o for o in combo if o.split("=", 1)[0].lstrip("+~") in GROUP_KEYS]
+        base = compose(groups)
+        for o in combo:
+            key = o.split("=", 1)[0]
+            if key.lstrip("+~") in GROUP_KEYS or key.startswith(("hydra.", "+hydra.", "~hydra.")):
+                continue
+            _check_key(base, key.lstrip("+~"))
+        cfg = compose(list(combo))
+        checked.append((list(combo), validation.build(cfg, user_keys(list(combo)), recipe_of(list(combo)))))
+    return checked
+
+
+__all__ = ["compose", "precheck", "trials", "user_keys", "recipe_of", "OmegaConf"]

@@ -1,0 +1,123 @@
+"""Tokenizer and model from the spec: load (hub id or folder), quantize (bitsandbytes), add adapters (peft)."""
+from __future__ import annotations
+
+import logging
+from typing import Tuple
+
+from fttool import assets
+from fttool.errors import UserError
+
+log = logging.getLogger("fttool")
+
+
+def resolve_precision(spec) -> str:
+    """fp32, bf16 or fp16 for this machine."""
+    p = spec.hardware.precision
+    if p != "auto":
+        return p
+    if spec.hardware.device == "cpu":
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def check_device(spec) -> None:
+    if spec.hardware.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"hardware={spec.hardware.name} needs a CUDA GPU, but torch sees none "
+                            f"(torch {torch.__version__}); use hardware=cpu here.")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def weight_dtype(spec, precision: str) -> str:
+    """Weights in fp32 for full fine-tunes (fp32 master weights); in the compute dtype for frozen bases."""
+    if spec.model.dtype != "auto":
+        return spec.model.dtype
+    if spec.method.name == "full":
+        return "float32"
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+
+
+def load_tokenizer(spec):
+    from transformers import AutoTokenizer
+
+    path = assets.resolve(spec.model.name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name_or_path={spec.model.name_or_path}: could not load its tokenizer: {str(e).splitlines()[0]}")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def quantization_config(spec, precision: str):
+    m = spec.method
+    if m.name != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if m.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = m.compute_dtype if m.compute_dtype != "auto" else weight_dtype(spec, precision)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=m.quant_type, bnb_4bit_use_double_quant=m.double_quant,
+                              bnb_4bit_compute_dtype=_torch_dtype(compute))
+
+
+def load_base(spec, precision: str):
+    from transformers import AutoModelForCausalLM
+
+    path = assets.resolve(spec.model.name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=spec.model.revision, dtype=_torch_dtype(weight_dtype(spec, precision)),
+            attn_implementation=spec.model.attn_implementation, trust_remote_code=spec.model.trust_remote_code,
+            quantization_config=quantization_config(spec, precision),
+        )
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError(f"model.name_or_path={spec.model.name_or_path}: could not load the model: {str(e).splitlines()[0]}")
+    model.config.use_cache = False  # the KV cache is never wanted in training (and corrupts packed batches)
+    return model
+
+
+def add_adapters(spec, model):
+    m = spec.method
+    if m.name == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if m.name == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.train.gradient_checkpointing)
+    elif spec.train.gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input with grad
+    names = {n.split(".")[-1] for n, mod in model.named_modules() if type(mod).__name__.startswith("Linear")}
+    missing = [t for t in m.target_modules if t not in names]
+    if missing:
+        raise UserError(f"method.target_modules: {', '.join(missing)} not found in {spec.model.name_or_path}; "
+                        f"its linear layers are: {', '.join(sorted(names))}.")
+    cfg = LoraConfig(r=m.rank, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=list(m.target_modules),
+                     use_rslora=m.use_rslora, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def load(spec) -> Tuple[object, object, str]:
+    """(model ready to train, tokenizer, precision)."""
+    check_device(spec)
+    precision = resolve_precision(spec)
+    tok = load_tokenizer(spec)
+    model = add_adapters(spec, load_base(spec, precision))
+    return model, tok, precision
+
+
+def count_parameters(model) -> Tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

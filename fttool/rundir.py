@@ -1,0 +1,141 @@
+"""The run folder, the unit of record: resolved spec, command, environment, metrics, checkpoints, result.
+
+Layout of <output_dir>/<run_name>/:
+  spec.yaml      the resolved, frozen RunSpec every worker reads
+  command.txt    the exact command line and working directory
+  env.json       python, platform, package versions, git revision of the working directory
+  train.log      the run's log; metrics.jsonl one JSON object per logging step
+  checkpoints/   checkpoint-N folders (resume=auto continues from the newest)
+  final/         the trained adapter (LoRA/QLoRA) or model (full), with its tokenizer
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+
+from fttool.errors import UserError
+from fttool.spec import RunSpec
+
+SPEC_FILE = "spec.yaml"
+PACKAGES = ("fttool", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed",
+            "hydra-core", "omegaconf", "wandb", "tokenizers", "safetensors")
+# keys that may differ between a run and its resumption
+RESUMABLE_DIFFS = {"resume"}
+
+
+def spec_to_yaml(spec: RunSpec) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(asdict(spec)))
+
+
+def load_spec(run_dir: Path) -> RunSpec:
+    from fttool.validation import to_spec
+
+    path = Path(run_dir) / SPEC_FILE
+    if not path.is_file():
+        raise UserError(f"{path} not found: {run_dir} is not an fttool run folder.")
+    return to_spec(OmegaConf.load(path))
+
+
+def run_dir_of(spec: RunSpec) -> Path:
+    return Path(spec.output_dir).expanduser().resolve() / str(spec.run_name)
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def spec_diff(old: RunSpec, new: RunSpec) -> List[str]:
+    a, b = _flatten(asdict(old)), _flatten(asdict(new))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUMABLE_DIFFS]
+
+
+def package_versions() -> Dict[str, Optional[str]]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_revision(cwd: Path) -> Optional[Dict[str, Any]]:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> Dict[str, Any]:
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "packages": package_versions(),
+        "git": git_revision(Path.cwd()),
+    }
+
+
+def prepare(spec: RunSpec, argv: List[str], choices: Dict[str, Any]) -> tuple:
+    """Create (or, with resume=auto, reopen) the run folder. Returns (run_dir, created_now)."""
+    run_dir = run_dir_of(spec)
+    if run_dir.exists():
+        if spec.resume != "auto":
+            raise UserError(
+                f"run folder {run_dir} already exists; continue that run with resume=auto run_name={spec.run_name}, "
+                "or choose another run_name=NAME."
+            )
+        diffs = spec_diff(load_spec(run_dir), spec)
+        if diffs:
+            raise UserError(
+                f"resume=auto: the spec differs from the one {run_dir} was started with ({'; '.join(diffs)}). "
+                "Resume with the same settings, or start a new run_name."
+            )
+        _append(run_dir / "command.txt", _command_line(argv))
+        return run_dir, False
+    run_dir.mkdir(parents=True)
+    try:
+        (run_dir / SPEC_FILE).write_text(spec_to_yaml(spec))
+        (run_dir / "command.txt").write_text(_command_line(argv))
+        env = environment()
+        env["choices"] = {k: v for k, v in choices.items() if not str(k).startswith("hydra")}
+        (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return run_dir, True
+
+
+def _command_line(argv: List[str]) -> str:
+    return f"cd {shlex.quote(os.getcwd())} && {shlex.join(argv)}\n"
+
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def discard(run_dir: Path) -> None:
+    """Remove a run folder that failed before training started (nothing half-written stays)."""
+    shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,151 @@
+"""The typed run spec: every key a run can set, its type, its default and a one-line description.
+
+Defaults live here and only here. Hydra composes YAML from ``conf/`` onto these dataclasses, so an
+unknown key or a value of the wrong type is rejected at compose time. This module imports no torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+METHODS = ("full", "lora", "qlora")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelSpec:
+    """The base model: where it comes from and how it is loaded."""
+
+    name_or_path: str = MISSING  # hub id, local folder, or fttool:NAME for a model bundled with the package
+    revision: Optional[str] = None  # hub revision (branch, tag or commit) to pin
+    dtype: str = "auto"  # weight dtype when loading: auto follows hardware precision (auto|float32|bfloat16|float16)
+    attn_implementation: str = "sdpa"  # attention kernel: sdpa, eager, flash_attention_2
+    trust_remote_code: bool = False  # run modelling code shipped with the model; only ever set by the user
+    chat_template: Optional[str] = None  # Jinja chat template to use instead of the tokenizer's own
+    lr_scale: float = 1.0  # multiplies the method's default learning rate when train.lr is unset (small models take more)
+
+
+@dataclass
+class DataSpec:
+    """The dataset: where it is, what shape its rows have and how they become tokens."""
+
+    path: str = MISSING  # local file (.jsonl/.json), hub dataset id, or fttool:NAME for bundled demo data
+    format: str = "chat"  # row format: chat (messages list), alpaca (instruction/input/output), completion (text)
+    split: str = "train"  # split to train on when the path is a hub dataset
+    test_path: Optional[str] = None  # held-out file used for the end-of-run comparison with the base model
+    messages_field: str = "messages"  # column holding the conversation for format=chat
+    text_field: str = "text"  # column holding the raw text for format=completion
+    max_length: int = 1024  # longest tokenized sample; longer ones follow `truncation`
+    truncation: str = "truncate"  # what to do with samples over max_length: truncate or drop
+    train_on_inputs: bool = False  # also train on prompt/user tokens, not only on the replies
+    system_prompt: Optional[str] = None  # system message prepended to every conversation that has none
+    max_samples: Optional[int] = None  # use at most this many training rows (for smoke runs)
+
+
+@dataclass
+class FullSpec:
+    """Full fine-tune: every weight is trained."""
+
+    name: str = "full"  # method name (set by the group option)
+    default_lr: float = 2e-5  # learning rate used when train.lr is unset
+
+
+@dataclass
+class LoraSpec:
+    """LoRA: low-rank adapters on chosen projections, base weights frozen."""
+
+    name: str = "lora"  # method name (set by the group option)
+    default_lr: float = 2e-4  # learning rate used when train.lr is unset
+    rank: int = 16  # adapter rank r
+    alpha: float = 32.0  # adapter scaling numerator (scale = alpha / rank)
+    dropout: float = 0.05  # dropout on the adapter input
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names that get adapters
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank)
+
+
+@dataclass
+class QloraSpec(LoraSpec):
+    """QLoRA: LoRA on a base model quantized to 4 or 8 bits with bitsandbytes."""
+
+    name: str = "qlora"  # method name (set by the group option)
+    bits: int = 4  # quantization width: 4 (nf4/fp4) or 8 (LLM.int8)
+    quant_type: str = "nf4"  # 4-bit data type: nf4 or fp4
+    double_quant: bool = True  # quantize the quantization constants too (saves ~0.4 bit/param)
+    compute_dtype: str = "auto"  # dtype of the 4-bit matmuls: auto follows precision (bfloat16|float16|float32)
+
+
+@dataclass
+class HardwareSpec:
+    """Where the run executes."""
+
+    name: str = "cpu"  # option name (set by the group option)
+    device: str = "cpu"  # cpu or cuda
+    num_processes: int = 1  # processes on this machine (1 = no launcher)
+    precision: str = "auto"  # mixed precision: auto (bf16 where supported, else fp32), fp32, bf16, fp16
+
+
+@dataclass
+class LoggingSpec:
+    """Where metrics go besides the run folder's metrics.jsonl."""
+
+    backend: str = "none"  # none or wandb
+    project: Optional[str] = None  # W&B project (default: fttool)
+    entity: Optional[str] = None  # W&B entity (team or user)
+    mode: str = "online"  # W&B mode: online, offline or disabled
+    tags: List[str] = field(default_factory=list)  # W&B run tags
+
+
+@dataclass
+class TrainSpec:
+    """The optimisation schedule, shared by every method."""
+
+    lr: Optional[float] = None  # peak learning rate; unset = method.default_lr * model.lr_scale
+    lr_scheduler: str = "cosine"  # learning-rate schedule: cosine, linear, constant_with_warmup, ...
+    warmup_ratio: float = 0.03  # fraction of the steps spent warming up
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping norm
+    batch_size: int = 4  # micro-batch size per process
+    grad_accum: int = 4  # micro-batches accumulated per optimizer step
+    epochs: float = 3.0  # passes over the data (ignored when max_steps is set)
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs)
+    optim: str = "adamw_torch"  # optimizer name as transformers knows it
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    logging_steps: int = 10  # log metrics every N steps
+    save_steps: int = 200  # write a checkpoint every N steps
+    save_total_limit: int = 2  # keep at most this many checkpoints
+    dataloader_workers: int = 0  # dataloader worker processes
+
+
+@dataclass
+class EvalSpec:
+    """The end-of-run comparison with the base model on held-out examples."""
+
+    samples: int = 32  # held-out examples to generate for (0 = skip)
+    max_new_tokens: int = 64  # generation budget per example
+    compare_base: bool = True  # also generate with the base model and show both scores
+    show: int = 3  # examples printed side by side
+
+
+@dataclass
+class RunSpec:
+    """One fine-tuning run."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)  # group `model`
+    data: DataSpec = field(default_factory=DataSpec)  # group `data`
+    method: Any = MISSING  # group `method`: full, lora or qlora
+    hardware: HardwareSpec = field(default_factory=HardwareSpec)  # group `hardware`
+    logging: LoggingSpec = field(default_factory=LoggingSpec)  # group `logging`
+    train: TrainSpec = field(default_factory=TrainSpec)  # the schedule
+    eval: EvalSpec = field(default_factory=EvalSpec)  # the end-of-run held-out comparison
+    output_dir: str = "runs"  # folder that holds run folders
+    run_name: Optional[str] = None  # this run's folder name; unset = <model>-<method>-<timestamp>
+    resume: str = "never"  # never (fail if the run folder exists) or auto (continue from its newest checkpoint)
+    seed: int = 42  # seed for data order, initialisation and dropout
+
+
+METHOD_SCHEMAS = {"full": FullSpec, "lora": LoraSpec, "qlora": QloraSpec}
+GROUP_SCHEMAS = {"model": ModelSpec, "data": DataSpec, "hardware": HardwareSpec, "logging": LoggingSpec}
+GROUPS = ("model", "data", "method", "hardware", "logging")

@@ -1,0 +1,171 @@
+"""The worker: reads the frozen spec from a run folder, builds data, model and a transformers Trainer, trains.
+
+Run in-process for a single process, or as `python -m fttool.train RUN_DIR` by a launcher.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from fttool import rundir
+from fttool.errors import UserError
+
+log = logging.getLogger("fttool")
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+
+
+def setup_logging(run_dir: Path) -> None:
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward" at import: harmless
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
+def last_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint (one whose trainer_state.json was written)."""
+    ckpts = sorted((Path(run_dir) / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    complete = [c for c in ckpts if (c / "trainer_state.json").is_file()]
+    return complete[-1] if complete else None
+
+
+def training_args(spec, run_dir: Path, precision: str):
+    from transformers import TrainingArguments
+
+    t = spec.train
+    return TrainingArguments(
+        output_dir=str(run_dir / CHECKPOINTS), seed=spec.seed, data_seed=spec.seed,
+        learning_rate=t.lr, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim=t.optim,
+        per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
+        gradient_checkpointing=t.gradient_checkpointing, logging_steps=t.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=spec.hardware.device == "cpu",
+        dataloader_num_workers=t.dataloader_workers, report_to=["wandb"] if spec.logging.backend == "wandb" else [],
+        run_name=spec.run_name, disable_tqdm=True, include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+    )
+
+
+def _wandb_env(spec) -> None:
+    if spec.logging.backend != "wandb":
+        return
+    os.environ.setdefault("WANDB_PROJECT", spec.logging.project or "fttool")
+    if spec.logging.entity:
+        os.environ.setdefault("WANDB_ENTITY", spec.logging.entity)
+    os.environ.setdefault("WANDB_MODE", spec.logging.mode)
+
+
+def train(run_dir: Path) -> dict:
+    """Train the run in `run_dir`; returns the summary also written to result.json."""
+    run_dir = Path(run_dir)
+    spec = rundir.load_spec(run_dir)
+    setup_logging(run_dir)
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, set_seed
+
+    from fttool import callbacks, data, model as model_lib
+
+    set_seed(spec.seed)
+    model, tok, precision = model_lib.load(spec)
+    prepared = data.build(spec, tok)
+    log.info(f"data: {prepared.stats.summary()}")
+    trainable, total = model_lib.count_parameters(model)
+    log.info(f"model: {spec.model.name_or_path}, {spec.method.name}, {trainable:,} trainable of {total:,} parameters, precision {precision}")
+    import datasets
+
+    train_ds = datasets.Dataset.from_dict(prepared.train)
+    _wandb_env(spec)
+    trainer = Trainer(
+        model=model, args=training_args(spec, run_dir, precision), train_dataset=train_ds,
+        data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=data.IGNORE, pad_to_multiple_of=8),
+        processing_class=tok, callbacks=[callbacks.MetricsCallback(run_dir)],
+    )
+    trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line per logging step
+    resume_from = last_checkpoint(run_dir) if spec.resume == "auto" else None
+    if resume_from:
+        step = int(resume_from.name.split("-")[-1])
+        callbacks.truncate_metrics(run_dir, step)
+        log.info(f"resuming from {resume_from} (step {step})")
+    log.info(f"training: run folder {run_dir}")
+    try:
+        out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except KeyboardInterrupt:
+        ckpt = last_checkpoint(run_dir)
+        log.info(f"interrupted. Last complete checkpoint: {ckpt or 'none'}. Continue with: resume=auto run_name={spec.run_name}")
+        raise SystemExit(130)
+    final = run_dir / FINAL
+    trainer.save_model(str(final))
+    tok.save_pretrained(str(final))
+    summary = _summarize(spec, run_dir, out, trainable, total, prepared.stats)
+    if prepared.test and spec.eval.samples > 0:
+        summary["eval"] = _compare(spec, model, tok, prepared.test, precision)
+    (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info(f"done: {'adapter' if spec.method.name != 'full' else 'model'} saved to {final}")
+    if spec.logging.backend == "wandb":
+        import wandb
+
+        if wandb.run is not None:
+            wandb.run.summary["run_dir"] = str(run_dir)
+            wandb.finish()
+    return summary
+
+
+def _summarize(spec, run_dir: Path, out, trainable: int, total: int, stats) -> dict:
+    from fttool.callbacks import read_metrics, sparkline
+
+    losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+    summary = {"run_dir": str(run_dir), "steps": out.global_step, "train_loss": out.training_loss,
+               "runtime_s": out.metrics.get("train_runtime"), "trainable_params": trainable, "total_params": total,
+               "data": stats.__dict__}
+    if losses:
+        summary.update(first_loss=losses[0], last_loss=losses[-1])
+        log.info(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}  {sparkline(losses)}")
+    return summary
+
+
+def _compare(spec, model, tok, test, precision) -> dict:
+    from fttool import evaluate, model as model_lib
+
+    base = None
+    if spec.method.name == "full" and spec.eval.compare_base:
+        base = model_lib.load_base(spec, precision)
+    model.config.use_cache = True
+    result = evaluate.compare(spec, model, tok, test, base_model=base)
+    log.info("held-out comparison (greedy decoding):")
+    for line in evaluate.report(result, spec.eval.show):
+        log.info(line)
+    return {k: v for k, v in result.items()}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m fttool.train RUN_DIR", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        train(Path(argv[0]))
+    except UserError as e:
+        from fttool.errors import fail
+
+        fail(str(e), e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
