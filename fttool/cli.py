@@ -48,7 +48,7 @@ def _overrides(argv: List[str]) -> List[str]:
             skip = False
             continue
         if a in HYDRA_PRINT_FLAGS or a in ("--package", "-p", "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--experimental-rerun"):
-            skip = a not in HYDRA_PRINT_FLAGS
+            skip = True  # these flags take a value
             continue
         if a.startswith("-"):
             continue

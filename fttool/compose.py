@@ -62,7 +62,7 @@ def _check_key(cfg: DictConfig, key: str) -> None:
     for i, part in enumerate(parts):
         if not isinstance(node, DictConfig):
             raise UserError(f"'{'.'.join(parts[:i])}' is a value, not a section; '{key}' does not exist.")
-        if part not in node:
+        if part not in _known_keys(node):  # (`in` is False for a key whose value is ??? )
             parent = ".".join(parts[:i])
             choices = _known_keys(node)
             full = [f"{parent}.{c}" if parent else c for c in choices]
@@ -75,7 +75,7 @@ def _check_key(cfg: DictConfig, key: str) -> None:
                     raise UserError(f"'{key}' belongs to method={' / method='.join(owners)}, not method={cfg.method.name}; "
                                     f"choose one of those methods or drop the key.")
             raise UserError(f"unknown key '{key}'.{hint} Keys {where}: {', '.join(choices)}.")
-        node = node[part]
+        node = node._get_node(part)
 
 
 def _describe_validation(e: BaseException, override_text: Dict[str, str]) -> Optional[str]:
@@ -88,6 +88,10 @@ def _describe_validation(e: BaseException, override_text: Dict[str, str]) -> Opt
     if kind:
         msg = f"expected {TYPE_WORDS.get(kind.group(1), kind.group(1))}"
     given = override_text.get(full_key, "")
+    owner = re.search(r"not in '(\w+)Spec'", msg)
+    if owner and not given:
+        return (f"{full_key} is set by a recipe or config file, but {owner.group(1).lower()} settings have no such key "
+                f"(method={owner.group(1).lower()}?); pick the option it was written for, or edit the recipe.")
     return f"{given or full_key}: {msg}."
 
 
@@ -115,6 +119,14 @@ def compose(overrides: List[str]) -> DictConfig:
         text = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
         described = _describe_validation(e, text)
         raise UserError(described or " ".join(str(e).split("\n")[:2]))
+    except Exception as e:  # omegaconf errors raised while merging config files (e.g. a recipe key the method lacks)
+        key = getattr(e, "full_key", None)
+        if not key:
+            raise
+        hint = ""
+        if key.startswith("method."):
+            hint = (" A recipe or config file sets it for another method: pick that method, or edit the recipe.")
+        raise UserError(f"{key}: {str(e).splitlines()[0]}.{hint}")
     finally:
         GlobalHydra.instance().clear()
 

@@ -1,0 +1,153 @@
+"""Composition and validation: every recipe, group swaps, recipe precedence, and each bad-input message."""
+import time
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import make_spec, run_cli
+from fttool import compose, registry
+from fttool.errors import UserError
+
+
+def recipes():
+    return registry.group_options("recipe")
+
+
+def test_shipped_recipes_exist():
+    assert {"qlora_7b", "lora_8b", "full_1b", "tiny_cpu"} <= set(recipes())
+
+
+@pytest.mark.parametrize("recipe", recipes())
+def test_every_recipe_composes_and_validates(recipe, tmp_path):
+    spec = make_spec([f"+recipe={recipe}"], tmp_path)
+    assert spec.method.name in ("full", "lora", "qlora")
+    assert spec.train.lr > 0
+    assert spec.run_name.startswith(recipe)
+
+
+@pytest.mark.parametrize("group", ["model", "data", "method", "hardware", "logging"])
+def test_every_group_option_composes(group, tmp_path):
+    for option in registry.group_options(group):
+        extra = ["data.path=x.jsonl"] if (group == "data" and option in ("chat", "alpaca")) else []
+        extra += ["hardware.precision=fp32"] if group == "hardware" else []
+        make_spec([f"{group}={option}"] + extra, tmp_path)
+
+
+def test_qlora_7b_recipe_values(tmp_path):
+    spec = make_spec(["+recipe=qlora_7b"], tmp_path)
+    assert spec.method.name == "qlora" and spec.method.bits == 4 and spec.method.quant_type == "nf4"
+    assert spec.method.compute_dtype == "bfloat16" and spec.hardware.device == "cuda"
+    assert "7B" in spec.model.name_or_path
+
+
+def test_defaults_from_common_practice(tmp_path):
+    lora = make_spec(["method=lora", "model=qwen2_5_7b"], tmp_path)
+    assert (lora.method.rank, lora.method.alpha, lora.method.dropout, lora.train.lr) == (16, 32, 0.05, 2e-4)
+    assert lora.method.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert lora.train.lr_scheduler == "cosine" and lora.train.warmup_ratio > 0 and lora.train.grad_accum > 1
+    assert make_spec(["method=full", "model=qwen2_5_7b"], tmp_path).train.lr == 2e-5
+    assert make_spec(["hardware=single_gpu"], tmp_path).hardware.precision == "auto"
+
+
+def test_cli_override_wins_over_recipe(tmp_path):
+    spec = make_spec(["+recipe=qlora_7b", "method.rank=64", "train.lr=1e-4"], tmp_path)
+    assert spec.method.rank == 64 and spec.train.lr == 1e-4
+
+
+def test_swapping_method_leaves_no_stale_keys(tmp_path):
+    assert "bits" in compose.compose(["+recipe=tiny_cpu", "method=qlora"]).method
+    cfg = compose.compose(["+recipe=tiny_cpu", "method=full"])
+    assert set(cfg.method.keys()) == {"name", "default_lr"}
+    cfg = compose.compose(["+recipe=tiny_cpu", "method=lora", "hardware=single_gpu", "hardware=cpu"])
+    assert "bits" not in cfg.method
+
+
+def test_recipe_key_that_the_chosen_method_lacks(tmp_path):
+    with pytest.raises(UserError, match="method.compute_dtype.*method=full"):
+        compose.precheck(["+recipe=qlora_7b", "method=full"])
+
+
+def test_team_recipe_path(tmp_path, monkeypatch):
+    team = tmp_path / "team_recipes"
+    team.mkdir()
+    (team / "our_chat.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /method: full\ntrain:\n  max_steps: 7\n")
+    monkeypatch.setenv(registry.RECIPE_PATH_ENV, str(team))
+    assert "our_chat" in registry.group_options("recipe")
+    spec = make_spec(["+recipe=our_chat"], tmp_path)
+    assert spec.method.name == "full" and spec.train.max_steps == 7
+
+
+def test_recipe_cannot_enable_remote_code(tmp_path, monkeypatch):
+    team = tmp_path / "r"
+    team.mkdir()
+    (team / "sneaky.yaml").write_text("# @package _global_\nmodel:\n  trust_remote_code: true\n")
+    monkeypatch.setenv(registry.RECIPE_PATH_ENV, str(team))
+    with pytest.raises(UserError, match="trust_remote_code"):
+        make_spec(["+recipe=sneaky"], tmp_path)
+    assert make_spec(["+recipe=sneaky", "model.trust_remote_code=true"], tmp_path).model.trust_remote_code
+
+
+BAD = [
+    (["method.rnak=8"], "unknown key 'method.rnak'. Did you mean method.rank?"),
+    (["train.lrr=1"], "Did you mean train.lr?"),
+    (["method=lroa"], "Did you mean method=lora?"),
+    (["+recipe=qlora7b"], "no recipe 'qlora7b'. Did you mean recipe=qlora_7b?"),
+    (["recipe=qlora_7b"], "+recipe=qlora_7b"),
+    (["method.rank=0"], "method.rank=0 is out of range"),
+    (["train.lr=abc"], "train.lr=abc: expected a number"),
+    (["hardware.precision=fp16"], "fp16 needs a CUDA GPU"),
+    (["method=full", "method.rank=8"], "'method.rank' belongs to method=lora / method=qlora"),
+    (["data=chat"], "data.path is not set"),
+    (["model.dtype=float33"], "Did you mean float32?"),
+    (["method.rank=8,16"], "add -m to run a sweep"),
+    (["resume=auto"], "resume=auto needs the run to continue"),
+    (["run_name=a/b"], "run_name='a/b'"),
+    (["train.max_steps=-1"], "train.max_steps=-1 is out of range"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_input_message(overrides, message, tmp_path):
+    with pytest.raises(UserError) as e:
+        compose.precheck([f"output_dir={tmp_path}"] + overrides)
+    assert message in str(e.value)
+
+
+def test_bad_input_from_the_cli_exits_2_fast_without_traceback(tmp_path):
+    t0 = time.time()
+    r = run_cli("train", "method.rnak=8", cwd=tmp_path)
+    elapsed = time.time() - t0
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("fttool: error: unknown key 'method.rnak'. Did you mean method.rank? Keys in 'method' for "
+                                "method=lora: name, default_lr, rank, alpha, dropout, target_modules, use_rslora, bias.".replace(", bias", ""))
+    assert "Traceback" not in r.stderr and not list(tmp_path.iterdir())
+    assert elapsed < 10  # generous: heavy imports alone would take 7-9 s
+
+
+def test_unknown_verb(tmp_path):
+    r = run_cli("trian", cwd=tmp_path)
+    assert r.returncode == 2 and "unknown verb 'trian'. Did you mean train?" in r.stderr
+
+
+def test_check_prints_spec_and_plan_without_torch(tmp_path):
+    r = run_cli("check", "+recipe=tiny_cpu", "-c", "job", cwd=tmp_path) if False else None
+    code = ("import sys, fttool.cli as c; sys.argv=['fttool','check','+recipe=tiny_cpu'];\n"
+            "try:\n    c.main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import on the config path'")
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    spec = OmegaConf.create(p.stdout.split("# plan")[0])
+    assert spec.method.name == "lora" and spec.train.max_steps == 60
+    assert "trainable of" in p.stdout and "processes   1 on cpu" in p.stdout
+    assert not list(tmp_path.iterdir()), "check must not write anything"
+
+
+def test_hydra_flags_still_work(tmp_path):
+    r = run_cli("--cfg", "job", "+recipe=tiny_cpu", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert OmegaConf.create(r.stdout).method.name == "lora"
+    r = run_cli("--help", cwd=tmp_path)
+    assert r.returncode == 0 and "check" in r.stdout and "method: full, lora, qlora" in r.stdout

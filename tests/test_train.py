@@ -1,0 +1,148 @@
+"""Training on the CPU with the bundled tiny model: each method learns, artifacts land, resume is exact."""
+import json
+import shutil
+
+import pytest
+
+from conftest import FAST, make_spec, run_cli, train_run
+from fttool import rundir
+from fttool.callbacks import read_metrics
+from fttool.errors import UserError
+
+STEPS = ["train.max_steps=12", "train.save_steps=6"]
+
+
+def _losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_method_trains_and_loss_falls(method, tmp_path):
+    run_dir, summary = train_run([f"method={method}", *FAST, *STEPS], tmp_path)
+    losses = _losses(run_dir)
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    final = run_dir / "final"
+    if method == "full":
+        assert (final / "model.safetensors").is_file()
+        assert summary["trainable_params"] == summary["total_params"]
+    else:
+        from safetensors.torch import load_file
+
+        weights = load_file(final / "adapter_model.safetensors")
+        lora_b = [v for k, v in weights.items() if "lora_B" in k]
+        assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
+        assert summary["trainable_params"] < summary["total_params"] / 5
+    assert (final / "tokenizer.json").is_file() and (final / "chat_template.jinja").is_file()
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-12", "checkpoint-6"]
+    rec = read_metrics(run_dir)[0]
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(rec)
+    assert json.loads((run_dir / "result.json").read_text())["steps"] == 12
+
+
+def test_qlora_base_is_4bit(tmp_path):
+    import bitsandbytes as bnb
+
+    from fttool import model as model_lib
+
+    spec = make_spec(["method=qlora"], tmp_path)
+    model, _, _ = model_lib.load(spec)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    steps = ["method=lora", *FAST, "train.max_steps=8", "train.save_steps=4", "train.save_total_limit=3"]
+    full_dir, _ = train_run(steps, tmp_path, name="uninterrupted")
+    # simulate a crash just after step 4: keep checkpoint-4 and the metrics logged up to then
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full_dir, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "checkpoint-8")
+    shutil.rmtree(crashed / "final")
+    lines = [l for l in (crashed / "metrics.jsonl").read_text().splitlines() if json.loads(l)["step"] <= 6]
+    (crashed / "metrics.jsonl").write_text("\n".join(lines) + "\n")  # steps 5-6 were logged but never checkpointed
+    (crashed / "spec.yaml").write_text((crashed / "spec.yaml").read_text().replace("run_name: uninterrupted", "run_name: crashed"))
+
+    spec = make_spec(steps + ["run_name=crashed", "resume=auto"], tmp_path)
+    run_dir, created = rundir.prepare(spec, ["pytest"], {})
+    assert not created
+    from fttool.train import train
+
+    train(run_dir)
+    a = {r["step"]: r["loss"] for r in read_metrics(full_dir) if "loss" in r}
+    b = {r["step"]: r["loss"] for r in read_metrics(crashed) if "loss" in r}
+    assert sorted(b) == list(range(1, 9)), "steps 5-6 must be logged once, after the resume"
+    for step in range(5, 9):
+        assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path):
+    spec = make_spec(["run_name=once"], tmp_path)
+    rundir.prepare(spec, ["pytest"], {})
+    with pytest.raises(UserError, match="already exists; continue that run with resume=auto"):
+        rundir.prepare(spec, ["pytest"], {})
+    changed = make_spec(["run_name=once", "resume=auto", "train.lr=1e-3"], tmp_path)
+    with pytest.raises(UserError, match="train.lr"):
+        rundir.prepare(changed, ["pytest"], {})
+
+
+def test_run_folder_record(tmp_path):
+    spec = make_spec(["run_name=rec", "+recipe=tiny_cpu"], tmp_path)
+    run_dir, _ = rundir.prepare(spec, ["fttool", "+recipe=tiny_cpu"], {"model": "tiny_chat"})
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["packages"]["transformers"] and env["choices"] == {"model": "tiny_chat"}
+    assert "fttool +recipe=tiny_cpu" in (run_dir / "command.txt").read_text()
+    assert rundir.load_spec(run_dir) == spec
+
+
+def test_cli_train_end_to_end_from_another_directory(tmp_path):
+    r = run_cli("+recipe=tiny_cpu", "train.max_steps=4", "train.logging_steps=2", "train.save_steps=2", "data.max_samples=32",
+                "eval.samples=4", "run_name=e2e", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "e2e"
+    for name in ("spec.yaml", "command.txt", "env.json", "metrics.jsonl", "train.log", "result.json", "final/adapter_model.safetensors"):
+        assert (run_dir / name).exists(), name
+    assert "step 4/4 (100%)" in r.stdout and "tok/s" in r.stdout and "eta" in r.stdout
+    assert "held-out exact match: base" in r.stdout
+    again = run_cli("+recipe=tiny_cpu", "run_name=e2e", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_bad_data_row_fails_with_file_line_and_leaves_nothing(tmp_path):
+    data = tmp_path / "chats.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    data.write_text(good + "\n" + good + "\n" + '{"messages": [}\n')
+    r = run_cli("data=chat", f"data.path={data}", "run_name=bad", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert r.returncode == 2
+    assert f"{data}:3: not valid JSON" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}, "role 'bot'"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}, "assistant reply is empty"),
+    ({"conversation": []}, "no 'messages' field"),
+])
+def test_bad_rows(row, message, tmp_path):
+    from fttool import data, model as model_lib
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    spec = make_spec(["data=chat", f"data.path={path}"], tmp_path)
+    with pytest.raises(UserError, match=message) as e:
+        data.build(spec, model_lib.load_tokenizer(spec))
+    assert f"{path}:1" in str(e.value)
+
+
+def test_masking_trains_only_replies_and_end_of_turn(tmp_path):
+    from fttool import model as model_lib
+    from fttool.data.tokenize import IGNORE, encode_chat
+
+    spec = make_spec([], tmp_path)
+    tok = model_lib.load_tokenizer(spec)
+    msgs = [{"role": "system", "content": "Be {{brief}}."}, {"role": "user", "content": "Reverse the words: a b"},
+            {"role": "assistant", "content": "b a"}, {"role": "user", "content": "again"}, {"role": "assistant", "content": "a b"}]
+    enc = encode_chat(tok, msgs, "t", train_on_inputs=False)
+    trained = tok.decode([i for i, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE])
+    assert trained.replace(" ", "").replace("\n", "") == "ba<|im_end|>ab<|im_end|>"
+    assert "{{brief}}" in tok.decode(enc["input_ids"])
