@@ -1,4 +1,6 @@
 """Composition and validation: every recipe, group swaps, recipe precedence, and each bad-input message."""
+import subprocess
+import sys
 import time
 
 import pytest
@@ -131,12 +133,9 @@ def test_unknown_verb(tmp_path):
 
 
 def test_check_prints_spec_and_plan_without_torch(tmp_path):
-    r = run_cli("check", "+recipe=tiny_cpu", "-c", "job", cwd=tmp_path) if False else None
     code = ("import sys, fttool.cli as c; sys.argv=['fttool','check','+recipe=tiny_cpu'];\n"
             "try:\n    c.main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import on the config path'")
-    import subprocess
-    import sys
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     spec = OmegaConf.create(p.stdout.split("# plan")[0])
