@@ -9,6 +9,9 @@ from fttool.spec import RunSpec
 
 
 def launch(spec: RunSpec, argv: List[str], choices: Dict) -> None:
+    from fttool.model import check_device
+
+    check_device(spec)  # before anything is written
     run_dir, created = rundir.prepare(spec, argv, choices)
     print(f"fttool: run folder {run_dir}", flush=True)
     from fttool.train import CHECKPOINTS, train

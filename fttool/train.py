@@ -64,9 +64,11 @@ def training_args(spec, run_dir: Path, precision: str):
     )
 
 
-def _wandb_env(spec) -> None:
+def _wandb_env(spec, run_dir: Path) -> None:
+    """W&B reads its settings from the environment; the API key stays there (WANDB_API_KEY), never in a file."""
     if spec.logging.backend != "wandb":
         return
+    os.environ["WANDB_DIR"] = str(run_dir)  # wandb/ lands inside the run folder
     os.environ.setdefault("WANDB_PROJECT", spec.logging.project or "fttool")
     if spec.logging.entity:
         os.environ.setdefault("WANDB_ENTITY", spec.logging.entity)
@@ -91,7 +93,7 @@ def train(run_dir: Path) -> dict:
     import datasets
 
     train_ds = datasets.Dataset.from_dict(prepared.train)
-    _wandb_env(spec)
+    _wandb_env(spec, run_dir)
     trainer = Trainer(
         model=model, args=training_args(spec, run_dir, precision), train_dataset=train_ds,
         data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=data.IGNORE, pad_to_multiple_of=8),

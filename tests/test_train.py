@@ -146,3 +146,22 @@ def test_masking_trains_only_replies_and_end_of_turn(tmp_path):
     trained = tok.decode([i for i, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE])
     assert trained.replace(" ", "").replace("\n", "") == "ba<|im_end|>ab<|im_end|>"
     assert "{{brief}}" in tok.decode(enc["input_ids"])
+
+
+def test_gpu_hardware_without_gpu_fails_before_writing(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = run_cli("hardware=single_gpu", "run_name=gpu", f"output_dir={tmp_path}", cwd=tmp_path)
+    assert r.returncode == 2 and "hardware=single_gpu needs a CUDA GPU" in r.stderr
+    assert not (tmp_path / "gpu").exists()
+
+
+def test_wandb_offline_logs_into_the_run_folder(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    run_dir, _ = train_run(["logging=wandb", "logging.mode=offline", *FAST, "train.max_steps=3"], tmp_path)
+    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
