@@ -10,7 +10,7 @@ import itertools
 import re
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fttool import registry
 from fttool.errors import UserError, suggestion
@@ -119,14 +119,6 @@ def compose(overrides: List[str]) -> DictConfig:
         text = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
         described = _describe_validation(e, text)
         raise UserError(described or " ".join(str(e).split("\n")[:2]))
-    except Exception as e:  # omegaconf errors raised while merging config files (e.g. a recipe key the method lacks)
-        key = getattr(e, "full_key", None)
-        if not key:
-            raise
-        hint = ""
-        if key.startswith("method."):
-            hint = (" A recipe or config file sets it for another method: pick that method, or edit the recipe.")
-        raise UserError(f"{key}: {str(e).splitlines()[0]}.{hint}")
     finally:
         GlobalHydra.instance().clear()
 
@@ -169,4 +161,4 @@ def precheck(overrides: List[str], multirun: bool = False) -> List[Tuple[List[st
     return checked
 
 
-__all__ = ["compose", "precheck", "trials", "user_keys", "recipe_of", "OmegaConf"]
+__all__ = ["compose", "precheck", "trials", "user_keys", "recipe_of"]
