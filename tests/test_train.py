@@ -165,3 +165,15 @@ def test_wandb_offline_logs_into_the_run_folder(tmp_path, monkeypatch):
     run_dir, _ = train_run(["logging=wandb", "logging.mode=offline", *FAST, "train.max_steps=3"], tmp_path)
     runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_embedded_default_beats_the_base_model(tmp_path):
+    """`python -m fttool` with no arguments: the demo run a newcomer sees (about 2 minutes on 2 cores)."""
+    r = run_cli(cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["last_loss"] < result["first_loss"] / 2
+    assert result["eval"]["base"] <= 0.05 and result["eval"]["finetuned"] >= result["eval"]["base"] + 0.5, result["eval"]
+    assert "held-out exact match: base" in r.stdout

@@ -31,7 +31,10 @@ def reply_spans(tokenizer, messages: List[Dict[str, str]], loc: str) -> Tuple[st
         if not text.startswith(upto) or not upto.startswith(before):
             raise UserError(f"{loc}: the chat template does not render this conversation prefix by prefix, so the "
                             "reply tokens cannot be located; use another template (model.chat_template).")
-        spans.append((len(before), len(upto)))
+        end = len(upto)
+        while end > len(before) and upto[end - 1].isspace():
+            end -= 1  # the separator after the end-of-turn token is the template's, not the reply's
+        spans.append((len(before), end))
     return text, spans
 
 
