@@ -118,6 +118,9 @@ def load(spec) -> Tuple[object, object, str]:
 
 
 def count_parameters(model) -> Tuple[int, int]:
+    """(trainable, total); peft counts 4-bit weights at their real size (two values per stored byte)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total

@@ -128,7 +128,8 @@ def prepare(spec: RunSpec, argv: List[str], choices: Dict[str, Any]) -> tuple:
 
 
 def _command_line(argv: List[str]) -> str:
-    return f"cd {shlex.quote(os.getcwd())} && {shlex.join(argv)}\n"
+    prog, *args = argv
+    return f"cd {shlex.quote(os.getcwd())} && {' '.join([prog, shlex.join(args)]).strip()}\n"
 
 
 def _append(path: Path, text: str) -> None:

@@ -100,7 +100,8 @@ def train(run_dir: Path) -> dict:
         processing_class=tok, callbacks=[callbacks.MetricsCallback(run_dir)],
     )
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line per logging step
-    resume_from = last_checkpoint(run_dir) if spec.resume == "auto" else None
+    # the launcher only hands a run folder with checkpoints to a worker when resume=auto asked for it
+    resume_from = last_checkpoint(run_dir)
     if resume_from:
         step = int(resume_from.name.split("-")[-1])
         callbacks.truncate_metrics(run_dir, step)

@@ -69,6 +69,9 @@ def test_resume_matches_uninterrupted(tmp_path):
     from fttool.train import train
 
     train(run_dir)
+    log = (crashed / "train.log").read_text().split("resuming from")
+    assert len(log) == 2 and "checkpoint-4 (step 4)" in log[1]
+    assert "step 1/8" not in log[1] and "step 5/8" in log[1], "the resumed process must start at step 5"
     a = {r["step"]: r["loss"] for r in read_metrics(full_dir) if "loss" in r}
     b = {r["step"]: r["loss"] for r in read_metrics(crashed) if "loss" in r}
     assert sorted(b) == list(range(1, 9)), "steps 5-6 must be logged once, after the resume"
