@@ -102,9 +102,9 @@ def train(run_dir: Path) -> dict:
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line per logging step
     # the launcher only hands a run folder with checkpoints to a worker when resume=auto asked for it
     resume_from = last_checkpoint(run_dir)
+    step = int(resume_from.name.split("-")[-1]) if resume_from else 0
+    callbacks.truncate_metrics(run_dir, step)  # rows logged after the checkpoint are logged again
     if resume_from:
-        step = int(resume_from.name.split("-")[-1])
-        callbacks.truncate_metrics(run_dir, step)
         log.info(f"resuming from {resume_from} (step {step})")
     log.info(f"training: run folder {run_dir}")
     try:
