@@ -140,7 +140,22 @@ def build(cfg: DictConfig, user_keys: Optional[set] = None, recipe: Optional[str
         cfg.train.lr = float(cfg.method.default_lr * cfg.model.lr_scale)
     if cfg.run_name is None:
         cfg.run_name = default_run_name(cfg, recipe, job_num)
+    for key in LOCAL_PATH_KEYS:  # the run folder must not depend on the directory it was started from
+        OmegaConf.update(cfg, key, _absolute(OmegaConf.select(cfg, key)))
     return to_spec(cfg)
+
+
+LOCAL_PATH_KEYS = ("model.name_or_path", "data.path", "data.test_path")
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    """An existing local path made absolute; hub ids and fttool: assets unchanged."""
+    from pathlib import Path
+
+    if not path or str(path).startswith("fttool:"):
+        return path
+    local = Path(str(path)).expanduser()
+    return str(local.resolve()) if local.exists() else path
 
 
 def to_spec(cfg: Any) -> RunSpec:

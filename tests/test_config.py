@@ -150,3 +150,11 @@ def test_hydra_flags_still_work(tmp_path):
     assert OmegaConf.create(r.stdout).method.name == "lora"
     r = run_cli("--help", cwd=tmp_path)
     assert r.returncode == 0 and "check" in r.stdout and "method: full, lora, qlora" in r.stdout
+
+
+def test_local_paths_are_recorded_absolute(tmp_path, monkeypatch):
+    (tmp_path / "chats.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    spec = make_spec(["data=chat", "data.path=chats.jsonl"], tmp_path)
+    assert spec.data.path == str(tmp_path / "chats.jsonl")
+    assert make_spec(["+recipe=qlora_7b"], tmp_path).model.name_or_path == "Qwen/Qwen2.5-7B-Instruct"
