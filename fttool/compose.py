@@ -50,6 +50,24 @@ def _check_group(ov) -> None:
             if key == "recipe":
                 extra = f" Recipes are looked up in: {', '.join(str(d) for d in registry.recipe_dirs())} (add folders with {registry.RECIPE_PATH_ENV}=DIR1:DIR2)."
             raise UserError(f"{head}.{suggestion(val, options, key + '={}')} Available: {', '.join(options) or '(none)'}.{extra}")
+        if key == "recipe":
+            _check_recipe_defaults(val)
+
+
+def _check_recipe_defaults(name: str) -> None:
+    """Each `override /group: option` in a recipe names an option that exists."""
+    from omegaconf import OmegaConf
+
+    path = registry.recipe_files()[name]
+    for entry in OmegaConf.load(path).get("defaults", []) or []:
+        if not OmegaConf.is_dict(entry):
+            continue
+        for k, option in entry.items():
+            group = str(k).replace("override", "").strip().lstrip("/")
+            if group in GROUPS and str(option) not in registry.group_options(group):
+                options = registry.group_options(group)
+                raise UserError(f"recipe {name} ({path}) picks {group}={option}, which does not exist."
+                                f"{suggestion(str(option), options, group + '={}')} Available: {', '.join(options)}.")
 
 
 def _known_keys(node) -> List[str]:
@@ -88,11 +106,29 @@ def _describe_validation(e: BaseException, override_text: Dict[str, str]) -> Opt
     if kind:
         msg = f"expected {TYPE_WORDS.get(kind.group(1), kind.group(1))}"
     given = override_text.get(full_key, "")
-    owner = re.search(r"not in '(\w+)Spec'", msg)
-    if owner and not given:
-        return (f"{full_key} is set by a recipe or config file, but {owner.group(1).lower()} settings have no such key "
-                f"(method={owner.group(1).lower()}?); pick the option it was written for, or edit the recipe.")
+    if re.search(r"Key '\w+' not in '\w+'", msg) and not given:
+        return _unknown_file_key(full_key)
     return f"{given or full_key}: {msg}."
+
+
+def _unknown_file_key(full_key: str) -> str:
+    """A key set by a recipe or config file that the chosen schema lacks."""
+    from fttool import spec as spec_mod
+
+    section, _, leaf = full_key.rpartition(".")
+    where = "a recipe or config file"
+    if section == "method":
+        owners = [n for n, schema in METHOD_SCHEMAS.items() if leaf in schema.__dataclass_fields__]
+        if owners:
+            return (f"{where} sets {full_key}, which only method={' / method='.join(owners)} has; choose that method, "
+                    f"or remove the key from the recipe.")
+        fields = {f for schema in METHOD_SCHEMAS.values() for f in schema.__dataclass_fields__}
+    else:
+        node = spec_mod.RunSpec.__dataclass_fields__.get(section)
+        schema = getattr(spec_mod, type(node.default_factory()).__name__, None) if node and callable(node.default_factory) else None
+        fields = set(schema.__dataclass_fields__) if schema else set()
+    full = [f"{section}.{f}" for f in fields]
+    return f"{where} sets unknown key {full_key}.{suggestion(full_key, full)} Fix the recipe or config file."
 
 
 def trials(parsed) -> Iterator[List[str]]:

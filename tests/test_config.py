@@ -65,7 +65,7 @@ def test_swapping_method_leaves_no_stale_keys(tmp_path):
 
 
 def test_recipe_key_that_the_chosen_method_lacks(tmp_path):
-    with pytest.raises(UserError, match="method.compute_dtype.*method=full"):
+    with pytest.raises(UserError, match="sets method.compute_dtype, which only method=qlora has"):
         compose.precheck(["+recipe=qlora_7b", "method=full"])
 
 
@@ -78,6 +78,20 @@ def test_team_recipe_path(tmp_path, monkeypatch):
     assert "our_chat" in registry.group_options("recipe")
     spec = make_spec(["+recipe=our_chat"], tmp_path)
     assert spec.method.name == "full" and spec.train.max_steps == 7
+
+
+@pytest.mark.parametrize("body,message", [
+    ("defaults:\n  - override /model: qwen2_5_7\n", "bad_team.yaml) picks model=qwen2_5_7, which does not exist. Did you mean model=qwen2_5_7b?"),
+    ("train:\n  lrr: 3\n", "sets unknown key train.lrr. Did you mean train.lr?"),
+    ("train: [\n", "could not read a recipe file"),
+])
+def test_bad_team_recipe(body, message, tmp_path, monkeypatch):
+    team = tmp_path / "r"
+    team.mkdir()
+    (team / "bad_team.yaml").write_text("# @package _global_\n" + body)
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("check", "+recipe=bad_team", env={registry.RECIPE_PATH_ENV: str(team)})
+    assert r.returncode == 2 and message in r.stderr, r.stderr
 
 
 def test_recipe_cannot_enable_remote_code(tmp_path, monkeypatch):
