@@ -70,6 +70,11 @@ def _check_recipe_defaults(name: str) -> None:
                                 f"{suggestion(str(option), options, group + '={}')} Available: {', '.join(options)}.")
 
 
+def _method_owners(key: str) -> List[str]:
+    """The methods whose settings include `key`."""
+    return [name for name, schema in METHOD_SCHEMAS.items() if key in schema.__dataclass_fields__]
+
+
 def _known_keys(node) -> List[str]:
     return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
 
@@ -88,7 +93,7 @@ def _check_key(cfg: DictConfig, key: str) -> None:
             where = f"in '{parent}'" if parent else "at the top level"
             if parent == "method":
                 where += f" for method={cfg.method.name}"
-                owners = [n for n, schema in METHOD_SCHEMAS.items() if part in schema.__dataclass_fields__]
+                owners = _method_owners(part)
                 if owners:
                     raise UserError(f"'{key}' belongs to method={' / method='.join(owners)}, not method={cfg.method.name}; "
                                     f"choose one of those methods or drop the key.")
@@ -118,7 +123,7 @@ def _unknown_file_key(full_key: str) -> str:
     section, _, leaf = full_key.rpartition(".")
     where = "a recipe or config file"
     if section == "method":
-        owners = [n for n, schema in METHOD_SCHEMAS.items() if leaf in schema.__dataclass_fields__]
+        owners = _method_owners(leaf)
         if owners:
             return (f"{where} sets {full_key}, which only method={' / method='.join(owners)} has; choose that method, "
                     f"or remove the key from the recipe.")
