@@ -29,7 +29,7 @@ examples:
   fttool +recipe=tiny_cpu train.lr=1e-3   a recipe with one key overridden
   fttool -m +recipe=tiny_cpu method.rank=8,16   a sweep: one run per value
 
-Hydra's own help (groups, options, the composed config) follows.
+Groups, their options and the composed config follow.
 """
 
 
