@@ -14,7 +14,9 @@ def generate(model, tokenizer, conversations: List[List[Dict]], max_new_tokens: 
     import torch
 
     device = next(model.parameters()).device
-    stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} if isinstance(t, int) and t >= 0]
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+    stop = sorted({t for t in [tokenizer.eos_token_id, *gen_eos] if isinstance(t, int) and t >= 0})  # end of turn
     outs: List[str] = []
     model.eval()
     for i in range(0, len(conversations), batch_size):

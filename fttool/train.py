@@ -154,7 +154,7 @@ def _compare(spec, model, tok, test, precision) -> dict:
     log.info("held-out comparison (greedy decoding):")
     for line in evaluate.report(result, spec.eval.show):
         log.info(line)
-    return {k: v for k, v in result.items()}
+    return result
 
 
 def main(argv=None) -> None:
