@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Dict, List
 
 from fttool import rundir
-from fttool.errors import UserError
 from fttool.spec import RunSpec
 
 
@@ -18,7 +17,7 @@ def launch(spec: RunSpec, argv: List[str], choices: Dict) -> None:
 
     try:
         train(run_dir)
-    except (UserError, Exception):
+    except Exception:  # a UserError (bad data, bad model path) or a crash before the first step
         if created and not (run_dir / CHECKPOINTS).exists():
             rundir.discard(run_dir)  # failed before training began: leave nothing half-written
         raise

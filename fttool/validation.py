@@ -78,18 +78,23 @@ def check(cfg: DictConfig, user_keys: Optional[set] = None) -> None:
             raise UserError(f"{key} is not set; expected {fix}.")
     method_keys = set(cfg.method.keys())
     for key, allowed in CHOICES.items():
-        if key.startswith("method.") and key.split(".", 1)[1] not in method_keys:
+        if not _applies(key, method_keys):
             continue
         val = _select(cfg, key)
         if val not in allowed:
             raise UserError(f"{key}={val} is not allowed; expected one of: {', '.join(allowed)}.{suggestion(val, allowed, '{}')}")
     for key, ok, expected in RANGES:
-        if key.startswith("method.") and key.split(".", 1)[1] not in method_keys:
+        if not _applies(key, method_keys):
             continue
         val = _select(cfg, key)
         if not ok(val):
             raise UserError(f"{key}={val} is out of range; expected {expected}.")
     _check_combinations(cfg, user_keys or set())
+
+
+def _applies(key: str, method_keys: set) -> bool:
+    """A method.* rule applies only to the methods that have that key (bits for qlora, rank for lora/qlora)."""
+    return not key.startswith("method.") or key.split(".", 1)[1] in method_keys
 
 
 def _missing(cfg: DictConfig, key: str) -> bool:
