@@ -10,6 +10,8 @@ from fttool.errors import UserError, fail, suggestion
 VERBS = {
     "train": "compose, validate, write the run folder and train (the default verb)",
     "check": "compose and validate, print the resolved spec and the plan; loads no model",
+    "preview": "show N tokenized samples with the trained tokens marked, and data statistics (--samples N, default 3)",
+    "preprocess": "tokenize the data into the cache without training, and print its statistics",
 }
 HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--version"}
 HYDRA_PRINT_FLAGS = {"--cfg", "-c"}
@@ -26,6 +28,7 @@ verbs:
 examples:
   fttool                                  the embedded demo: tiny model, demo data, CPU, a few minutes
   fttool check +recipe=qlora_7b           show the resolved spec and plan of a recipe
+  fttool preview data=alpaca data.path=my.json --samples 5   what exactly will be trained
   fttool +recipe=tiny_cpu train.lr=1e-3   a recipe with one key overridden
   fttool -m +recipe=tiny_cpu method.rank=8,16   a sweep: one run per value
 
@@ -39,6 +42,23 @@ def split_verb(argv: List[str]):
     if argv and not argv[0].startswith("-") and "=" not in argv[0] and not argv[0].startswith(("+", "~")):
         raise UserError(f"unknown verb '{argv[0]}'.{suggestion(argv[0], VERBS)} Verbs: {', '.join(VERBS)}; overrides look like key=value.")
     return "train", argv
+
+
+def pop_samples(argv: List[str]):
+    """`--samples N` (the preview verb's one flag) taken out of argv before Hydra sees it."""
+    out, samples, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--samples" or a.startswith("--samples="):
+            value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in a else 2
+            if not value.isdigit():
+                raise UserError(f"--samples expects a whole number of samples to show, got '{value}'.")
+            samples = int(value)
+            continue
+        out.append(a)
+        i += 1
+    return out, samples
 
 
 def _overrides(argv: List[str]) -> List[str]:
@@ -65,6 +85,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         verb, rest = split_verb(argv)
+        rest, samples = pop_samples(rest)
+        if samples is not None and verb != "preview":
+            raise UserError("--samples belongs to the preview verb: fttool preview [overrides] --samples N.")
         from fttool import registry
 
         try:
@@ -81,10 +104,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             precheck(overrides, multirun=any(a in MULTIRUN_FLAGS for a in rest))
     except UserError as e:
         fail(str(e), e.exit_code)
-    _run_hydra(verb, rest, overrides, [_prog()] + argv)
+    _run_hydra(verb, rest, overrides, [_prog()] + argv, 3 if samples is None else samples)
 
 
-def _run_hydra(verb: str, rest: List[str], overrides: List[str], argv: List[str]) -> None:
+def _run_hydra(verb: str, rest: List[str], overrides: List[str], argv: List[str], samples: int = 3) -> None:
     import hydra
 
     from fttool import registry
@@ -92,7 +115,7 @@ def _run_hydra(verb: str, rest: List[str], overrides: List[str], argv: List[str]
 
     @hydra.main(config_path=str(registry.conf_dir()), config_name="config", version_base=None)
     def _app(cfg) -> None:
-        run_task(verb, cfg, overrides, argv)
+        run_task(verb, cfg, overrides, argv, samples)
 
     sys.argv = [_prog()] + rest
     _app()

@@ -108,13 +108,11 @@ def add_adapters(spec, model):
     return get_peft_model(model, cfg)
 
 
-def load(spec) -> Tuple[object, object, str]:
-    """(model ready to train, tokenizer, precision)."""
+def load_model(spec) -> Tuple[object, str]:
+    """(model ready to train, precision)."""
     check_device(spec)
     precision = resolve_precision(spec)
-    tok = load_tokenizer(spec)
-    model = add_adapters(spec, load_base(spec, precision))
-    return model, tok, precision
+    return add_adapters(spec, load_base(spec, precision)), precision
 
 
 def count_parameters(model) -> Tuple[int, int]:

@@ -18,7 +18,7 @@ def _hydra_context():
     return choices.get("recipe"), job_num, choices
 
 
-def run_task(verb: str, cfg, overrides: List[str], argv: List[str]) -> None:
+def run_task(verb: str, cfg, overrides: List[str], argv: List[str], samples: int = 3) -> None:
     from fttool import compose, validation
 
     recipe, job_num, choices = _hydra_context()
@@ -26,6 +26,11 @@ def run_task(verb: str, cfg, overrides: List[str], argv: List[str]) -> None:
         spec = validation.build(cfg, compose.user_keys(overrides), recipe, job_num)
         if verb == "check":
             _print_check(spec)
+            return
+        if verb in ("preview", "preprocess"):
+            from fttool.data import preview
+
+            preview.run(verb, spec, samples)
             return
         from fttool.launch import launch
 

@@ -6,7 +6,7 @@ unknown key or a value of the wrong type is rejected at compose time. This modul
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -24,25 +24,52 @@ class ModelSpec:
     dtype: str = "auto"  # weight dtype when loading: auto follows hardware precision (auto|float32|bfloat16|float16)
     attn_implementation: str = "sdpa"  # attention kernel: sdpa, eager, flash_attention_2
     trust_remote_code: bool = False  # run modelling code shipped with the model; only ever set by the user
-    chat_template: Optional[str] = None  # Jinja chat template to use instead of the tokenizer's own
     lr_scale: float = 1.0  # multiplies the method's default learning rate when train.lr is unset (small models take more)
+
+
+FORMATS = ("chat", "sharegpt", "alpaca", "completion", "segments", "preference")
+PACKING = ("none", "padding_free", "bins")
+
+
+@dataclass
+class SourceSpec:
+    """One dataset of a mixture (data.mix); unset fields follow the data block."""
+
+    path: str = MISSING  # local file, folder or glob, hub dataset id, or fttool:NAME
+    format: Optional[str] = None  # row format of this source; unset = data.format
+    split: Optional[str] = None  # hub split of this source; unset = data.split
+    columns: Dict[str, str] = field(default_factory=dict)  # column mapping of this source; empty = data.columns
+    weight: float = 1.0  # rows taken = weight x rows (0.5 = a seeded half, 2 = every row twice)
 
 
 @dataclass
 class DataSpec:
     """The dataset: where it is, what shape its rows have and how they become tokens."""
 
-    path: str = MISSING  # local file (.jsonl/.json), hub dataset id, or fttool:NAME for bundled demo data
-    format: str = "chat"  # row format: chat (messages list), alpaca (instruction/input/output), completion (text)
-    split: str = "train"  # split to train on when the path is a hub dataset
-    test_path: Optional[str] = None  # held-out file used for the end-of-run comparison with the base model
-    messages_field: str = "messages"  # column holding the conversation for format=chat
-    text_field: str = "text"  # column holding the raw text for format=completion
-    max_length: int = 1024  # longest tokenized sample; longer ones follow `truncation`
-    truncation: str = "truncate"  # what to do with samples over max_length: truncate or drop
-    train_on_inputs: bool = False  # also train on prompt/user tokens, not only on the replies
+    path: Optional[str] = None  # local file (.jsonl/.json/.parquet/.csv), folder, glob, hub dataset id, or fttool:NAME
+    format: str = "chat"  # row format: chat, sharegpt, alpaca, completion, segments or preference
+    columns: Dict[str, str] = field(default_factory=dict)  # format field -> column name in your rows, e.g. {messages: dialog}
+    split: str = "train"  # split to read when the path is a hub dataset
+    mix: List[SourceSpec] = field(default_factory=list)  # several datasets with weights (instead of path)
+    template: Optional[str] = None  # chat template: unset = the tokenizer's own; a name (chatml, llama-3, ...), a .jinja file or Jinja text
+    allow_template_change: bool = False  # train with data.template although the tokenizer has a different one of its own
     system_prompt: Optional[str] = None  # system message prepended to every conversation that has none
+    roles: Dict[str, str] = field(default_factory=dict)  # extra role names -> user, assistant, system or tool (e.g. {bot: assistant})
+    train_on_inputs: bool = False  # train on every token of the conversation (prompts too), not only on train_roles
+    train_roles: List[str] = field(default_factory=lambda: ["assistant"])  # roles whose turns are trained
+    train_turns: str = "all"  # which turns of train_roles are trained: all or last
+    max_length: int = 1024  # longest tokenized sample; longer ones follow `truncation`
+    truncation: str = "truncate"  # samples over max_length: truncate (keep the start) or drop
+    packing: str = "none"  # none (padded batches), padding_free (samples concatenated, no padding) or bins (fixed max_length rows)
+    val_ratio: float = 0.0  # fraction of rows held out for validation (seeded)
+    test_ratio: float = 0.0  # fraction of rows held out as the test split (seeded)
+    val_path: Optional[str] = None  # validation rows from a file instead of val_ratio
+    test_path: Optional[str] = None  # test rows from a file instead of test_ratio (used by the base-vs-fine-tuned comparison)
+    dedup: bool = False  # drop exact duplicate rows (the count is reported)
+    skip_bad_rows: bool = False  # skip malformed rows (counted and reported) instead of stopping at the first
     max_samples: Optional[int] = None  # use at most this many training rows (for smoke runs)
+    num_proc: int = 0  # processes that tokenize; 0 = as many as the data size and cores warrant
+    cache_dir: Optional[str] = None  # tokenized-data cache; unset = $FTTOOL_CACHE or ~/.cache/fttool/data
 
 
 @dataclass

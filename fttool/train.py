@@ -29,12 +29,21 @@ def setup_logging(run_dir: Path) -> None:
     for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
         h.setFormatter(fmt)
         log.addHandler(h)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Library chatter off: fttool prints its own progress."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward" at import: harmless
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
@@ -75,29 +84,54 @@ def _wandb_env(spec, run_dir: Path) -> None:
     os.environ.setdefault("WANDB_MODE", spec.logging.mode)
 
 
+def log_data(prepared) -> None:
+    how = "loaded from cache" if prepared.from_cache else "tokenized and cached"
+    log.info(f"data: {how} in {prepared.seconds:.2f} s ({prepared.cache_dir})")
+    log.info(f"data: {prepared.stats.summary()}")
+    for example in prepared.stats.bad_row_examples:
+        log.info(f"data: skipped: {example}")
+
+
+def train_dataset(spec, prepared, tok):
+    """The training rows as the collator wants them: samples, or bins of max_length tokens."""
+    ds = prepared.train.select_columns(["input_ids", "labels"])
+    if spec.data.packing != "bins":
+        return ds
+    import datasets
+
+    from fttool.data import pack
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    bins = pack.pack_bins(ds["input_ids"], ds["labels"], spec.data.max_length, pad)
+    log.info(f"data: {len(ds):,} samples packed into {len(bins['input_ids']):,} rows of {spec.data.max_length} tokens "
+             f"({100 * sum(prepared.train['length']) / (len(bins['input_ids']) * spec.data.max_length):.1f}% filled)")
+    return datasets.Dataset.from_dict(bins)
+
+
 def train(run_dir: Path) -> dict:
     """Train the run in `run_dir`; returns the summary also written to result.json."""
     run_dir = Path(run_dir)
     spec = rundir.load_spec(run_dir)
     setup_logging(run_dir)
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, set_seed
+    from transformers import PrinterCallback, Trainer, set_seed
 
     from fttool import callbacks, data, model as model_lib
+    from fttool.data import pack
 
     set_seed(spec.seed)
-    model, tok, precision = model_lib.load(spec)
-    prepared = data.build(spec, tok)
-    log.info(f"data: {prepared.stats.summary()}")
+    tok = model_lib.load_tokenizer(spec)
+    prepared = data.build(spec, tok)  # bad data fails here, before any model is loaded
+    log_data(prepared)
+    model, precision = model_lib.load_model(spec)
+    if spec.data.packing != "none":
+        pack.guard_kv_cache(model)
     trainable, total = model_lib.count_parameters(model)
     log.info(f"model: {spec.model.name_or_path}, {spec.method.name}, {trainable:,} trainable of {total:,} parameters, precision {precision}")
-    import datasets
-
-    train_ds = datasets.Dataset.from_dict(prepared.train)
     _wandb_env(spec, run_dir)
     trainer = Trainer(
-        model=model, args=training_args(spec, run_dir, precision), train_dataset=train_ds,
-        data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=data.IGNORE, pad_to_multiple_of=8),
-        processing_class=tok, callbacks=[callbacks.MetricsCallback(run_dir)],
+        model=model, args=training_args(spec, run_dir, precision), train_dataset=train_dataset(spec, prepared, tok),
+        data_collator=pack.collator(spec.data.packing, tok), processing_class=tok,
+        callbacks=[callbacks.MetricsCallback(run_dir)],
     )
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line per logging step
     # the launcher only hands a run folder with checkpoints to a worker when resume=auto asked for it

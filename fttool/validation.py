@@ -12,13 +12,15 @@ from typing import Any, Callable, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from fttool.errors import UserError, suggestion
-from fttool.spec import DTYPES, METHODS, PRECISIONS, RunSpec
+from fttool.spec import DTYPES, FORMATS, METHODS, PACKING, PRECISIONS, RunSpec
 
 CHOICES = {
     "model.dtype": DTYPES,
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
-    "data.format": ("chat", "alpaca", "completion"),
+    "data.format": FORMATS,
     "data.truncation": ("truncate", "drop"),
+    "data.train_turns": ("all", "last"),
+    "data.packing": PACKING,
     "method.name": METHODS,
     "method.quant_type": ("nf4", "fp4"),
     "method.compute_dtype": DTYPES,
@@ -53,6 +55,11 @@ RANGES: List[Tuple[str, Callable[[Any], bool], str]] = [
     ("train.dataloader_workers", lambda v: v >= 0, "an integer >= 0"),
     ("data.max_length", lambda v: v >= 8, "an integer >= 8"),
     ("data.max_samples", lambda v: v is None or v >= 1, "an integer >= 1, or null for all rows"),
+    ("data.val_ratio", lambda v: 0 <= v < 1, "a fraction in [0, 1), e.g. 0.05"),
+    ("data.test_ratio", lambda v: 0 <= v < 1, "a fraction in [0, 1), e.g. 0.05"),
+    ("data.num_proc", lambda v: v >= 0, "an integer >= 0 (0 = automatic)"),
+    ("data.train_roles", lambda v: len(v) > 0 and all(r in ("system", "user", "assistant", "tool") for r in v),
+     "a non-empty list of roles from system, user, assistant, tool, e.g. [assistant]"),
     ("eval.samples", lambda v: v >= 0, "an integer >= 0 (0 skips the comparison)"),
     ("eval.max_new_tokens", lambda v: v >= 1, "an integer >= 1"),
     ("hardware.num_processes", lambda v: v >= 1, "an integer >= 1"),
@@ -61,8 +68,8 @@ RANGES: List[Tuple[str, Callable[[Any], bool], str]] = [
 
 REQUIRED = {
     "model.name_or_path": "a hub id or local folder: model.name_or_path=PATH, or pick a model group option (model=...)",
-    "data.path": "a data file or hub dataset id: data.path=FILE (e.g. data=chat data.path=my_chats.jsonl)",
 }
+DATA_PATH_FIX = "a data file, folder, glob or hub dataset id: data.path=FILE (e.g. data=chat data.path=my_chats.jsonl), or a mixture in data.mix"
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]*$")
 
@@ -76,6 +83,8 @@ def check(cfg: DictConfig, user_keys: Optional[set] = None) -> None:
     for key, fix in REQUIRED.items():
         if _missing(cfg, key) or _select(cfg, key) in (None, ""):
             raise UserError(f"{key} is not set; expected {fix}.")
+    if not cfg.data.mix and (_missing(cfg, "data.path") or _select(cfg, "data.path") in (None, "")):
+        raise UserError(f"data.path is not set; expected {DATA_PATH_FIX}.")
     method_keys = set(cfg.method.keys())
     for key, allowed in CHOICES.items():
         if not _applies(key, method_keys):
@@ -111,6 +120,7 @@ def _check_combinations(cfg: DictConfig, user_keys: set) -> None:
         )
     if cfg.method.name == "qlora" and cfg.method.bits == 8 and cfg.method.quant_type != "nf4":
         raise UserError("method.quant_type applies to 4-bit only; with method.bits=8 leave it at nf4.")
+    _check_data(cfg.data)
     if hw.num_processes > 1:
         raise UserError(
             f"hardware.num_processes={hw.num_processes}: multi-process launch is not available yet; "
@@ -125,6 +135,34 @@ def _check_combinations(cfg: DictConfig, user_keys: set) -> None:
         raise UserError("resume=auto needs the run to continue: add run_name=NAME (the run folder's name).")
     if cfg.run_name is not None and not _RUN_NAME.match(str(cfg.run_name)):
         raise UserError(f"run_name={cfg.run_name!r}: use letters, digits and . _ - + = , only (no slashes or spaces).")
+
+
+def _check_data(d: DictConfig) -> None:
+    from fttool.data.formats import check_columns
+    from fttool.data.templates import resolve
+
+    check_columns(d.format, d.columns)
+    if d.mix and not _missing(d, "path") and d.path:
+        raise UserError("data.path and data.mix are both set; a mixture lists its paths in data.mix, so set data.path=null.")
+    for i, m in enumerate(d.mix):
+        where = f"data.mix[{i}]"
+        if OmegaConf.is_missing(m, "path") or not m.path:
+            raise UserError(f"{where}.path is not set; each mixture entry needs a path, e.g. {{path: a.jsonl, weight: 1.0}}.")
+        fmt = m.format or d.format
+        if fmt not in FORMATS:
+            raise UserError(f"{where}.format={fmt} is not allowed; expected one of: {', '.join(FORMATS)}.{suggestion(fmt, FORMATS, '{}')}")
+        check_columns(fmt, m.columns or d.columns, f"{where}.columns")
+        if m.weight <= 0:
+            raise UserError(f"{where}.weight={m.weight} is out of range; expected a number > 0 (1.0 = every row once).")
+    if d.val_ratio + d.test_ratio >= 1:
+        raise UserError(f"data.val_ratio + data.test_ratio = {d.val_ratio + d.test_ratio:g} leaves nothing to train on; keep the sum below 1.")
+    for name in ("val", "test"):
+        if d[f"{name}_path"] and d[f"{name}_ratio"]:
+            raise UserError(f"data.{name}_path and data.{name}_ratio are both set; hold out by file or by ratio, not both.")
+    for role, target in d.roles.items():
+        if target not in ("system", "user", "assistant", "tool"):
+            raise UserError(f"data.roles.{role}={target}: map a role name to system, user, assistant or tool.")
+    resolve(d.template)
 
 
 def default_run_name(cfg: DictConfig, recipe: Optional[str], job_num: Optional[int] = None) -> str:
@@ -147,20 +185,32 @@ def build(cfg: DictConfig, user_keys: Optional[set] = None, recipe: Optional[str
         cfg.run_name = default_run_name(cfg, recipe, job_num)
     for key in LOCAL_PATH_KEYS:  # the run folder must not depend on the directory it was started from
         OmegaConf.update(cfg, key, _absolute(OmegaConf.select(cfg, key)))
+    for m in cfg.data.mix:
+        m.path = _absolute(m.path)
+    if cfg.data.cache_dir:
+        import os
+
+        cfg.data.cache_dir = os.path.abspath(os.path.expanduser(cfg.data.cache_dir))
     return to_spec(cfg)
 
 
-LOCAL_PATH_KEYS = ("model.name_or_path", "data.path", "data.test_path")
+LOCAL_PATH_KEYS = ("model.name_or_path", "data.path", "data.val_path", "data.test_path", "data.template")
 
 
 def _absolute(path: Optional[str]) -> Optional[str]:
-    """An existing local path made absolute; hub ids and fttool: assets unchanged."""
+    """A local path (existing, or a glob) made absolute; hub ids, fttool: assets and Jinja text unchanged."""
+    import os
     from pathlib import Path
 
-    if not path or str(path).startswith("fttool:"):
+    if not path or str(path).startswith("fttool:") or "{" in str(path) or "\n" in str(path):
         return path
+    if any(c in str(path) for c in "*?["):
+        return os.path.abspath(os.path.expanduser(str(path)))
     local = Path(str(path)).expanduser()
-    return str(local.resolve()) if local.exists() else path
+    try:
+        return str(local.resolve()) if local.exists() else path
+    except OSError:  # a name too long to be a path
+        return path
 
 
 def to_spec(cfg: Any) -> RunSpec:

@@ -1,5 +1,6 @@
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one tokenized-data cache for the session, never the user's own
+os.environ.setdefault("FTTOOL_CACHE", tempfile.mkdtemp(prefix="fttool-cache-"))
 
 
 def run_cli(*args, cwd=None, env=None, timeout=600):

@@ -47,7 +47,7 @@ def test_qlora_base_is_4bit(tmp_path):
     from fttool import model as model_lib
 
     spec = make_spec(["method=qlora"], tmp_path)
-    model, _, _ = model_lib.load(spec)
+    model, _ = model_lib.load_model(spec)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
@@ -119,36 +119,6 @@ def test_bad_data_row_fails_with_file_line_and_leaves_nothing(tmp_path):
     assert r.returncode == 2
     assert f"{data}:3: not valid JSON" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "runs" / "bad").exists()
-
-
-@pytest.mark.parametrize("row,message", [
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}, "role 'bot'"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}, "assistant reply is empty"),
-    ({"conversation": []}, "no 'messages' field"),
-])
-def test_bad_rows(row, message, tmp_path):
-    from fttool import data, model as model_lib
-
-    path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(row) + "\n")
-    spec = make_spec(["data=chat", f"data.path={path}"], tmp_path)
-    with pytest.raises(UserError, match=message) as e:
-        data.build(spec, model_lib.load_tokenizer(spec))
-    assert f"{path}:1" in str(e.value)
-
-
-def test_masking_trains_only_replies_and_end_of_turn(tmp_path):
-    from fttool import model as model_lib
-    from fttool.data.tokenize import IGNORE, encode_chat
-
-    spec = make_spec([], tmp_path)
-    tok = model_lib.load_tokenizer(spec)
-    msgs = [{"role": "system", "content": "Be {{brief}}."}, {"role": "user", "content": "Reverse the words: a b"},
-            {"role": "assistant", "content": "b a"}, {"role": "user", "content": "again"}, {"role": "assistant", "content": "a b"}]
-    enc = encode_chat(tok, msgs, "t", train_on_inputs=False)
-    trained = tok.decode([i for i, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE])
-    assert trained.replace(" ", "").replace("\n", "") == "ba<|im_end|>ab<|im_end|>"
-    assert "{{brief}}" in tok.decode(enc["input_ids"])
 
 
 def test_gpu_hardware_without_gpu_fails_before_writing(tmp_path):

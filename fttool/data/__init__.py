@@ -1,63 +1,221 @@
-"""Data: read rows, normalise their format, tokenize with the chat template, mask, filter by length."""
+"""Data: read rows -> normalise their format -> split -> weight -> render with the chat template, tokenize and
+mask -> apply the length policy -> cache. Every count along the way ends up in DataStats.
+
+`build(spec, tokenizer)` returns a `Prepared`: the tokenized training (and validation) datasets, the held-out
+test examples, the stats, and the cache folder they live in.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
 
-from fttool.data.formats import to_messages, to_text
-from fttool.data.sources import read_rows
-from fttool.data.tokenize import IGNORE, encode_chat, encode_text, prompt_ids
+from fttool.data import cache, templates
+from fttool.data.formats import Formatter
+from fttool.data.sources import fingerprint, read_rows
+from fttool.data.stats import DataStats, histogram
+from fttool.data.tokenize import IGNORE, Encoder, auto_num_proc
 from fttool.errors import UserError
+
+log = logging.getLogger("fttool")
+CHAT_KINDS = ("chat", "sharegpt", "alpaca", "preference")
+BAD_ROW_EXAMPLES = 5
 
 
 @dataclass
-class DataStats:
-    rows: int = 0
-    samples: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0
-    truncated: int = 0
-    dropped_too_long: int = 0
-    dropped_no_trained_tokens: int = 0
-
-    def summary(self) -> str:
-        frac = self.trained_tokens / self.tokens if self.tokens else 0.0
-        return (f"{self.samples:,} samples from {self.rows:,} rows, {self.tokens:,} tokens "
-                f"({100 * frac:.1f}% trained); truncated {self.truncated}, dropped {self.dropped_too_long} over max_length, "
-                f"{self.dropped_no_trained_tokens} with no trained tokens")
+class Source:
+    path: str
+    format: str
+    split: str
+    columns: Dict[str, str]
+    weight: float
+    key: str  # the config key that names it, for messages
 
 
 @dataclass
 class Prepared:
-    train: Dict[str, List[List[int]]]
+    train: object  # datasets.Dataset with input_ids, labels, length
+    validation: Optional[object]
+    test: List[Dict]  # {"messages": prompt messages, "reference": str, "loc": str}
     stats: DataStats
-    test: List[Dict] = field(default_factory=list)  # {"messages": prompt messages, "reference": str}
+    cache_dir: Path
+    from_cache: bool
+    seconds: float
+    encoder: Encoder
 
 
-def check_template(tokenizer, spec) -> None:
-    if spec.model.chat_template:
-        tokenizer.chat_template = spec.model.chat_template
-    if spec.data.format != "completion" and not tokenizer.chat_template:
-        raise UserError(f"the tokenizer of {spec.model.name_or_path} has no chat template, which data.format={spec.data.format} "
-                        "needs; set model.chat_template='<jinja template>' or use data.format=completion.")
+def sources_of(d) -> List[Source]:
+    if d.mix:
+        return [Source(m.path, m.format or d.format, m.split or d.split, dict(m.columns or d.columns), m.weight, f"data.mix[{i}]")
+                for i, m in enumerate(d.mix)]
+    return [Source(d.path, d.format, d.split, dict(d.columns), 1.0, "data.path")]
 
 
-def build(spec, tokenizer) -> Prepared:
+def training_template(spec, tokenizer) -> Optional[str]:
+    """The template the run trains with; set on the tokenizer so the saved tokenizer carries it."""
     d = spec.data
-    check_template(tokenizer, spec)
-    rows = read_rows(d.path, d.split)
-    if d.max_samples:
-        rows = rows[: d.max_samples]
-    if not rows:
-        raise UserError(f"data.path={d.path}: no rows to train on.")
-    stats = DataStats(rows=len(rows))
-    cols: Dict[str, List[List[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
+    template = templates.resolve(d.template)
+    if template is not None:
+        templates.check_change(tokenizer, template, d.allow_template_change, d.template)
+        tokenizer.chat_template = template
+    needs = any(s.format in CHAT_KINDS for s in sources_of(d))
+    if needs and not tokenizer.chat_template:
+        raise UserError(f"the tokenizer of {spec.model.name_or_path} has no chat template, which data.format={d.format} needs; "
+                        f"set data.template to one of {', '.join(templates.NAMED)} (or a .jinja file), "
+                        "or use data.format=completion.")
+    return tokenizer.chat_template
+
+
+def build(spec, tokenizer, use_cache: bool = True) -> Prepared:
+    t0 = time.perf_counter()
+    d = spec.data
+    template = training_template(spec, tokenizer)
+    encoder = Encoder(tokenizer, template, d)
+    srcs = sources_of(d)
+    extra = [(k, p) for k, p in (("data.val_path", d.val_path), ("data.test_path", d.test_path)) if p]
+    parts = cache.key(d, spec.seed, tokenizer, template,
+                      [[fingerprint(s.path, s.split, s.key), s.format, s.split, s.columns, s.weight] for s in srcs]
+                      + [[k, fingerprint(p, "train", k)] for k, p in extra])
+    where = cache.folder(d, parts)
+    if use_cache and cache.is_complete(where):
+        splits, test, stats = cache.read(where)
+        return Prepared(splits["train"], splits["validation"], test, DataStats.from_dict(stats), where, True,
+                        time.perf_counter() - t0, encoder)
+    train_rows, val_rows, test_rows, stats = _rows(spec, srcs)
+    train_ds = _encode(encoder, train_rows, d, stats, count=True)
+    val_ds = _encode(encoder, val_rows, d, DataStats(), count=False) if val_rows else None
+    test = [t for t in (_test_example(loc, ex) for loc, ex in test_rows) if t]
+    if use_cache:
+        cache.write(where, parts, {"train": train_ds, "validation": val_ds}, test, stats.to_dict())
+    return Prepared(train_ds, val_ds, test, stats, where, False, time.perf_counter() - t0, encoder)
+
+
+# -- rows -------------------------------------------------------------------------------------------------
+Rows = List[Tuple[str, Dict]]
+
+
+def _format_rows(rows, fmt: Formatter, d, stats: DataStats) -> Rows:
+    out = []
     for loc, rec in rows:
-        if d.format == "completion":
-            enc = encode_text(tokenizer, to_text(loc, rec, d.text_field))
-        else:
-            enc = encode_chat(tokenizer, to_messages(loc, rec, d.format, d.messages_field, d.system_prompt), loc, d.train_on_inputs)
-        ids, labels = enc["input_ids"], enc["labels"]
+        try:
+            out.append((loc, fmt(loc, rec)))
+        except UserError as e:
+            _bad_row(d, stats, e)
+    return out
+
+
+def _bad_row(d, stats: DataStats, e: UserError) -> None:
+    if not d.skip_bad_rows:
+        raise e
+    stats.bad_rows_skipped += 1
+    if len(stats.bad_row_examples) < BAD_ROW_EXAMPLES:
+        stats.bad_row_examples.append(str(e))
+
+
+def _read(path: str, source: Source, d, stats: DataStats, key: str) -> Rows:
+    rows = read_rows(path, source.split, key)
+    stats.rows += len(rows)
+    return _format_rows(rows, Formatter(source.format, source.columns, d.roles, d.system_prompt), d, stats)
+
+
+def _rows(spec, srcs: List[Source]):
+    d = spec.data
+    stats = DataStats(max_length=d.max_length)
+    rng = random.Random(spec.seed)
+    seen: set = set()
+    train, val, test = [], [], []
+    for s in srcs:
+        rows = _read(s.path, s, d, stats, s.key)
+        if d.dedup:
+            rows = _dedup(rows, seen, stats)
+        rng.shuffle(rows) if (d.val_ratio or d.test_ratio) else None
+        n_val = round(len(rows) * d.val_ratio) if not d.val_path else 0
+        n_test = round(len(rows) * d.test_ratio) if not d.test_path else 0
+        val += rows[:n_val]
+        test += rows[n_val: n_val + n_test]
+        taken = _weighted(rows[n_val + n_test:], s.weight, rng)
+        stats.per_source[s.path] = len(taken)
+        train += taken
+    first = srcs[0]
+    for key, path, bucket in (("data.val_path", d.val_path, val), ("data.test_path", d.test_path, test)):
+        if path:
+            bucket += _read(path, first, d, DataStats(), key)
+    if len(srcs) > 1:
+        rng.shuffle(train)  # a mixture is interleaved; one source keeps its file order (the Trainer shuffles anyway)
+    if d.max_samples:
+        train = train[: d.max_samples]
+    if not train:
+        raise UserError(f"{first.key}={first.path}: no rows left to train on ({stats.rows} read, {stats.bad_rows_skipped} bad, "
+                        f"{len(val)} validation, {len(test)} test).")
+    stats.validation, stats.test = len(val), len(test)
+    return train, val, test, stats
+
+
+def _dedup(rows: Rows, seen: set, stats: DataStats) -> Rows:
+    out = []
+    for loc, ex in rows:
+        k = json.dumps(ex, sort_keys=True, ensure_ascii=False)
+        if k in seen:
+            stats.duplicates_removed += 1
+            continue
+        seen.add(k)
+        out.append((loc, ex))
+    return out
+
+
+def _weighted(rows: Rows, weight: float, rng: random.Random) -> Rows:
+    """weight x rows: whole copies for the integer part, a seeded sample for the fraction."""
+    whole, frac = int(weight), weight - int(weight)
+    return rows * whole + rng.sample(rows, round(len(rows) * frac))
+
+
+def _test_example(loc: str, ex: Dict) -> Optional[Dict]:
+    if ex["kind"] == "preference":
+        return {"messages": ex["messages"], "reference": ex["chosen"], "loc": loc}
+    if ex["kind"] != "chat":
+        return None
+    msgs = ex["messages"]
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return {"messages": msgs[:last], "reference": msgs[last]["content"], "loc": loc}
+
+
+# -- tokens -----------------------------------------------------------------------------------------------
+def _encode_fn(encoder: Encoder, skip: bool) -> Callable:
+    def fn(batch):
+        return encoder.encode_batch(batch["loc"], [json.loads(x) for x in batch["example"]], skip_bad=skip)
+
+    return fn
+
+
+def _encode(encoder: Encoder, rows: Rows, d, stats: DataStats, count: bool):
+    import datasets
+
+    datasets.disable_progress_bars()
+    raw = datasets.Dataset.from_dict({"loc": [loc for loc, _ in rows], "example": [json.dumps(ex) for _, ex in rows]})
+    nproc = auto_num_proc(len(rows), d.num_proc)
+    enc = raw.map(_encode_fn(encoder, d.skip_bad_rows), batched=True, batch_size=256, remove_columns=["example"],
+                  num_proc=nproc if nproc > 1 else None, load_from_cache_file=False, desc=None)
+    return _length_policy(enc, d, stats, count)
+
+
+def _length_policy(enc, d, stats: DataStats, count: bool):
+    import datasets
+
+    keep: Dict[str, list] = {"input_ids": [], "labels": [], "length": [], "loc": []}
+    lengths = []
+    for loc, ids, labels, eos, tools, err in zip(enc["loc"], enc["input_ids"], enc["labels"], enc["eos_appended"],
+                                                 enc["tools_in_system"], enc["error"]):
+        if err:
+            stats.bad_rows_skipped += 1
+            if len(stats.bad_row_examples) < BAD_ROW_EXAMPLES:
+                stats.bad_row_examples.append(err)
+            continue
+        stats.eos_appended += eos
+        stats.tools_in_system += tools
         if len(ids) > d.max_length:
             if d.truncation == "drop":
                 stats.dropped_too_long += 1
@@ -68,25 +226,28 @@ def build(spec, tokenizer) -> Prepared:
         if trained == 0:
             stats.dropped_no_trained_tokens += 1
             continue
-        cols["input_ids"].append(ids)
-        cols["labels"].append(labels)
-        cols["attention_mask"].append([1] * len(ids))
+        keep["input_ids"].append(ids)
+        keep["labels"].append(labels)
+        keep["length"].append(len(ids))
+        keep["loc"].append(loc)
+        lengths.append(len(ids))
         stats.samples += 1
         stats.tokens += len(ids)
         stats.trained_tokens += trained
-    if not stats.samples:
-        raise UserError(f"data.path={d.path}: every sample was dropped ({stats.summary()}); raise data.max_length or fix the data.")
-    return Prepared(train=cols, stats=stats, test=load_test(spec) if d.test_path else [])
+    if count:
+        stats.histogram = histogram(lengths, d.max_length)
+        if not stats.samples:
+            raise UserError(f"data: every sample was dropped ({stats.summary()}); raise data.max_length or fix the data.")
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "labels": datasets.Sequence(datasets.Value("int32")), "length": datasets.Value("int32"),
+                                  "loc": datasets.Value("string")})
+    return datasets.Dataset.from_dict(keep, features=features)
 
 
-def load_test(spec) -> List[Dict]:
-    d = spec.data
-    out = []
-    for loc, rec in read_rows(d.test_path, "test", key="data.test_path"):
-        msgs = to_messages(loc, rec, d.format, d.messages_field, d.system_prompt)
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        out.append({"messages": msgs[:last], "reference": msgs[last]["content"], "loc": loc})
-    return out
+def prompt_ids(tokenizer, messages) -> List[int]:
+    """Token ids of a conversation up to where the assistant answers, with the tokenizer's current template."""
+    return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)["input_ids"]
 
 
-__all__ = ["build", "load_test", "prompt_ids", "DataStats", "Prepared", "IGNORE"]
+__all__ = ["build", "prompt_ids", "DataStats", "Prepared", "IGNORE", "sources_of"]

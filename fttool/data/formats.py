@@ -1,57 +1,190 @@
-"""Row formats -> one normal form: a list of chat messages, or raw text for completion training."""
+"""Row formats -> one normal form per kind of example.
+
+- chat-like rows (chat, sharegpt, alpaca):  {"kind": "chat", "messages": [{role, content}], "tools": list | None}
+- text rows (completion, segments):         {"kind": "segments", "segments": [[text, trained], ...]}
+- preference rows:                           {"kind": "preference", "messages": prompt, "chosen": str, "rejected": str, "tools": ...}
+
+Roles are normalised to system / user / assistant / tool. Every error names the row (file:line or record #i),
+what was expected and the key that fixes it.
+"""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import json
+from typing import Any, Dict, List, Mapping, Optional
 
 from fttool.errors import UserError, suggestion
 
 ROLES = ("system", "user", "assistant", "tool")
-Messages = List[Dict[str, str]]
+# role names seen in public datasets -> the four roles templates know
+ROLE_ALIASES = {
+    "system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+    "bot": "assistant", "model": "assistant", "function_call": "assistant", "tool": "tool", "observation": "tool",
+    "function": "tool", "ipython": "tool",
+}
+
+# format -> its fields and the column each is read from by default (data.columns renames them)
+FIELDS: Dict[str, Dict[str, str]] = {
+    "chat": {"messages": "messages", "role": "role", "content": "content", "tools": "tools", "system": "system"},
+    "sharegpt": {"conversations": "conversations", "role": "from", "content": "value", "tools": "tools", "system": "system"},
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system", "history": "history"},
+    "completion": {"text": "text"},
+    "segments": {"segments": "segments"},
+    "preference": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "role": "role", "content": "content",
+                   "tools": "tools", "system": "system"},
+}
+OPTIONAL = {"tools", "system", "input", "history", "role", "content"}
+Example = Dict[str, Any]
 
 
-def _field(loc: str, rec: Dict[str, Any], name: str, fmt: str, fix: str) -> Any:
-    if name not in rec:
-        raise UserError(f"{loc}: row has no '{name}' field (data.format={fmt}).{suggestion(name, rec.keys(), repr)} "
-                        f"Its fields: {', '.join(rec.keys())}. {fix}")
-    return rec[name]
+def check_columns(fmt: str, columns: Mapping[str, str], key: str = "data.columns") -> None:
+    """Config-time check: every mapped field exists in the format."""
+    for name in columns:
+        if name not in FIELDS[fmt]:
+            raise UserError(f"{key}.{name}: data.format={fmt} has no field '{name}'.{suggestion(name, FIELDS[fmt], repr)} "
+                            f"Its fields: {', '.join(FIELDS[fmt])}.")
 
 
-def to_messages(loc: str, rec: Dict[str, Any], fmt: str, messages_field: str, system_prompt: Optional[str]) -> Messages:
-    if fmt == "chat":
-        msgs = _field(loc, rec, messages_field, fmt, "Set data.messages_field=NAME, or pick the right data.format.")
+class Formatter:
+    """Turns the rows of one source into examples."""
+
+    def __init__(self, fmt: str, columns: Mapping[str, str], roles: Mapping[str, str], system_prompt: Optional[str]):
+        check_columns(fmt, columns)
+        self.fmt = fmt
+        self.col = {**FIELDS[fmt], **dict(columns)}
+        self.roles = {**ROLE_ALIASES, **dict(roles)}
+        self.system_prompt = system_prompt
+
+    def __call__(self, loc: str, rec: Dict[str, Any]) -> Example:
+        if self.fmt in ("chat", "sharegpt"):
+            msgs = self._messages(loc, self._get(loc, rec, "messages" if self.fmt == "chat" else "conversations"))
+            return self._chat(loc, rec, msgs)
+        if self.fmt == "alpaca":
+            return self._chat(loc, rec, self._alpaca(loc, rec))
+        if self.fmt == "completion":
+            text = self._get(loc, rec, "text")
+            if not isinstance(text, str) or not text.strip():
+                raise UserError(f"{loc}: '{self.col['text']}' must be a non-empty string.")
+            return {"kind": "segments", "segments": [[text, True]]}
+        if self.fmt == "segments":
+            return {"kind": "segments", "segments": self._segments(loc, self._get(loc, rec, "segments"))}
+        return self._preference(loc, rec)
+
+    # -- fields -----------------------------------------------------------------------------------------
+    def _get(self, loc: str, rec: Dict[str, Any], name: str) -> Any:
+        column = self.col[name]
+        if column not in rec or (name in OPTIONAL and rec[column] is None):
+            if name in OPTIONAL:
+                return None
+            raise UserError(f"{loc}: row has no '{column}' field (data.format={self.fmt}).{suggestion(column, rec.keys(), repr)} "
+                            f"Its fields: {', '.join(rec.keys()) or 'none'}. Map yours with data.columns.{name}=COLUMN, "
+                            "or pick the right data.format.")
+        return rec[column]
+
+    def _role(self, loc: str, j: int, raw: Any) -> str:
+        role = self.roles.get(str(raw).strip())
+        if role not in ROLES:
+            names = sorted(self.roles)
+            raise UserError(f"{loc}: message #{j} has role '{raw}', which fttool does not know.{suggestion(str(raw), names, repr)} "
+                            f"Known roles: {', '.join(names)}. Map it with data.roles={{{raw}: assistant}} (or user, system, tool).")
+        return role
+
+    def _messages(self, loc: str, msgs: Any) -> List[Dict[str, str]]:
+        rk, ck = self.col["role"], self.col["content"]
+        name = self.col["messages" if self.fmt == "chat" else "conversations"] if self.fmt != "preference" else self.col["prompt"]
         if not isinstance(msgs, list) or not msgs:
-            raise UserError(f"{loc}: '{messages_field}' must be a non-empty list of {{role, content}} objects.")
-        out = []
+            raise UserError(f"{loc}: '{name}' must be a non-empty list of {{{rk}, {ck}}} objects.")
+        return [self._message(loc, j, m) for j, m in enumerate(msgs)]
+
+    def _message(self, loc: str, j: int, m: Any) -> Dict[str, str]:
+        rk, ck = self.col["role"], self.col["content"]
+        if not isinstance(m, dict) or rk not in m:
+            raise UserError(f"{loc}: message #{j} must be an object with '{rk}' and '{ck}' (map other names with "
+                            f"data.columns.role=... and data.columns.content=...).")
+        content = m.get(ck)
+        if content is None and m.get("tool_calls"):  # OpenAI style: a tool call has no text content
+            content = json.dumps(m["tool_calls"], ensure_ascii=False)
+        if not isinstance(content, str):
+            raise UserError(f"{loc}: message #{j} needs '{ck}' as a string, got {type(content).__name__}.")
+        return {"role": self._role(loc, j, m[rk]), "content": content}
+
+    def _tools(self, loc: str, rec: Dict[str, Any]) -> Optional[list]:
+        tools = self._get(loc, rec, "tools")
+        if isinstance(tools, str):
+            if not tools.strip():
+                return None
+            try:
+                tools = json.loads(tools)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{loc}: '{self.col['tools']}' is a string but not valid JSON ({e.msg}); give a list of tool schemas.")
+        if tools in (None, [], {}):
+            return None
+        return tools if isinstance(tools, list) else [tools]
+
+    def _alpaca(self, loc: str, rec: Dict[str, Any]) -> List[Dict[str, str]]:
+        instruction, output = self._get(loc, rec, "instruction"), self._get(loc, rec, "output")
+        extra = self._get(loc, rec, "input") or ""
+        for name, val in (("instruction", instruction), ("output", output), ("input", extra)):
+            if not isinstance(val, str):
+                raise UserError(f"{loc}: '{self.col[name]}' must be a string, got {type(val).__name__}.")
+        msgs = []
+        for k, pair in enumerate(self._get(loc, rec, "history") or []):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise UserError(f"{loc}: history entry #{k} must be a [user, assistant] pair of strings.")
+            msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+    def _system(self, loc: str, rec: Dict[str, Any], msgs: List[Dict[str, str]]) -> List[Dict[str, str]]:
+        system = self._get(loc, rec, "system") or self.system_prompt
+        if system and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": str(system)}] + msgs
+        return msgs
+
+    def _chat(self, loc: str, rec: Dict[str, Any], msgs: List[Dict[str, str]]) -> Example:
+        msgs = self._system(loc, rec, msgs)
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise UserError(f"{loc}: the conversation has no assistant reply, so nothing would be trained.")
         for j, m in enumerate(msgs):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise UserError(f"{loc}: message #{j} must be an object with 'role' and 'content'.")
-            if m["role"] not in ROLES:
-                raise UserError(f"{loc}: message #{j} has role '{m['role']}'; expected one of {', '.join(ROLES)}.{suggestion(m['role'], ROLES, repr)}")
-            if not isinstance(m["content"], str):
-                raise UserError(f"{loc}: message #{j} content must be a string.")
-            out.append({"role": m["role"], "content": m["content"]})
-    elif fmt == "alpaca":
-        fix = "Alpaca rows need instruction, input (may be empty) and output."
-        instruction = _field(loc, rec, "instruction", fmt, fix)
-        output = _field(loc, rec, "output", fmt, fix)
-        extra = rec.get("input") or ""
-        out = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else str(instruction)},
-               {"role": "assistant", "content": str(output)}]
-    else:
-        raise UserError(f"data.format={fmt} has no chat form.")
-    if system_prompt and out[0]["role"] != "system":
-        out.insert(0, {"role": "system", "content": system_prompt})
-    replies = [m for m in out if m["role"] == "assistant"]
-    if not replies:
-        raise UserError(f"{loc}: the conversation has no assistant reply, so nothing would be trained.")
-    for j, m in enumerate(out):
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise UserError(f"{loc}: an assistant reply is empty; remove the row or fill in the reply.")
-    return out
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise UserError(f"{loc}: message #{j} is an empty assistant reply; fill it in or remove the row "
+                                "(data.skip_bad_rows=true skips such rows and counts them).")
+        return {"kind": "chat", "messages": msgs, "tools": self._tools(loc, rec)}
 
+    def _segments(self, loc: str, segs: Any) -> List[list]:
+        if not isinstance(segs, list) or not segs:
+            raise UserError(f"{loc}: '{self.col['segments']}' must be a non-empty list of {{text, train}} objects.")
+        out = []
+        for j, s in enumerate(segs):
+            flag = s.get("train", s.get("label")) if isinstance(s, dict) else None
+            if not isinstance(s, dict) or not isinstance(s.get("text"), str) or not isinstance(flag, bool):
+                raise UserError(f"{loc}: segment #{j} must be {{\"text\": string, \"train\": true|false}} "
+                                "('label' is accepted for 'train').")
+            out.append([s["text"], flag])
+        if not any(flag and text.strip() for text, flag in out):
+            raise UserError(f"{loc}: no segment is marked \"train\": true with text, so nothing would be trained.")
+        return out
 
-def to_text(loc: str, rec: Dict[str, Any], text_field: str) -> str:
-    text = _field(loc, rec, text_field, "completion", "Set data.text_field=NAME.")
-    if not isinstance(text, str) or not text.strip():
-        raise UserError(f"{loc}: '{text_field}' must be a non-empty string.")
-    return text
+    def _preference(self, loc: str, rec: Dict[str, Any]) -> Example:
+        prompt = self._get(loc, rec, "prompt")
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else self._messages(loc, prompt)
+        if msgs[-1]["role"] == "assistant":
+            raise UserError(f"{loc}: the prompt ends with an assistant message; it must end where the compared replies begin.")
+        msgs = self._system(loc, rec, msgs)
+        out = {"kind": "preference", "messages": msgs, "tools": self._tools(loc, rec)}
+        for name in ("chosen", "rejected"):
+            out[name] = self._reply(loc, name, self._get(loc, rec, name))
+        if out["chosen"] == out["rejected"]:
+            raise UserError(f"{loc}: chosen and rejected are the same reply; a preference pair needs two different ones.")
+        return out
+
+    def _reply(self, loc: str, name: str, val: Any) -> str:
+        if isinstance(val, list) and val:
+            val = val[-1]  # a conversation whose last message is the reply
+        if isinstance(val, dict):
+            val = self._message(loc, 0, val)
+            if val["role"] != "assistant":
+                raise UserError(f"{loc}: '{self.col[name]}' must be an assistant reply, got role '{val['role']}'.")
+            val = val["content"]
+        if not isinstance(val, str) or not val.strip():
+            raise UserError(f"{loc}: '{self.col[name]}' must be a non-empty reply (a string or a {{role, content}} message).")
+        return val

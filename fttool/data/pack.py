@@ -1,0 +1,97 @@
+"""Batches: padded, padding-free (samples concatenated into one row, positions restart per sample), or bins
+(samples packed into rows of exactly max_length tokens, first-fit decreasing).
+
+Packed rows carry position_ids that restart at every sample; with no attention mask, transformers derives a
+block-diagonal causal mask from them, so samples never attend to each other. That holds only while the KV
+cache is off (../CPU_STACK.md: with it on, packed samples silently attend across boundaries), which
+`guard_kv_cache` enforces on every training forward.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+IGNORE = -100
+
+
+def bins_of(lengths: Sequence[int], capacity: int) -> List[List[int]]:
+    """Sample indices grouped into bins of at most `capacity` tokens (first-fit decreasing on a capacity index)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: List[List[int]] = []
+    free: Dict[int, List[int]] = {}  # remaining capacity -> bins with exactly that much room
+    for i in order:
+        n = lengths[i]
+        room = next((r for r in range(n, capacity + 1) if free.get(r)), None)
+        if room is None:
+            bins.append([i])
+            b, left = len(bins) - 1, capacity - n
+        else:
+            b = free[room].pop()
+            bins[b].append(i)
+            left = room - n
+        free.setdefault(left, []).append(b)
+    return bins
+
+
+def pack_bins(input_ids: Sequence[List[int]], labels: Sequence[List[int]], capacity: int, pad_id: int) -> Dict[str, list]:
+    """Rows of exactly `capacity` tokens; padding at the end of a row is its own untrained sequence."""
+    out: Dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+    for b in bins_of([len(x) for x in input_ids], capacity):
+        ids, lab, pos = [], [], []
+        for i in b:
+            ids += input_ids[i]
+            lab += [IGNORE] + list(labels[i][1:])  # nothing predicts a sample's first token from the previous sample
+            pos += range(len(input_ids[i]))
+        pad = capacity - len(ids)
+        out["input_ids"].append(ids + [pad_id] * pad)
+        out["labels"].append(lab + [IGNORE] * pad)
+        out["position_ids"].append(pos + list(range(pad)))
+    return out
+
+
+class BinCollator:
+    """Stacks bins (all exactly max_length long) into a batch; no attention mask, positions carry the boundaries."""
+
+    def __call__(self, features):
+        import torch
+
+        return {k: torch.tensor([f[k] for f in features], dtype=torch.long) for k in ("input_ids", "labels", "position_ids")}
+
+
+def collator(packing: str, tokenizer):
+    if packing == "padding_free":
+        from transformers import DataCollatorWithFlattening
+
+        return DataCollatorWithFlattening(separator_id=IGNORE)
+    if packing == "bins":
+        return BinCollator()
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, pad_to_multiple_of=8)
+
+
+def guard_kv_cache(model) -> None:
+    """Turn the KV cache off and keep it off for every forward in training mode (packed batches need it off)."""
+    model.config.use_cache = False
+
+    def hook(module, args, kwargs):
+        if module.training:
+            kwargs["use_cache"] = False
+        return args, kwargs
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def padding_efficiency(lengths: Sequence[int], batch_size: int, multiple: int = 8) -> float:
+    """Real tokens / tokens computed for padded batches of `batch_size` in data order (padded to a multiple of 8)."""
+    real = computed = 0
+    for i in range(0, len(lengths), batch_size):
+        chunk = lengths[i: i + batch_size]
+        longest = -(-max(chunk) // multiple) * multiple
+        real += sum(chunk)
+        computed += longest * len(chunk)
+    return real / computed if computed else 1.0
+
+
+def bin_efficiency(lengths: Sequence[int], capacity: int) -> float:
+    n = len(bins_of(lengths, capacity))
+    return sum(lengths) / (n * capacity) if n else 1.0

@@ -1,0 +1,88 @@
+"""`fttool preview` and `fttool preprocess`: see exactly what will be trained, and build the cache ahead of time."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, TextIO
+
+from fttool.data.stats import histogram_lines
+
+ON, OFF = "\033[42;30m", "\033[0m"  # trained tokens: black on green
+
+
+def highlight(tokenizer, ids: List[int], labels: List[int], color: bool) -> str:
+    """The sample's text with trained tokens marked: colour in a terminal, [[...]] otherwise."""
+    out, run, trained = [], [], None
+    for tok_id, label in list(zip(ids, labels)) + [(None, None)]:
+        flag = label is not None and label != -100
+        if run and (tok_id is None or flag != trained):
+            text = tokenizer.decode(run, skip_special_tokens=False)
+            out.append((f"{ON}{text}{OFF}" if color else f"[[{text}]]") if trained else text)
+            run = []
+        if tok_id is not None:
+            run.append(tok_id)
+            trained = flag
+    return "".join(out)
+
+
+def _use_color(stream: TextIO) -> bool:
+    return stream.isatty() and "NO_COLOR" not in os.environ
+
+
+def stats_lines(spec, prepared) -> List[str]:
+    from fttool.data import pack
+
+    st, d = prepared.stats, spec.data
+    lengths = prepared.train["length"]
+    frac = st.trained_tokens / st.tokens if st.tokens else 0.0
+    lines = [f"samples       {st.samples:,} (from {st.rows:,} rows; validation {st.validation:,}, test {st.test:,})",
+             f"tokens        {st.tokens:,}, trained {st.trained_tokens:,} ({100 * frac:.1f}%)",
+             f"length        max_length {d.max_length}, truncation={d.truncation}: truncated {st.truncated}, "
+             f"dropped {st.dropped_too_long} over max_length, dropped {st.dropped_no_trained_tokens} with no trained tokens"]
+    if st.bad_rows_skipped or st.duplicates_removed:
+        lines.append(f"rows          skipped {st.bad_rows_skipped} bad, removed {st.duplicates_removed} duplicates")
+    if len(st.per_source) > 1:
+        lines.append("mixture       " + ", ".join(f"{os.path.basename(k)}: {v:,}" for k, v in st.per_source.items()))
+    if st.eos_appended:
+        lines.append(f"end of turn   EOS appended to {st.eos_appended:,} replies (the template closes them with no special token)")
+    if st.tools_in_system:
+        lines.append(f"tools         schemas written into the system message of {st.tools_in_system:,} rows")
+    pad = pack.padding_efficiency(lengths, spec.train.batch_size)
+    bins = pack.bin_efficiency(lengths, d.max_length)
+    lines.append(f"packing       data.packing={d.packing}; real tokens per computed token: padded batches of "
+                 f"{spec.train.batch_size} {100 * pad:.1f}%, padding_free 100%, bins of {d.max_length} {100 * bins:.1f}%")
+    lines.append("lengths")
+    lines += histogram_lines(st.histogram)
+    return lines
+
+
+def run(verb: str, spec, samples: int = 3, out: TextIO = sys.stdout) -> None:
+    try:
+        _run(verb, spec, samples, out)
+    except BrokenPipeError:  # `fttool preview | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _run(verb: str, spec, samples: int, out: TextIO) -> None:
+    from fttool import data
+    from fttool.model import load_tokenizer
+    from fttool.train import quiet_libraries
+
+    quiet_libraries()
+    tok = load_tokenizer(spec)
+    prepared = data.build(spec, tok)
+    how = "loaded from the cache" if prepared.from_cache else "tokenized"
+    print(f"# {how} in {prepared.seconds:.2f} s: {prepared.cache_dir}", file=out)
+    if verb == "preview":
+        color = _use_color(out)
+        legend = "trained tokens on green" if color else "trained tokens in [[...]]"
+        for i in range(min(samples, len(prepared.train))):
+            row = prepared.train[i]
+            trained = sum(1 for x in row["labels"] if x != -100)
+            print(f"\n── sample {i} · {row['loc']} · {len(row['input_ids'])} tokens, {trained} trained ({legend})", file=out)
+            print(highlight(tok, row["input_ids"], row["labels"], color), file=out)
+        print(file=out)
+    for line in stats_lines(spec, prepared):
+        print(line, file=out)
+    for example in prepared.stats.bad_row_examples:
+        print(f"skipped: {example}", file=out)

@@ -1,0 +1,71 @@
+"""What preprocessing did to the data, in numbers: every dropped, truncated, skipped or changed sample is counted."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Sequence
+
+
+@dataclass
+class DataStats:
+    rows: int = 0  # rows read from every source
+    bad_rows_skipped: int = 0  # malformed rows skipped (data.skip_bad_rows=true)
+    bad_row_examples: List[str] = field(default_factory=list)  # the first few skipped rows and why
+    duplicates_removed: int = 0  # exact duplicates dropped (data.dedup=true)
+    validation: int = 0  # rows held out for validation
+    test: int = 0  # rows held out as the test split
+    per_source: Dict[str, int] = field(default_factory=dict)  # training rows taken from each source after weights
+    samples: int = 0  # training samples kept
+    tokens: int = 0  # their tokens
+    trained_tokens: int = 0  # their tokens with a label
+    truncated: int = 0  # samples cut to data.max_length
+    dropped_too_long: int = 0  # samples over data.max_length dropped (truncation=drop)
+    dropped_no_trained_tokens: int = 0  # samples left with nothing to train (e.g. the reply was truncated away)
+    eos_appended: int = 0  # replies the template closed without a special token, closed with EOS by fttool
+    tools_in_system: int = 0  # conversations whose tool schemas were written into the system message
+    max_length: int = 0
+    histogram: List[List[int]] = field(default_factory=list)  # [upper bound, count] of sample lengths
+
+    def dropped(self) -> int:
+        return self.dropped_too_long + self.dropped_no_trained_tokens
+
+    def summary(self) -> str:
+        frac = self.trained_tokens / self.tokens if self.tokens else 0.0
+        parts = [f"{self.samples:,} samples from {self.rows:,} rows, {self.tokens:,} tokens ({100 * frac:.1f}% trained)",
+                 f"truncated {self.truncated}", f"dropped {self.dropped_too_long} over max_length {self.max_length}",
+                 f"dropped {self.dropped_no_trained_tokens} with no trained tokens"]
+        if self.bad_rows_skipped:
+            parts.append(f"skipped {self.bad_rows_skipped} bad rows")
+        if self.duplicates_removed:
+            parts.append(f"removed {self.duplicates_removed} duplicates")
+        if self.validation or self.test:
+            parts.append(f"held out {self.validation} validation / {self.test} test")
+        if self.eos_appended:
+            parts.append(f"EOS appended to {self.eos_appended} replies (the template closes them with no special token)")
+        if self.tools_in_system:
+            parts.append(f"tool schemas put in the system message of {self.tools_in_system} rows (the template has no tools slot)")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataStats":
+        return cls(**d)
+
+
+def histogram(lengths: Sequence[int], max_length: int, buckets: int = 8) -> List[List[int]]:
+    """Counts of sample lengths in equal-width buckets up to max_length."""
+    width = max(1, -(-max_length // buckets))
+    counts = [0] * buckets
+    for n in lengths:
+        counts[min(buckets - 1, max(0, (n - 1) // width))] += 1
+    return [[min(max_length, width * (i + 1)), c] for i, c in enumerate(counts)]
+
+
+def histogram_lines(hist: List[List[int]], width: int = 40) -> List[str]:
+    top = max((c for _, c in hist), default=0) or 1
+    lines, lo = [], 1
+    for hi, c in hist:
+        lines.append(f"  {lo:>6}-{hi:<6} {'#' * round(width * c / top):<{width}} {c:,}")
+        lo = hi + 1
+    return lines
