@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from fttool import assets
 from fttool.spec import RunSpec
@@ -38,17 +38,55 @@ def param_counts(spec: RunSpec) -> Optional[Dict[str, int]]:
 
 
 def local_rows(path: str) -> Optional[int]:
-    p = Path(assets.resolve(path)).expanduser()
-    if p.is_file() and p.suffix == ".jsonl":
-        with open(p, "rb") as f:
-            return sum(1 for line in f if line.strip())
-    if p.is_file() and p.suffix == ".json":
-        try:
-            data = json.loads(p.read_text())
-        except ValueError:
-            return None
-        return len(data) if isinstance(data, list) else None
-    return None
+    """Rows of a local JSONL/JSON source (file, folder or glob), counted without parsing JSONL lines."""
+    from fttool.data.sources import is_local, local_files
+    from fttool.errors import UserError
+
+    if not path or not is_local(path):
+        return None
+    try:
+        files = local_files(path)
+    except UserError:
+        return None
+    total = 0
+    for p in files:
+        if p.suffix == ".jsonl":
+            with open(p, "rb") as f:
+                total += sum(1 for line in f if line.strip())
+        elif p.suffix == ".json":
+            try:
+                data = json.loads(p.read_text())
+            except ValueError:
+                return None
+            if not isinstance(data, list):
+                return None
+            total += len(data)
+        else:
+            return None  # parquet/csv: counted when the data is read
+    return total
+
+
+def data_lines(spec: RunSpec) -> Tuple[List[str], Optional[int]]:
+    from fttool.data import sources_of
+
+    d = spec.data
+    lines = []
+    rows_total: Optional[int] = 0
+    for s in sources_of(d):
+        rows = local_rows(s.path)
+        taken = None if rows is None else round(rows * s.weight)
+        rows_total = None if rows_total is None or taken is None else rows_total + taken
+        weight = f", weight {s.weight:g}" if d.mix else ""
+        lines.append(f"data        {s.path} (format {s.format}{weight})" + (f", {rows:,} rows" if rows is not None else ""))
+    held = 1 - d.val_ratio - d.test_ratio
+    if rows_total is not None:
+        rows_total = round(rows_total * held)
+        if d.max_samples:
+            rows_total = min(rows_total, d.max_samples)
+    template = d.template if d.template and "{" not in d.template else ("custom" if d.template else "the tokenizer's own")
+    trained = "every token" if d.train_on_inputs else f"{'/'.join(d.train_roles)} turns ({d.train_turns})"
+    lines.append(f"tokens      template {template}; trained: {trained}; max_length {d.max_length} ({d.truncation}); packing {d.packing}")
+    return lines, rows_total
 
 
 def describe(spec: RunSpec) -> List[str]:
@@ -69,10 +107,8 @@ def describe(spec: RunSpec) -> List[str]:
         lines.append(f"parameters  {counts['trainable']:,} trainable of {counts['total']:,} ({100 * counts['trainable'] / counts['total']:.2f}%)")
     else:
         lines.append("parameters  counted when the model loads (no local config.json)")
-    rows = local_rows(spec.data.path)
-    if spec.data.max_samples and rows:
-        rows = min(rows, spec.data.max_samples)
-    lines.append(f"data        {spec.data.path} (format {spec.data.format}, max_length {spec.data.max_length})" + (f", {rows:,} rows" if rows else ""))
+    more, rows = data_lines(spec)
+    lines += more
     if tr.max_steps:
         steps = f"{tr.max_steps} steps"
     elif rows:

@@ -60,12 +60,23 @@ def bad_recipe_path_entries() -> List[str]:
     return [p for p in os.environ.get(RECIPE_PATH_ENV, "").split(os.pathsep) if p and not Path(p).expanduser().is_dir()]
 
 
+OPEN_DICTS = ("data.columns", "data.roles")  # free-form mappings: `data.columns={a: b}` adds keys
+
+
+def schema_node():
+    """The RunSpec schema, with the free-form mappings left open to new keys (Hydra closes everything else)."""
+    node = OmegaConf.structured(RunSpec)
+    for key in OPEN_DICTS:
+        OmegaConf.set_struct(OmegaConf.select(node, key), False)
+    return node
+
+
 def register() -> None:
     """Store the typed schemas and every recipe in Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(name="fttool_schema", node=RunSpec)
+    cs.store(name="fttool_schema", node=schema_node())
     for name, schema in METHOD_SCHEMAS.items():
         cs.store(group="schema/method", name=name, node=schema)
     for name, path in recipe_files().items():

@@ -92,6 +92,14 @@ def log_data(prepared) -> None:
         log.info(f"data: skipped: {example}")
 
 
+def log_format_notes(spec) -> None:
+    from fttool.data import sources_of
+
+    if any(s.format == "preference" for s in sources_of(spec.data)):
+        log.info("data: preference pairs: training supervised on the chosen replies (preference optimisation such as "
+                 "DPO is not built yet); `fttool preview` shows what is trained")
+
+
 def train_dataset(spec, prepared, tok):
     """The training rows as the collator wants them: samples, or bins of max_length tokens."""
     ds = prepared.train.select_columns(["input_ids", "labels"])
@@ -122,6 +130,7 @@ def train(run_dir: Path) -> dict:
     tok = model_lib.load_tokenizer(spec)
     prepared = data.build(spec, tok)  # bad data fails here, before any model is loaded
     log_data(prepared)
+    log_format_notes(spec)
     model, precision = model_lib.load_model(spec)
     if spec.data.packing != "none":
         pack.guard_kv_cache(model)

@@ -30,7 +30,7 @@ def test_every_recipe_composes_and_validates(recipe, tmp_path):
 @pytest.mark.parametrize("group", ["model", "data", "method", "hardware", "logging"])
 def test_every_group_option_composes(group, tmp_path):
     for option in registry.group_options(group):
-        extra = ["data.path=x.jsonl"] if (group == "data" and option in ("chat", "alpaca")) else []
+        extra = ["data.path=x.jsonl"] if (group == "data" and option in ("chat", "sharegpt", "alpaca", "completion", "segments", "preference")) else []
         extra += ["hardware.precision=fp32"] if group == "hardware" else []
         make_spec([f"{group}={option}"] + extra, tmp_path)
 

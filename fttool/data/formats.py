@@ -34,13 +34,14 @@ FIELDS: Dict[str, Dict[str, str]] = {
 }
 OPTIONAL = {"tools", "system", "input", "history", "role", "content"}
 Example = Dict[str, Any]
+QUOTED = "'{}'"
 
 
 def check_columns(fmt: str, columns: Mapping[str, str], key: str = "data.columns") -> None:
     """Config-time check: every mapped field exists in the format."""
     for name in columns:
         if name not in FIELDS[fmt]:
-            raise UserError(f"{key}.{name}: data.format={fmt} has no field '{name}'.{suggestion(name, FIELDS[fmt], repr)} "
+            raise UserError(f"{key}.{name}: data.format={fmt} has no field '{name}'.{suggestion(name, FIELDS[fmt], QUOTED)} "
                             f"Its fields: {', '.join(FIELDS[fmt])}.")
 
 
@@ -75,7 +76,7 @@ class Formatter:
         if column not in rec or (name in OPTIONAL and rec[column] is None):
             if name in OPTIONAL:
                 return None
-            raise UserError(f"{loc}: row has no '{column}' field (data.format={self.fmt}).{suggestion(column, rec.keys(), repr)} "
+            raise UserError(f"{loc}: row has no '{column}' field (data.format={self.fmt}).{suggestion(column, rec.keys(), QUOTED)} "
                             f"Its fields: {', '.join(rec.keys()) or 'none'}. Map yours with data.columns.{name}=COLUMN, "
                             "or pick the right data.format.")
         return rec[column]
@@ -84,7 +85,7 @@ class Formatter:
         role = self.roles.get(str(raw).strip())
         if role not in ROLES:
             names = sorted(self.roles)
-            raise UserError(f"{loc}: message #{j} has role '{raw}', which fttool does not know.{suggestion(str(raw), names, repr)} "
+            raise UserError(f"{loc}: message #{j} has role '{raw}', which fttool does not know.{suggestion(str(raw), names, QUOTED)} "
                             f"Known roles: {', '.join(names)}. Map it with data.roles={{{raw}: assistant}} (or user, system, tool).")
         return role
 
@@ -108,6 +109,8 @@ class Formatter:
         return {"role": self._role(loc, j, m[rk]), "content": content}
 
     def _tools(self, loc: str, rec: Dict[str, Any]) -> Optional[list]:
+        if "tools" not in self.col:
+            return None
         tools = self._get(loc, rec, "tools")
         if isinstance(tools, str):
             if not tools.strip():

@@ -70,26 +70,37 @@ def resolve(value: Optional[str], key: str = "data.template") -> Optional[str]:
                     f"Named templates: {', '.join(NAMED)}.")
 
 
-SAMPLE = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi"},
-          {"role": "assistant", "content": "Hello!"}]
+SAMPLES = [
+    [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+     {"role": "assistant", "content": "Bye!"}],
+]
+
+
+def _render(tokenizer, template: str, messages, add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # a template may reject a role
+        return f"(cannot render: {e})"
+
+
+def _renderings(tokenizer, template: str) -> list:
+    return [_render(tokenizer, template, m, g) for m in SAMPLES for g in (False, True)] + \
+           [_render(tokenizer, template, SAMPLES[0][:2], True)]
 
 
 def check_change(tokenizer, training: str, allow: bool, name: str) -> None:
-    """Fail when the training template differs from the tokenizer's own and the user did not allow it."""
+    """Fail when the training template renders differently from the tokenizer's own, unless the user allowed it.
+    Templates that differ only in source text but render the same conversations identically are the same."""
     own = tokenizer.chat_template
-    if not own or own == training or allow:
+    if not own or own == training or allow or _renderings(tokenizer, own) == _renderings(tokenizer, training):
         return
-
-    def show(template: str) -> str:
-        try:
-            return repr(tokenizer.apply_chat_template(SAMPLE, chat_template=template, tokenize=False))
-        except Exception as e:  # a template may reject the system role
-            return f"(cannot render: {e})"
-
     raise UserError(
         f"data.template={name} differs from the chat template the tokenizer ships with, which is what inference "
         f"will use with the base tokenizer. A short conversation renders as:\n"
-        f"  tokenizer's own: {show(own)}\n  data.template:   {show(training)}\n"
+        f"  tokenizer's own: {_render(tokenizer, own, SAMPLES[0])!r}\n"
+        f"  data.template:   {_render(tokenizer, training, SAMPLES[0])!r}\n"
         "Remove data.template to train with the tokenizer's own, or add data.allow_template_change=true "
         "(the run's final/ folder then carries the training template)."
     )

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from fttool.errors import UserError
 
 IGNORE = -100
+_PARTIAL_MARKER = re.compile(r"[<\[][^<>\[\]\s]*$")  # an opened <...> or [...] marker at the end of a string
 Span = Tuple[int, int]
 PROBE = "\u2063probe\u2063"
 TOOLS_INTRO = "You can call these tools (JSON schemas):\n"
@@ -42,6 +43,11 @@ def _common(a: str, b: str) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+def _head(content: str) -> str:
+    """The start of a message as any template renders it (templates may trim or rewrite line breaks)."""
+    return content.strip().split("\n", 1)[0].strip()[:32]
 
 
 class Encoder:
@@ -94,6 +100,19 @@ class Encoder:
                             f"{str(e).splitlines()[0]}. Pick a template that supports it (data.template=chatml) "
                             "or fix the row.")
 
+    @staticmethod
+    def _check_rendered(loc: str, msgs, text: str) -> None:
+        """Every message must appear in the rendered text: some templates silently skip roles they do not know."""
+        at = 0
+        for j, m in enumerate(msgs):
+            head = _head(m["content"])
+            pos = text.find(head, at) if head else at
+            if pos < 0:
+                raise UserError(f"{loc}: the chat template leaves out message #{j} (role {m['role']}), so the model would "
+                                "never see it; pick a template that renders this role (data.template=chatml with "
+                                "data.allow_template_change=true) or drop the role from the data.")
+            at = pos
+
     def _turn_end(self, msgs, tools, i: int, text: str) -> int:
         end = len(text) if i == len(msgs) - 1 else _common(self.render(msgs[: i + 1], tools), text)
         for role in ("user", "assistant"):
@@ -101,8 +120,18 @@ class Encoder:
                 probed = self.render(msgs[: i + 1] + [{"role": role, "content": PROBE}], tools)
             except Exception:  # the template refuses this role here; try the other one
                 continue
-            return min(end, _common(probed, text))
+            return self._snap(text, min(end, _common(probed, text)))
         return end
+
+    def _snap(self, text: str, end: int) -> int:
+        """A probed end can stop inside a marker the template writes at the very end and the probe turn starts
+        with too (phi-3: `<|endoftext|>` vs `<|user|>` share `<|`): move it back to the marker's start."""
+        if self.control_re is not None:
+            for m in self.control_re.finditer(text, max(0, end - 64), min(len(text), end + 64)):
+                if m.start() < end < m.end():
+                    return m.start()
+        partial = _PARTIAL_MARKER.search(text, 0, end)
+        return partial.start() if partial else end
 
     def trained_turns(self, msgs) -> List[int]:
         roles = set(self.d.train_roles)
@@ -114,6 +143,7 @@ class Encoder:
         msgs, tools, in_system = self.prepare_messages(ex)
         self._check_control(loc, msgs)
         text = self._safe_render(loc, msgs, tools)
+        self._check_rendered(loc, msgs, text)
         spans: List[Span] = []
         for i in self.trained_turns(msgs) if turns is None else turns:
             before = self.render(msgs[:i], tools, add_generation_prompt=msgs[i]["role"] == "assistant") if i else ""
@@ -121,7 +151,7 @@ class Encoder:
             end = self._turn_end(msgs, tools, i, text)
             while end > start and text[end - 1].isspace():
                 end -= 1
-            head = msgs[i]["content"].strip()[:32]
+            head = _head(msgs[i]["content"])
             pos = text.find(head, start, end) if head else -1
             spans.append((pos if pos >= 0 else start, end))
         text, spans, appended = self._close_with_eos(text, spans)
