@@ -131,6 +131,7 @@ def train(run_dir: Path) -> dict:
     prepared = data.build(spec, tok)  # bad data fails here, before any model is loaded
     log_data(prepared)
     log_format_notes(spec)
+    (run_dir / "data.json").write_text(json.dumps(prepared.record(), indent=1, default=str) + "\n")
     model, precision = model_lib.load_model(spec)
     if spec.data.packing != "none":
         pack.guard_kv_cache(model)

@@ -49,6 +49,8 @@ def test_every_format_trains(fmt, tmp_path):
     run_dir, summary = train_run(["data=chat", f"data.format={fmt}", f"data.path={path}", *FAST, "train.lr=5e-3"], tmp_path)
     assert summary["steps"] == 6 and summary["data"]["samples"] == 64
     assert summary["last_loss"] < summary["first_loss"]
+    record = json.loads((run_dir / "data.json").read_text())  # the data's fingerprint and counts stay with the run
+    assert record["stats"]["samples"] == 64 and len(record["key"]["sources"][0][0]) == 64
     if fmt == "preference":
         assert "training supervised on the chosen replies" in (run_dir / "train.log").read_text()
 

@@ -46,6 +46,12 @@ class Prepared:
     from_cache: bool
     seconds: float
     encoder: Encoder
+    key: Dict  # the cache key's parts: source content hashes, tokenizer and template hashes, data fields
+
+    def record(self) -> Dict:
+        """What the run folder keeps about its data (data.json): fingerprints and counts."""
+        return {"cache_dir": str(self.cache_dir), "from_cache": self.from_cache, "key": self.key,
+                "stats": self.stats.to_dict()}
 
 
 def sources_of(d) -> List[Source]:
@@ -84,14 +90,14 @@ def build(spec, tokenizer, use_cache: bool = True) -> Prepared:
     if use_cache and cache.is_complete(where):
         splits, test, stats = cache.read(where)
         return Prepared(splits["train"], splits["validation"], test, DataStats.from_dict(stats), where, True,
-                        time.perf_counter() - t0, encoder)
+                        time.perf_counter() - t0, encoder, parts)
     train_rows, val_rows, test_rows, stats = _rows(spec, srcs)
     train_ds = _encode(encoder, train_rows, d, stats, count=True)
     val_ds = _encode(encoder, val_rows, d, DataStats(), count=False) if val_rows else None
     test = [t for t in (_test_example(loc, ex) for loc, ex in test_rows) if t]
     if use_cache:
         cache.write(where, parts, {"train": train_ds, "validation": val_ds}, test, stats.to_dict())
-    return Prepared(train_ds, val_ds, test, stats, where, False, time.perf_counter() - t0, encoder)
+    return Prepared(train_ds, val_ds, test, stats, where, False, time.perf_counter() - t0, encoder, parts)
 
 
 # -- rows -------------------------------------------------------------------------------------------------
