@@ -77,6 +77,12 @@ def test_column_mapping_for_non_standard_names(tmp_path):
     assert prepared.stats.samples == 5
 
 
+def test_wrong_format_is_named(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", FORMAT_ROWS["sharegpt"](2))
+    with pytest.raises(UserError, match=r":1: row has no 'instruction' field.*These rows look like data.format=sharegpt"):
+        build(["data=alpaca", f"data.path={path}"], tmp_path)
+
+
 def test_unknown_column_mapping_is_a_config_error(tmp_path):
     r = run_cli("check", "data=alpaca", "data.path=x.json", "data.columns={instrction: q}", cwd=tmp_path)
     assert r.returncode == 2 and "data.columns.instrction" in r.stderr and "Did you mean 'instruction'" in r.stderr

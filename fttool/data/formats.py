@@ -45,6 +45,17 @@ def check_columns(fmt: str, columns: Mapping[str, str], key: str = "data.columns
                             f"Its fields: {', '.join(FIELDS[fmt])}.")
 
 
+def guess_format(rec: Dict[str, Any]) -> Optional[str]:
+    """The format whose required fields a row has under their default names, if any."""
+    if "chosen" in rec and "rejected" in rec:
+        return "preference"
+    for fmt, required in (("chat", "messages"), ("sharegpt", "conversations"), ("alpaca", "instruction"),
+                          ("segments", "segments"), ("completion", "text")):
+        if required in rec:
+            return fmt
+    return None
+
+
 class Formatter:
     """Turns the rows of one source into examples."""
 
@@ -76,8 +87,10 @@ class Formatter:
         if column not in rec or (name in OPTIONAL and rec[column] is None):
             if name in OPTIONAL:
                 return None
+            guess = guess_format(rec)
+            hint = f" These rows look like data.format={guess}." if guess and guess != self.fmt else ""
             raise UserError(f"{loc}: row has no '{column}' field (data.format={self.fmt}).{suggestion(column, rec.keys(), QUOTED)} "
-                            f"Its fields: {', '.join(rec.keys()) or 'none'}. Map yours with data.columns.{name}=COLUMN, "
+                            f"Its fields: {', '.join(rec.keys()) or 'none'}.{hint} Map yours with data.columns.{name}=COLUMN, "
                             "or pick the right data.format.")
         return rec[column]
 
