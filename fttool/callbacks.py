@@ -54,6 +54,32 @@ class MetricsCallback(TrainerCallback):
             f.write(json.dumps(rec) + "\n")
 
 
+class LayoutCallback(TrainerCallback):
+    """Logs once how the parameters are laid out over the processes, so a run shows it really sharded."""
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if state.is_world_process_zero and model is not None and args.world_size > 1:
+            log.info(f"parameters: {describe_layout(model, args.world_size)}")
+
+
+def describe_layout(model, world_size: int) -> str:
+    """'N of M parameter tensors sharded ...' for FSDP2 (DTensor) and ZeRO-3 (partitioned), else replicated."""
+    params = list(model.parameters())
+    total = sum(getattr(p, "ds_numel", None) or p.numel() for p in params)
+    dtensors = [p for p in params if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"]
+    if dtensors:
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.data.to_local().numel() for p in dtensors)
+        placements = sorted({str(pl) for p in dtensors for pl in p.placements})
+        return (f"{len(dtensors)} of {len(params)} tensors sharded over {world_size} processes by FSDP2 "
+                f"({', '.join(placements)}); process 0 holds {local:,} of {total:,} values")
+    partitioned = [p for p in params if hasattr(p, "ds_tensor")]
+    if partitioned:
+        local = sum(p.ds_tensor.numel() for p in partitioned)
+        return (f"{len(partitioned)} of {len(params)} tensors partitioned over {world_size} processes by ZeRO-3; "
+                f"process 0 holds {local:,} of {total:,} values")
+    return f"all {len(params)} tensors replicated on each of {world_size} processes ({total:,} values)"
+
+
 def read_metrics(run_dir: Path) -> List[Dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():

@@ -1,23 +1,96 @@
-"""From a validated spec to a running job: create the run folder, then train in this process or launch workers."""
+"""From a validated spec to a running job: create the run folder, then train in this process (one process)
+or start `accelerate launch` with the generated config (several processes or machines) and wait for it."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 from typing import Dict, List
 
-from fttool import rundir
+from fttool import distributed, rundir
+from fttool.errors import UserError
 from fttool.spec import RunSpec
+
+ERRORS = "errors"  # <run_dir>/errors/rank-N.txt: what a failed worker said
+STOP_GRACE_S = 60  # after Ctrl-C, how long workers get to stop on their own
 
 
 def launch(spec: RunSpec, argv: List[str], choices: Dict) -> None:
-    from fttool.model import check_device
+    from fttool.model import check_device, resolve_precision
 
     check_device(spec)  # before anything is written
     run_dir, created = rundir.prepare(spec, argv, choices)
     print(f"fttool: run folder {run_dir}", flush=True)
-    from fttool.train import CHECKPOINTS, train
+    from fttool.train import CHECKPOINTS
 
     try:
-        train(run_dir)
-    except Exception:  # a UserError (bad data, bad model path) or a crash before the first step
+        if distributed.is_distributed(spec.hardware):
+            config = distributed.write_configs(spec, run_dir, resolve_precision(spec))
+            run_workers(spec, run_dir, config)
+        else:
+            from fttool.train import train
+
+            train(run_dir)
+    except Exception:  # a UserError (bad data, bad model path, a failed worker) or a crash before the first step
         if created and not (run_dir / CHECKPOINTS).exists():
             rundir.discard(run_dir)  # failed before training began: leave nothing half-written
         raise
+
+
+def run_workers(spec: RunSpec, run_dir: Path, config: Path) -> None:
+    """Start the workers through accelerate and wait; a failure names the rank and shows what it said."""
+    hw = spec.hardware
+    shutil_rmtree(run_dir / ERRORS)
+    cmd = distributed.launch_command(config, run_dir)
+    print(f"fttool: {distributed.world_size(hw)} processes ({hw.strategy}, {hw.num_processes} on this machine, "
+          f"machine {hw.machine_rank} of {hw.num_machines}): {' '.join(cmd[1:])}", flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if hw.device == "cpu":
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // hw.num_processes)))
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would warn that it found no GPU
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:  # the workers got the same Ctrl-C; give them time to stop at a clean point
+        rc = _stop(proc)
+        raise SystemExit(130) from None
+    if rc != 0:
+        raise UserError(failure_report(run_dir, rc))
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    deadline = time.time() + STOP_GRACE_S
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            continue
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now
+            break
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+def failure_report(run_dir: Path, rc: int) -> str:
+    files = sorted((run_dir / ERRORS).glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1]))
+    if not files:
+        return (f"the workers exited with code {rc} and left no error report (killed, or out of memory?); "
+                f"see the output above and {run_dir / 'train.log'}.")
+    first = files[0]
+    text = first.read_text().strip().splitlines()
+    body = "\n".join("  " + line for line in text[-15:])
+    others = f" (also failed: {', '.join(p.stem for p in files[1:])})" if len(files) > 1 else ""
+    return f"worker {first.stem} failed{others}; what it said ({first}):\n{body}"
+
+
+def shutil_rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -23,12 +23,19 @@ def resolve_precision(spec) -> str:
 
 
 def check_device(spec) -> None:
-    if spec.hardware.device == "cuda":
-        import torch
+    """The machine can give the run what the hardware group asks for (checked before anything is written)."""
+    hw = spec.hardware
+    if hw.device != "cuda":
+        return
+    import torch
 
-        if not torch.cuda.is_available():
-            raise UserError(f"hardware={spec.hardware.name} needs a CUDA GPU, but torch sees none "
-                            f"(torch {torch.__version__}); use hardware=cpu here.")
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found == 0:
+        raise UserError(f"hardware={hw.name} needs a CUDA GPU, but torch sees none (torch {torch.__version__}); "
+                        "use hardware=cpu here (or hardware.device=cpu to run the same strategy on CPU processes).")
+    if hw.num_processes > found:
+        raise UserError(f"hardware.num_processes={hw.num_processes} needs {hw.num_processes} GPUs on this machine, but "
+                        f"torch sees {found}; set hardware.num_processes={found} (or fewer).")
 
 
 def _torch_dtype(name: str):
@@ -76,16 +83,35 @@ def load_base(spec, precision: str):
     from transformers import AutoModelForCausalLM
 
     path = assets.resolve(spec.model.name_or_path)
+    quant = quantization_config(spec, precision)
+    extra = {}
+    if quant is not None and spec.hardware.device == "cuda":
+        import os
+
+        extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}  # each process its own GPU (DDP, ZeRO-2)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, revision=spec.model.revision, dtype=_torch_dtype(weight_dtype(spec, precision)),
             attn_implementation=spec.model.attn_implementation, trust_remote_code=spec.model.trust_remote_code,
-            quantization_config=quantization_config(spec, precision),
+            quantization_config=quant, **extra,
         )
     except (OSError, ValueError, ImportError) as e:
         raise UserError(f"model.name_or_path={spec.model.name_or_path}: could not load the model: {str(e).splitlines()[0]}")
     model.config.use_cache = False  # the KV cache is never wanted in training (and corrupts packed batches)
     return model
+
+
+def load_trained(spec, precision: str, final):
+    """The trained model as saved in final/: the base with its adapter, or the fine-tuned model (full)."""
+    from pathlib import Path
+
+    if spec.method.name == "full":
+        from dataclasses import replace
+
+        return load_base(replace(spec, model=replace(spec.model, name_or_path=str(Path(final)))), precision)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_base(spec, precision), str(final))
 
 
 def add_adapters(spec, model):

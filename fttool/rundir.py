@@ -31,8 +31,8 @@ from fttool.spec import RunSpec
 SPEC_FILE = "spec.yaml"
 PACKAGES = ("fttool", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed",
             "hydra-core", "omegaconf", "wandb", "tokenizers", "safetensors")
-# keys that may differ between a run and its resumption
-RESUMABLE_DIFFS = {"resume"}
+# keys that may differ between a run and its resumption, or between the machines of one run
+RESUMABLE_DIFFS = {"resume", "hardware.machine_rank", "hardware.main_address", "hardware.main_port", "hardware.join_timeout_s"}
 
 
 def spec_to_yaml(spec: RunSpec) -> str:
@@ -100,6 +100,8 @@ def environment() -> Dict[str, Any]:
 def prepare(spec: RunSpec, argv: List[str], choices: Dict[str, Any]) -> tuple:
     """Create (or, with resume=auto, reopen) the run folder. Returns (run_dir, created_now)."""
     run_dir = run_dir_of(spec)
+    if spec.hardware.num_machines > 1 and spec.hardware.machine_rank > 0:
+        return join(spec, run_dir, argv), False
     if run_dir.exists():
         if spec.resume != "auto":
             raise UserError(
@@ -125,6 +127,25 @@ def prepare(spec: RunSpec, argv: List[str], choices: Dict[str, Any]) -> tuple:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return run_dir, True
+
+
+def join(spec: RunSpec, run_dir: Path, argv: List[str]) -> Path:
+    """Machines other than 0 use the run folder machine 0 creates (a shared filesystem), once it has the same spec."""
+    path = run_dir / SPEC_FILE
+    deadline = time.time() + spec.hardware.join_timeout_s
+    while not path.is_file():
+        if time.time() > deadline:
+            raise UserError(f"machine {spec.hardware.machine_rank}: machine 0 did not create {run_dir} within "
+                            f"hardware.join_timeout_s={spec.hardware.join_timeout_s} s. Start machine 0 with the same "
+                            "run_name and output_dir, on a filesystem both machines share.")
+        time.sleep(0.5)
+    time.sleep(0.2)  # machine 0 writes spec.yaml in one call; let it land
+    diffs = spec_diff(load_spec(run_dir), spec)
+    if diffs:
+        raise UserError(f"machine {spec.hardware.machine_rank}: the spec differs from machine 0's in {run_dir} "
+                        f"({'; '.join(diffs)}); run the same command on every machine except hardware.machine_rank.")
+    _append(run_dir / "command.txt", _command_line(argv))
+    return run_dir
 
 
 def _command_line(argv: List[str]) -> str:

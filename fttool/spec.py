@@ -104,14 +104,25 @@ class QloraSpec(LoraSpec):
     compute_dtype: str = "auto"  # dtype of the 4-bit matmuls: auto follows precision (bfloat16|float16|float32)
 
 
+STRATEGIES = ("none", "ddp", "fsdp2", "zero2", "zero3")
+
+
 @dataclass
 class HardwareSpec:
-    """Where the run executes."""
+    """Where the run executes: device, processes per machine, how the model is spread over them, machines."""
 
     name: str = "cpu"  # option name (set by the group option)
     device: str = "cpu"  # cpu or cuda
-    num_processes: int = 1  # processes on this machine (1 = no launcher)
+    num_processes: int = 1  # processes on each machine (one per GPU); 1 = train in the fttool process itself
     precision: str = "auto"  # mixed precision: auto (bf16 where supported, else fp32), fp32, bf16, fp16
+    strategy: str = "none"  # none (one process), ddp, fsdp2 (full shard by decoder layer), zero2 or zero3 (DeepSpeed)
+    offload: bool = False  # fsdp2: parameters on the CPU; zero3: parameters and optimizer state on the CPU
+    activation_checkpointing: bool = False  # fsdp2: recompute each decoder layer in backward (FSDP's own checkpointing)
+    num_machines: int = 1  # machines in the job; 0 = from SLURM (SLURM_NNODES)
+    machine_rank: Optional[int] = 0  # this machine's rank, 0 .. num_machines-1; -1 = from SLURM (SLURM_NODEID)
+    main_address: Optional[str] = "127.0.0.1"  # address of machine 0, reachable from every machine; "slurm" = first node of the job
+    main_port: int = 29500  # free TCP port on machine 0 for the rendezvous
+    join_timeout_s: int = 600  # machines other than 0 wait this long for machine 0's run folder
 
 
 @dataclass
@@ -122,6 +133,7 @@ class LoggingSpec:
     project: Optional[str] = None  # W&B project (default: fttool)
     entity: Optional[str] = None  # W&B entity (team or user)
     mode: str = "online"  # W&B mode: online, offline or disabled
+    group: Optional[str] = None  # W&B run group; sweeps set it to the sweep's name
     tags: List[str] = field(default_factory=list)  # W&B run tags
 
 

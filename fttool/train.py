@@ -20,13 +20,19 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 
 
-def setup_logging(run_dir: Path) -> None:
-    log.setLevel(logging.INFO)
+def setup_logging(run_dir: Path, main: bool = True) -> None:
+    """Process 0 logs to stdout and train.log; the other processes only warnings and errors, marked with their rank."""
+    log.setLevel(logging.INFO if main else logging.WARNING)
     log.propagate = False
     for h in list(log.handlers):
         log.removeHandler(h)
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
+    if main:
+        fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+        handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")]
+    else:
+        fmt = logging.Formatter(f"%(asctime)s [rank {rank()}] %(message)s", "%H:%M:%S")
+        handlers = [logging.StreamHandler(sys.stderr)]
+    for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)
     quiet_libraries()
@@ -57,6 +63,8 @@ def last_checkpoint(run_dir: Path) -> Optional[Path]:
 def training_args(spec, run_dir: Path, precision: str):
     from transformers import TrainingArguments
 
+    from fttool import distributed
+
     t = spec.train
     return TrainingArguments(
         output_dir=str(run_dir / CHECKPOINTS), seed=spec.seed, data_seed=spec.seed,
@@ -69,19 +77,8 @@ def training_args(spec, run_dir: Path, precision: str):
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=spec.hardware.device == "cpu",
         dataloader_num_workers=t.dataloader_workers, report_to=["wandb"] if spec.logging.backend == "wandb" else [],
         run_name=spec.run_name, disable_tqdm=True, include_num_input_tokens_seen="non_padding",
-        remove_unused_columns=False,
+        remove_unused_columns=False, save_only_model=False, **distributed.training_kwargs(spec, run_dir),
     )
-
-
-def _wandb_env(spec, run_dir: Path) -> None:
-    """W&B reads its settings from the environment; the API key stays there (WANDB_API_KEY), never in a file."""
-    if spec.logging.backend != "wandb":
-        return
-    os.environ["WANDB_DIR"] = str(run_dir)  # wandb/ lands inside the run folder
-    os.environ.setdefault("WANDB_PROJECT", spec.logging.project or "fttool")
-    if spec.logging.entity:
-        os.environ.setdefault("WANDB_ENTITY", spec.logging.entity)
-    os.environ.setdefault("WANDB_MODE", spec.logging.mode)
 
 
 def log_data(prepared) -> None:
@@ -116,38 +113,53 @@ def train_dataset(spec, prepared, tok):
     return datasets.Dataset.from_dict(bins)
 
 
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def train(run_dir: Path) -> dict:
-    """Train the run in `run_dir`; returns the summary also written to result.json."""
+    """Train the run in `run_dir` (in every worker process); returns the summary written to result.json."""
     run_dir = Path(run_dir)
     spec = rundir.load_spec(run_dir)
-    setup_logging(run_dir)
+    main = rank() == 0
+    setup_logging(run_dir, main)
     from transformers import PrinterCallback, Trainer, set_seed
 
-    from fttool import callbacks, data, model as model_lib
+    from fttool import callbacks, data, distributed, model as model_lib, tracking
     from fttool.data import pack
 
+    if spec.hardware.strategy == "fsdp2" and spec.hardware.device == "cpu":
+        distributed.enable_cpu_fsdp()
     set_seed(spec.seed)
+    precision = model_lib.resolve_precision(spec)
+    args = training_args(spec, run_dir, precision)  # also starts the process group when there are several processes
+    distributed.after_process_group(spec)
     tok = model_lib.load_tokenizer(spec)
-    prepared = data.build(spec, tok)  # bad data fails here, before any model is loaded
-    log_data(prepared)
-    log_format_notes(spec)
-    (run_dir / "data.json").write_text(json.dumps(prepared.record(), indent=1, default=str) + "\n")
+    with args.main_process_first(local=True, desc="data"):  # one process per machine tokenizes; the rest read its cache
+        prepared = data.build(spec, tok)  # bad data fails here, before any model is loaded
+    if main:
+        log_data(prepared)
+        log_format_notes(spec)
+        (run_dir / "data.json").write_text(json.dumps(prepared.record(), indent=1, default=str) + "\n")
     model, precision = model_lib.load_model(spec)
     if spec.data.packing != "none":
         pack.guard_kv_cache(model)
     trainable, total = model_lib.count_parameters(model)
-    log.info(f"model: {spec.model.name_or_path}, {spec.method.name}, {trainable:,} trainable of {total:,} parameters, precision {precision}")
-    _wandb_env(spec, run_dir)
+    log.info(f"model: {spec.model.name_or_path}, {spec.method.name}, {trainable:,} trainable of {total:,} parameters, "
+             f"precision {precision}, {args.world_size} process(es), strategy {spec.hardware.strategy}")
+    if main:
+        tracking.start(spec, run_dir)
     trainer = Trainer(
-        model=model, args=training_args(spec, run_dir, precision), train_dataset=train_dataset(spec, prepared, tok),
+        model=model, args=args, train_dataset=train_dataset(spec, prepared, tok),
         data_collator=pack.collator(spec.data.packing, tok), processing_class=tok,
-        callbacks=[callbacks.MetricsCallback(run_dir)],
+        callbacks=[callbacks.MetricsCallback(run_dir), callbacks.LayoutCallback()],
     )
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line per logging step
     # the launcher only hands a run folder with checkpoints to a worker when resume=auto asked for it
     resume_from = last_checkpoint(run_dir)
     step = int(resume_from.name.split("-")[-1]) if resume_from else 0
-    callbacks.truncate_metrics(run_dir, step)  # rows logged after the checkpoint are logged again
+    if main:
+        callbacks.truncate_metrics(run_dir, step)  # rows logged after the checkpoint are logged again
     if resume_from:
         log.info(f"resuming from {resume_from} (step {step})")
     log.info(f"training: run folder {run_dir}")
@@ -158,19 +170,17 @@ def train(run_dir: Path) -> dict:
         log.info(f"interrupted. Last complete checkpoint: {ckpt or 'none'}. Continue with: resume=auto run_name={spec.run_name}")
         raise SystemExit(130)
     final = run_dir / FINAL
-    trainer.save_model(str(final))
+    trainer.save_model(str(final))  # every process: FSDP and ZeRO-3 gather the full weights for process 0 to write
+    if not main:
+        return {}
     tok.save_pretrained(str(final))
     summary = _summarize(spec, run_dir, out, trainable, total, prepared.stats)
     if prepared.test and spec.eval.samples > 0:
-        summary["eval"] = _compare(spec, model, tok, prepared.test, precision)
+        own = model if args.world_size == 1 else None  # sharded or wrapped weights: reload what was saved instead
+        summary["eval"] = _compare(spec, own, tok, prepared.test, precision, final)
     (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info(f"done: {'adapter' if spec.method.name != 'full' else 'model'} saved to {final}")
-    if spec.logging.backend == "wandb":
-        import wandb
-
-        if wandb.run is not None:
-            wandb.run.summary["run_dir"] = str(run_dir)
-            wandb.finish()
+    tracking.finish(run_dir)
     return summary
 
 
@@ -187,9 +197,11 @@ def _summarize(spec, run_dir: Path, out, trainable: int, total: int, stats) -> d
     return summary
 
 
-def _compare(spec, model, tok, test, precision) -> dict:
+def _compare(spec, model, tok, test, precision, final: Path) -> dict:
     from fttool import evaluate, model as model_lib
 
+    if model is None:
+        model = model_lib.load_trained(spec, precision, final)
     base = None
     if spec.method.name == "full" and spec.eval.compare_base:
         base = model_lib.load_base(spec, precision)
@@ -202,16 +214,48 @@ def _compare(spec, model, tok, test, precision) -> dict:
 
 
 def main(argv=None) -> None:
+    """`python -m fttool.train RUN_DIR`: one worker. A failure is also written to RUN_DIR/errors/rank-N.txt so the
+    launching process can show which rank failed and why."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m fttool.train RUN_DIR", file=sys.stderr)
         raise SystemExit(2)
+    run_dir = Path(argv[0])
     try:
-        train(Path(argv[0]))
+        train(run_dir)
     except UserError as e:
+        _error_report(run_dir, f"fttool: error: {e}")
         from fttool.errors import fail
 
         fail(str(e), e.exit_code)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:
+        import traceback
+
+        _error_report(run_dir, traceback.format_exc())
+        raise
+    finally:
+        _close_process_group()
+
+
+def _error_report(run_dir: Path, text: str) -> None:
+    try:
+        folder = run_dir / "errors"
+        folder.mkdir(exist_ok=True)
+        (folder / f"rank-{rank()}.txt").write_text(text)
+    except OSError:
+        pass
+
+
+def _close_process_group() -> None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # already torn down by a failing peer
+        pass
 
 
 if __name__ == "__main__":

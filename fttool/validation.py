@@ -12,7 +12,7 @@ from typing import Any, Callable, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from fttool.errors import UserError, suggestion
-from fttool.spec import DTYPES, FORMATS, METHODS, PACKING, PRECISIONS, RunSpec
+from fttool.spec import DTYPES, FORMATS, METHODS, PACKING, PRECISIONS, STRATEGIES, RunSpec
 
 CHOICES = {
     "model.dtype": DTYPES,
@@ -26,6 +26,7 @@ CHOICES = {
     "method.compute_dtype": DTYPES,
     "hardware.device": ("cpu", "cuda"),
     "hardware.precision": PRECISIONS,
+    "hardware.strategy": STRATEGIES,
     "logging.backend": ("none", "wandb"),
     "logging.mode": ("online", "offline", "disabled"),
     "train.lr_scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"),
@@ -62,7 +63,11 @@ RANGES: List[Tuple[str, Callable[[Any], bool], str]] = [
      "a non-empty list of roles from system, user, assistant, tool, e.g. [assistant]"),
     ("eval.samples", lambda v: v >= 0, "an integer >= 0 (0 skips the comparison)"),
     ("eval.max_new_tokens", lambda v: v >= 1, "an integer >= 1"),
-    ("hardware.num_processes", lambda v: v >= 1, "an integer >= 1"),
+    ("hardware.num_processes", lambda v: v >= 1, "an integer >= 1 (processes on each machine, one per GPU)"),
+    ("hardware.num_machines", lambda v: v >= 0, "an integer >= 1 (0 = from SLURM)"),
+    ("hardware.machine_rank", lambda v: v is None or v >= -1, "an integer from 0 to num_machines-1 (-1 = from SLURM)"),
+    ("hardware.main_port", lambda v: 1024 <= v <= 65535, "a free TCP port from 1024 to 65535"),
+    ("hardware.join_timeout_s", lambda v: v >= 1, "a number of seconds >= 1"),
     ("seed", lambda v: v >= 0, "an integer >= 0"),
 ]
 
@@ -83,6 +88,9 @@ def check(cfg: DictConfig, user_keys: Optional[set] = None) -> None:
     for key, fix in REQUIRED.items():
         if _missing(cfg, key) or _select(cfg, key) in (None, ""):
             raise UserError(f"{key} is not set; expected {fix}.")
+    for key in _missing_keys(cfg):
+        if key not in ("data.path",):
+            raise UserError(f"{key} is not set (???); set it on the command line: {key}=VALUE.")
     if not cfg.data.mix and (_missing(cfg, "data.path") or _select(cfg, "data.path") in (None, "")):
         raise UserError(f"data.path is not set; expected {DATA_PATH_FIX}.")
     method_keys = set(cfg.method.keys())
@@ -106,6 +114,16 @@ def _applies(key: str, method_keys: set) -> bool:
     return not key.startswith("method.") or key.split(".", 1)[1] in method_keys
 
 
+def _missing_keys(cfg: DictConfig, prefix: str = "") -> List[str]:
+    out = []
+    for k in cfg.keys():
+        if OmegaConf.is_missing(cfg, k):
+            out.append(f"{prefix}{k}")
+        elif isinstance(cfg[k], DictConfig):
+            out += _missing_keys(cfg[k], f"{prefix}{k}.")
+    return out
+
+
 def _missing(cfg: DictConfig, key: str) -> bool:
     parent, _, leaf = key.rpartition(".")
     return OmegaConf.is_missing(OmegaConf.select(cfg, parent), leaf)
@@ -121,11 +139,7 @@ def _check_combinations(cfg: DictConfig, user_keys: set) -> None:
     if cfg.method.name == "qlora" and cfg.method.bits == 8 and cfg.method.quant_type != "nf4":
         raise UserError("method.quant_type applies to 4-bit only; with method.bits=8 leave it at nf4.")
     _check_data(cfg.data)
-    if hw.num_processes > 1:
-        raise UserError(
-            f"hardware.num_processes={hw.num_processes}: multi-process launch is not available yet; "
-            "use hardware=cpu or hardware=single_gpu (num_processes=1)."
-        )
+    _check_topology(cfg)
     if cfg.model.trust_remote_code and "model.trust_remote_code" not in user_keys:
         raise UserError(
             "model.trust_remote_code=true was set by a config file or recipe; running a model's own code "
@@ -135,6 +149,36 @@ def _check_combinations(cfg: DictConfig, user_keys: set) -> None:
         raise UserError("resume=auto needs the run to continue: add run_name=NAME (the run folder's name).")
     if cfg.run_name is not None and not _RUN_NAME.match(str(cfg.run_name)):
         raise UserError(f"run_name={cfg.run_name!r}: use letters, digits and . _ - + = , only (no slashes or spaces).")
+
+
+def _check_topology(cfg: DictConfig) -> None:
+    hw = cfg.hardware
+    if hw.machine_rank is None:
+        raise UserError("hardware.machine_rank is not set; on each machine give its rank: hardware.machine_rank=0 on the "
+                        "main machine, 1, 2, ... on the others (-1 under SLURM).")
+    if not hw.main_address:
+        raise UserError("hardware.main_address is not set; give machine 0's address, reachable from every machine: "
+                        "hardware.main_address=10.0.0.1 (slurm under SLURM).")
+    total = hw.num_processes * max(hw.num_machines, 1)
+    if hw.strategy == "none" and total > 1:
+        raise UserError(f"hardware.num_processes={hw.num_processes} x num_machines={hw.num_machines} needs a strategy that "
+                        "spreads the work: hardware=ddp (or fsdp2, zero2, zero3, multi_node).")
+    if hw.strategy != "none" and total == 1 and hw.num_machines != 0:
+        raise UserError(f"hardware.strategy={hw.strategy} with 1 process has nothing to spread over; set "
+                        "hardware.num_processes=N (N >= 2), or use hardware=single_gpu / hardware=cpu for one process.")
+    if hw.machine_rank >= max(hw.num_machines, 1) and hw.num_machines != 0:
+        raise UserError(f"hardware.machine_rank={hw.machine_rank} with num_machines={hw.num_machines}: ranks go from 0 "
+                        f"to {hw.num_machines - 1}.")
+    if cfg.method.name == "qlora" and hw.strategy in ("fsdp2", "zero3"):
+        raise UserError(f"method=qlora with hardware.strategy={hw.strategy}: sharding 4-bit base weights is not supported "
+                        "yet; use hardware=ddp or hardware=zero2 (each process holds the quantized base).")
+    if hw.offload and hw.strategy not in ("fsdp2", "zero3"):
+        raise UserError(f"hardware.offload=true applies to fsdp2 and zero3, not strategy={hw.strategy}.")
+    if hw.activation_checkpointing and hw.strategy != "fsdp2":
+        raise UserError("hardware.activation_checkpointing applies to fsdp2; elsewhere use train.gradient_checkpointing=true.")
+    if hw.strategy == "fsdp2" and cfg.train.gradient_checkpointing:
+        raise UserError("with hardware.strategy=fsdp2 use hardware.activation_checkpointing=true (FSDP's own) instead of "
+                        "train.gradient_checkpointing=true, which adds a redundant all-gather in backward.")
 
 
 def _check_data(d: DictConfig) -> None:
@@ -177,6 +221,10 @@ def _leaf(name_or_path: str) -> str:
 
 def build(cfg: DictConfig, user_keys: Optional[set] = None, recipe: Optional[str] = None, job_num: Optional[int] = None) -> RunSpec:
     """Check the composed config and return the typed, fully resolved RunSpec."""
+    from fttool.distributed import resolve_slurm
+
+    if cfg.hardware.machine_rank is not None and cfg.hardware.main_address:
+        resolve_slurm(cfg.hardware)
     check(cfg, user_keys)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # detach from Hydra, resolve interpolations
     if cfg.train.lr is None:

@@ -32,6 +32,7 @@ def test_every_group_option_composes(group, tmp_path):
     for option in registry.group_options(group):
         extra = ["data.path=x.jsonl"] if (group == "data" and option in ("chat", "sharegpt", "alpaca", "completion", "segments", "preference")) else []
         extra += ["hardware.precision=fp32"] if group == "hardware" else []
+        extra += ["hardware.machine_rank=0", "hardware.main_address=10.0.0.1"] if option == "multi_node" else []
         make_spec([f"{group}={option}"] + extra, tmp_path)
 
 
