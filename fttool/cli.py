@@ -119,3 +119,7 @@ def _run_hydra(verb: str, rest: List[str], overrides: List[str], argv: List[str]
 
     sys.argv = [_prog()] + rest
     _app()
+    from fttool import sweep
+
+    if sweep.FAILED:
+        fail(f"{len(sweep.FAILED)} sweep trial(s) failed: " + "; ".join(sweep.FAILED), 1)

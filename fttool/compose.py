@@ -168,6 +168,11 @@ def user_keys(overrides: List[str]) -> set:
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides if not o.startswith("hydra.")}
 
 
+def swept_keys(overrides: List[str]) -> set:
+    """Keys given several values on the command line (what a sweep varies)."""
+    return {ov.key_or_group.lstrip("+~") for ov in parse(overrides) if ov.is_sweep_override()}
+
+
 def recipe_of(overrides: List[str]) -> Optional[str]:
     for o in overrides:
         if o.lstrip("+").startswith("recipe="):

@@ -2,26 +2,30 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import List
 
 from fttool.errors import UserError, fail
 
 
 def _hydra_context():
-    """(recipe name, job number in a multirun or None, group choices)."""
+    """(recipe name, job number in a multirun or None, group choices, this job's overrides, sweep folder)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
     choices = dict(hc.runtime.choices)
-    job_num = hc.job.num if hc.mode == RunMode.MULTIRUN else None
-    return choices.get("recipe"), job_num, choices
+    if hc.mode != RunMode.MULTIRUN:
+        return choices.get("recipe"), None, choices, [], None
+    return choices.get("recipe"), hc.job.num, choices, list(hc.overrides.task), Path(hc.sweep.dir).resolve()
 
 
 def run_task(verb: str, cfg, overrides: List[str], argv: List[str], samples: int = 3) -> None:
     from fttool import compose, validation
 
-    recipe, job_num, choices = _hydra_context()
+    recipe, job_num, choices, job_overrides, sweep_dir = _hydra_context()
+    if sweep_dir is not None and verb == "train":
+        return _run_trial(cfg, overrides, argv, recipe, job_num, choices, job_overrides, sweep_dir)
     try:
         spec = validation.build(cfg, compose.user_keys(overrides), recipe, job_num)
         if verb == "check":
@@ -37,6 +41,33 @@ def run_task(verb: str, cfg, overrides: List[str], argv: List[str], samples: int
         launch(spec, argv, choices)
     except UserError as e:
         fail(str(e), e.exit_code)
+
+
+def _run_trial(cfg, overrides, argv, recipe, job_num, choices, job_overrides, sweep_dir: Path) -> None:
+    """One trial of a sweep: an ordinary run whose folder is in the sweep folder. A failed trial is recorded and
+    the sweep goes on; the summary shows it and the command exits non-zero at the end."""
+    from dataclasses import replace
+
+    from fttool import compose, rundir, sweep, validation
+    from fttool.launch import launch
+
+    run_dir = None
+    varied = compose.swept_keys(overrides)
+    shown = [o for o in job_overrides if o.split("=", 1)[0].lstrip("+~") in varied]  # what this trial varies
+    try:
+        spec = validation.build(cfg, compose.user_keys(overrides), recipe, job_num)
+        name = spec.run_name if "run_name" in compose.user_keys(job_overrides) else sweep.trial_name(job_num, shown)
+        spec = replace(spec, output_dir=str(sweep_dir), run_name=name,
+                       logging=replace(spec.logging, group=spec.logging.group or sweep_dir.name))
+        run_dir = rundir.run_dir_of(spec)
+        print(f"fttool: sweep trial {job_num}: {' '.join(job_overrides)}", flush=True)
+        launch(spec, argv, choices)
+    except (UserError, Exception) as e:  # noqa: B014 - UserError first: its message is the whole story
+        print(f"fttool: error: trial {job_num}: {e}", file=sys.stderr, flush=True)
+        sweep.record_trial(sweep_dir, job_num, shown, run_dir if run_dir and run_dir.exists() else None,
+                           "failed", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return
+    sweep.record_trial(sweep_dir, job_num, shown, run_dir, "ok")
 
 
 def _print_check(spec) -> None:

@@ -97,9 +97,9 @@ def log_format_notes(spec) -> None:
                  "DPO is not built yet); `fttool preview` shows what is trained")
 
 
-def train_dataset(spec, prepared, tok):
-    """The training rows as the collator wants them: samples, or bins of max_length tokens."""
-    ds = prepared.train.select_columns(["input_ids", "labels"])
+def as_batches(spec, split, tok):
+    """A tokenized split as the collator wants it: samples, or bins of max_length tokens."""
+    ds = split.select_columns(["input_ids", "labels"])
     if spec.data.packing != "bins":
         return ds
     import datasets
@@ -109,7 +109,7 @@ def train_dataset(spec, prepared, tok):
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     bins = pack.pack_bins(ds["input_ids"], ds["labels"], spec.data.max_length, pad)
     log.info(f"data: {len(ds):,} samples packed into {len(bins['input_ids']):,} rows of {spec.data.max_length} tokens "
-             f"({100 * sum(prepared.train['length']) / (len(bins['input_ids']) * spec.data.max_length):.1f}% filled)")
+             f"({100 * sum(split['length']) / (len(bins['input_ids']) * spec.data.max_length):.1f}% filled)")
     return datasets.Dataset.from_dict(bins)
 
 
@@ -150,7 +150,8 @@ def train(run_dir: Path) -> dict:
     if main:
         tracking.start(spec, run_dir)
     trainer = Trainer(
-        model=model, args=args, train_dataset=train_dataset(spec, prepared, tok),
+        model=model, args=args, train_dataset=as_batches(spec, prepared.train, tok),
+        eval_dataset=as_batches(spec, prepared.validation, tok) if prepared.validation is not None else None,
         data_collator=pack.collator(spec.data.packing, tok), processing_class=tok,
         callbacks=[callbacks.MetricsCallback(run_dir), callbacks.LayoutCallback()],
     )
@@ -169,12 +170,18 @@ def train(run_dir: Path) -> dict:
         ckpt = last_checkpoint(run_dir)
         log.info(f"interrupted. Last complete checkpoint: {ckpt or 'none'}. Continue with: resume=auto run_name={spec.run_name}")
         raise SystemExit(130)
+    eval_loss = trainer.evaluate()["eval_loss"] if prepared.validation is not None else None  # every process takes part
     final = run_dir / FINAL
     trainer.save_model(str(final))  # every process: FSDP and ZeRO-3 gather the full weights for process 0 to write
     if not main:
         return {}
     tok.save_pretrained(str(final))
     summary = _summarize(spec, run_dir, out, trainable, total, prepared.stats)
+    runtime = out.metrics.get("train_runtime") or 0
+    summary.update(eval_loss=eval_loss, tokens_seen=trainer.state.num_input_tokens_seen,
+                   tokens_per_s=trainer.state.num_input_tokens_seen / runtime if runtime else None)
+    if eval_loss is not None:
+        log.info(f"validation loss {eval_loss:.4f} on {len(prepared.validation):,} held-out samples")
     if prepared.test and spec.eval.samples > 0:
         own = model if args.world_size == 1 else None  # sharded or wrapped weights: reload what was saved instead
         summary["eval"] = _compare(spec, own, tok, prepared.test, precision, final)

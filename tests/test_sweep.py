@@ -1,0 +1,78 @@
+"""Sweeps (one run folder per trial in one sweep folder, a summary and a plot) and W&B offline logging."""
+import csv
+import json
+import os
+
+import pytest
+
+from conftest import run_cli
+
+TINY = ["+recipe=tiny_cpu", "train.max_steps=4", "train.logging_steps=1", "data.max_samples=64", "eval.samples=0",
+        "data.val_ratio=0.05"]
+
+
+def sweep_dir_of(out):
+    (folder,) = [p for p in out.iterdir() if p.name.startswith("sweep-")]
+    return folder
+
+
+def test_sweep_runs_every_trial_and_summarises(tmp_path):
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    r = run_cli("-m", *TINY, "method.rank=4,8", "train.lr=1e-3,2e-3", f"output_dir={tmp_path / 'runs'}", cwd=elsewhere)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep = sweep_dir_of(tmp_path / "runs")
+    trials = sorted(p for p in sweep.iterdir() if p.name.startswith("trial-"))
+    assert [t.name for t in trials] == ["trial-00-method.rank=4,train.lr=0.001", "trial-01-method.rank=4,train.lr=0.002",
+                                        "trial-02-method.rank=8,train.lr=0.001", "trial-03-method.rank=8,train.lr=0.002"]
+    for t in trials:
+        assert (t / "final").is_dir() and (t / "spec.yaml").is_file()
+    spec = (trials[3] / "spec.yaml").read_text()
+    assert "rank: 8" in spec and "lr: 0.002" in spec
+    logs = [(t / "train.log").read_text() for t in trials]
+    assert "tokenized and cached" in logs[0] and all("loaded from cache" in log for log in logs[1:])  # one shared cache
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [row["overrides"] for row in rows] == ["method.rank=4 train.lr=0.001", "method.rank=4 train.lr=0.002",
+                                                  "method.rank=8 train.lr=0.001", "method.rank=8 train.lr=0.002"]
+    for row in rows:
+        assert row["status"] == "ok" and float(row["final_train_loss"]) > 0 and float(row["eval_loss"]) > 0
+        assert float(row["tokens_per_s"]) > 0 and row["run_dir"].startswith(str(sweep))
+    assert "| trial | overrides |" in (sweep / "summary.md").read_text() and "| trial | overrides |" in r.stdout
+    png = (sweep / "loss_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_a_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
+    r = run_cli("-m", *TINY, "model.name_or_path=fttool:tiny-chat,/nonexistent/model", f"output_dir={tmp_path}", cwd=tmp_path)
+    assert r.returncode == 1
+    assert "1 sweep trial(s) failed" in r.stderr and "/nonexistent/model" in r.stderr
+    rows = list(csv.DictReader(open(sweep_dir_of(tmp_path) / "summary.csv")))
+    assert [row["status"] for row in rows] == ["ok", "failed"] and "could not load" in rows[1]["error"]
+
+
+def test_wandb_offline_two_processes(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    pytest.importorskip("deepspeed")
+    from wandb_records import records
+
+    secret = "sekrit" + "0123456789abcdef" * 2 + "0123456"
+    env = {"WANDB_API_KEY": secret, "WANDB_MODE": "offline"}
+    r = run_cli("-m", *TINY, "logging=wandb", "logging.mode=offline", "hardware=ddp", "hardware.device=cpu",
+                "method.rank=4", f"output_dir={tmp_path}", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep = sweep_dir_of(tmp_path)
+    (trial,) = [p for p in sweep.iterdir() if p.name.startswith("trial-")]
+    runs = list((trial / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1  # only rank 0 logs
+    recs = list(records(runs[0]))
+    (run,) = [x.run for x in recs if x.WhichOneof("record_type") == "run"]
+    assert run.run_group == sweep.name and run.display_name == trial.name
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert config["method"]["rank"] == 4 and config["hardware"]["strategy"] == "ddp"  # the resolved spec
+    history = [i.key or "/".join(i.nested_key) for x in recs if x.WhichOneof("record_type") == "history" for i in x.history.item]
+    assert any("loss" in k for k in history)
+    summary = {u.key: u.value_json for x in recs if x.WhichOneof("record_type") == "summary" for u in x.summary.update}
+    assert json.loads(summary["run_dir"]) == str(trial)
+    for root, _, files in os.walk(tmp_path):  # the API key lands in no file
+        for name in files:
+            assert secret.encode() not in open(os.path.join(root, name), "rb").read(), os.path.join(root, name)
