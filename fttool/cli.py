@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import List, Optional
 
 from fttool.errors import UserError, fail, suggestion
@@ -117,6 +118,10 @@ def _run_hydra(verb: str, rest: List[str], overrides: List[str], argv: List[str]
     def _app(cfg) -> None:
         run_task(verb, cfg, overrides, argv, samples)
 
+    if any(a in MULTIRUN_FLAGS for a in rest) and not any(o.startswith("hydra.sweep.dir=") for o in overrides):
+        # one sweep folder name for every process and machine (a ${now:} would resolve anew in each job)
+        at = rest.index(overrides[0]) if overrides else len(rest)  # next to the other overrides: argparse wants them together
+        rest = rest[:at] + [f"hydra.sweep.dir=${{output_dir}}/sweep-{time.strftime('%Y%m%d-%H%M%S')}"] + rest[at:]
     sys.argv = [_prog()] + rest
     _app()
     from fttool import sweep

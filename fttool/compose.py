@@ -187,6 +187,8 @@ def precheck(overrides: List[str], multirun: bool = False) -> List[Tuple[List[st
     bad = registry.bad_recipe_path_entries()
     if bad:
         raise UserError(f"{registry.RECIPE_PATH_ENV} names a folder that does not exist: {bad[0]}. Fix the path or remove it.")
+    # Hydra's own settings (hydra.*, hydra/launcher=...) are Hydra's to check
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     parsed = parse(overrides)
     for ov in parsed:
         if ov.is_sweep_override() and not multirun:

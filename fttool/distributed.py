@@ -150,10 +150,13 @@ def enable_cpu_fsdp() -> None:
 
 
 # -- SLURM ------------------------------------------------------------------------------------------------
+def unresolved_slurm(hw) -> bool:
+    return hw.machine_rank == -1 or hw.num_machines == 0 or hw.main_address == "slurm"
+
+
 def resolve_slurm(hw) -> None:
     """Fill machine rank, machine count and main address from the SLURM job this runs in (values -1, 0, "slurm")."""
-    needs = hw.machine_rank == -1 or hw.num_machines == 0 or hw.main_address == "slurm"  # the SLURM sentinels
-    if not needs:
+    if not unresolved_slurm(hw):
         return
     env = os.environ
     if "SLURM_JOB_ID" not in env:

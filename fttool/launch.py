@@ -20,6 +20,10 @@ STOP_GRACE_S = 60  # after Ctrl-C, how long workers get to stop on their own
 def launch(spec: RunSpec, argv: List[str], choices: Dict) -> None:
     from fttool.model import check_device, resolve_precision
 
+    if distributed.unresolved_slurm(spec.hardware):
+        raise UserError("hardware.machine_rank=-1, num_machines=0 or main_address=slurm are filled in by a SLURM job, "
+                        "and this is not one: submit it with -m hydra/launcher=slurm (see README, Scaling out), or give "
+                        "hardware.machine_rank, hardware.num_machines and hardware.main_address yourself.")
     check_device(spec)  # before anything is written
     run_dir, created = rundir.prepare(spec, argv, choices)
     print(f"fttool: run folder {run_dir}", flush=True)

@@ -51,7 +51,7 @@ def _run_trial(cfg, overrides, argv, recipe, job_num, choices, job_overrides, sw
     from fttool import compose, rundir, sweep, validation
     from fttool.launch import launch
 
-    run_dir = None
+    run_dir, spec = None, None
     varied = compose.swept_keys(overrides)
     shown = [o for o in job_overrides if o.split("=", 1)[0].lstrip("+~") in varied]  # what this trial varies
     try:
@@ -64,10 +64,13 @@ def _run_trial(cfg, overrides, argv, recipe, job_num, choices, job_overrides, sw
         launch(spec, argv, choices)
     except (UserError, Exception) as e:  # noqa: B014 - UserError first: its message is the whole story
         print(f"fttool: error: trial {job_num}: {e}", file=sys.stderr, flush=True)
+        if spec is not None and spec.hardware.machine_rank not in (0, -1):
+            raise  # a machine other than 0 failing ends its task; machine 0 records the trial
         sweep.record_trial(sweep_dir, job_num, shown, run_dir if run_dir and run_dir.exists() else None,
                            "failed", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return
-    sweep.record_trial(sweep_dir, job_num, shown, run_dir, "ok")
+    if spec.hardware.machine_rank in (0, -1):  # one record per trial, not one per machine
+        sweep.record_trial(sweep_dir, job_num, shown, run_dir, "ok")
 
 
 def _print_check(spec) -> None:

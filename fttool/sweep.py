@@ -64,7 +64,7 @@ def _fmt(v: Any) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:,.0f}"
     return str(v)
 
 

@@ -5,6 +5,7 @@ returns the typed :class:`RunSpec` with every derived value (learning rate, run 
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import Any, Callable, List, Optional, Tuple
@@ -223,8 +224,8 @@ def build(cfg: DictConfig, user_keys: Optional[set] = None, recipe: Optional[str
     """Check the composed config and return the typed, fully resolved RunSpec."""
     from fttool.distributed import resolve_slurm
 
-    if cfg.hardware.machine_rank is not None and cfg.hardware.main_address:
-        resolve_slurm(cfg.hardware)
+    if cfg.hardware.machine_rank is not None and cfg.hardware.main_address and "SLURM_JOB_ID" in os.environ:
+        resolve_slurm(cfg.hardware)  # inside the job; where it is submitted from, the placeholders stay
     check(cfg, user_keys)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # detach from Hydra, resolve interpolations
     if cfg.train.lr is None:
@@ -236,8 +237,6 @@ def build(cfg: DictConfig, user_keys: Optional[set] = None, recipe: Optional[str
     for m in cfg.data.mix:
         m.path = _absolute(m.path)
     if cfg.data.cache_dir:
-        import os
-
         cfg.data.cache_dir = os.path.abspath(os.path.expanduser(cfg.data.cache_dir))
     return to_spec(cfg)
 
@@ -247,7 +246,6 @@ LOCAL_PATH_KEYS = ("model.name_or_path", "data.path", "data.val_path", "data.tes
 
 def _absolute(path: Optional[str]) -> Optional[str]:
     """A local path (existing, or a glob) made absolute; hub ids, fttool: assets and Jinja text unchanged."""
-    import os
     from pathlib import Path
 
     if not path or str(path).startswith("fttool:") or "{" in str(path) or "\n" in str(path):

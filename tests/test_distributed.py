@@ -189,3 +189,29 @@ def test_topology_this_machine_cannot_provide(tmp_path):
     assert r.returncode == 2 and "not supported yet" in r.stderr
     r = run_cli("check", "hardware=multi_node", "hardware.main_address=10.0.0.1", cwd=tmp_path)
     assert r.returncode == 2 and "hardware.machine_rank is not set" in r.stderr
+
+
+def test_slurm_through_hydras_submitit_launcher(one_process, tmp_path):
+    """hydra/launcher=slurm on a stand-in SLURM (tests/fake_slurm: sbatch runs the job here, srun starts one task
+    per node): the generated submission asks for 2 nodes, each node's fttool takes its rank from SLURM, machine 1
+    joins machine 0's run folder, and the 2-process run agrees with one process."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    state = tmp_path / "slurm"
+    state.mkdir()
+    env = {"PATH": os.pathsep.join([str(ROOT / "tests" / "fake_slurm"), os.path.dirname(sys.executable), os.environ["PATH"]]),
+           "FAKE_SLURM_DIR": str(state)}
+    r = run_cli("-m", "hydra/launcher=slurm", "hardware=slurm", "hardware.device=cpu", "hardware.num_processes=1",
+                f"hardware.main_port={free_port()}", "method=lora", *STEPS, "train.grad_accum=1", f"output_dir={tmp_path}",
+                env=env, cwd=tmp_path, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (script,) = state.glob("job-*.sh")
+    text = script.read_text()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=1", "#SBATCH --job-name=fttool",
+                 "srun --unbuffered", "-m submitit.core._submit"):
+        assert line in text, text
+    (sweep,) = tmp_path.glob("sweep-*")
+    run_dir = sweep / "trial-00"
+    assert {"accelerate_config.machine0.yaml", "accelerate_config.machine1.yaml"} <= {p.name for p in run_dir.iterdir()}
+    assert "2 process(es)" in (run_dir / "train.log").read_text()
+    assert losses(run_dir) == pytest.approx(losses(one_process["lora"]), abs=TOL)
+    assert (sweep / "summary.md").is_file()
