@@ -145,6 +145,9 @@ def count_parameters(model) -> Tuple[int, int]:
     """(trainable, total); peft counts 4-bit weights at their real size (two values per stored byte)."""
     if hasattr(model, "get_nb_trainable_parameters"):
         return model.get_nb_trainable_parameters()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def numel(p):  # ZeRO-3 partitions parameters: the local tensor is empty, ds_numel is the real size
+        return getattr(p, "ds_numel", None) or p.numel()
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return trainable, total

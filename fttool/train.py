@@ -42,6 +42,8 @@ def quiet_libraries() -> None:
     """Library chatter off: fttool prints its own progress."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward" at import: harmless
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+    # DeepSpeed still calls the old collective names; torch warns on every call
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.\w+` is deprecated.*")
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -60,17 +60,20 @@ def two_processes(tmp_path, strategy, method, *extra, name="run"):
 
 
 LAYOUT = {"ddp": "replicated on each of 2 processes", "zero2": "replicated on each of 2 processes",
+          "zero3_offload": "partitioned over 2 processes by ZeRO-3",
           "fsdp2": "sharded over 2 processes by FSDP2", "zero3": "partitioned over 2 processes by ZeRO-3"}
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy,method", [(s, m) for s in ("ddp", "fsdp2", "zero2", "zero3") for m in ("full", "lora")]
+                         + [("zero3_offload", "full")])
 def test_two_processes_match_one(strategy, method, one_process, tmp_path):
     run_dir, r = two_processes(tmp_path, strategy, method)
     log = (run_dir / "train.log").read_text()
     assert "2 process(es)" in log and LAYOUT[strategy] in log  # really 2 processes, really sharded where promised
     assert (run_dir / "accelerate_config.yaml").is_file()
     assert (run_dir / "deepspeed.json").is_file() == strategy.startswith("zero")
+    if strategy == "zero3_offload":
+        assert json.loads((run_dir / "deepspeed.json").read_text())["zero_optimization"]["offload_param"]["device"] == "cpu"
     ref = one_process[method]
     assert losses(run_dir) == pytest.approx(losses(ref), abs=TOL)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
