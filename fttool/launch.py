@@ -61,7 +61,8 @@ def run_workers(spec: RunSpec, run_dir: Path, config: Path) -> None:
         rc = _stop(proc)
         raise SystemExit(130) from None
     if rc != 0:
-        raise UserError(failure_report(run_dir, rc))
+        first = hw.machine_rank * hw.num_processes
+        raise UserError(failure_report(run_dir, rc, list(range(first, first + hw.num_processes))))
 
 
 def _stop(proc: subprocess.Popen) -> int:
@@ -82,16 +83,22 @@ def _stop(proc: subprocess.Popen) -> int:
     return proc.wait()
 
 
-def failure_report(run_dir: Path, rc: int) -> str:
-    files = sorted((run_dir / ERRORS).glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1]))
-    if not files:
-        return (f"the workers exited with code {rc} and left no error report (killed, or out of memory?); "
-                f"see the output above and {run_dir / 'train.log'}.")
-    first = files[0]
-    text = first.read_text().strip().splitlines()
-    body = "\n".join("  " + line for line in text[-15:])
-    others = f" (also failed: {', '.join(p.stem for p in files[1:])})" if len(files) > 1 else ""
-    return f"worker {first.stem} failed{others}; what it said ({first}):\n{body}"
+def failure_report(run_dir: Path, rc: int, ranks: List[int]) -> str:
+    """Which rank failed first and what it said. A rank that died without a report (killed, out of memory) is the
+    likelier cause of the others' errors (a peer gone mid-collective), so it is named first."""
+    reports = {int(p.stem.split("-")[1]): p for p in (run_dir / ERRORS).glob("rank-*.txt")}
+    silent = [r for r in ranks if r not in reports]
+    head = ""
+    if silent and reports:
+        head = (f"rank {', '.join(map(str, silent))} died without an error report (killed, or out of memory: see the "
+                "launcher's summary above), and then ")
+    elif silent:
+        return (f"the workers exited with code {rc}; rank {', '.join(map(str, silent))} died without an error report "
+                f"(killed, or out of memory?): see the output above and {run_dir / 'train.log'}.")
+    first = reports[min(reports)]
+    body = "\n".join("  " + line for line in first.read_text().strip().splitlines()[-15:])
+    others = f" (also: rank {', '.join(str(r) for r in sorted(reports) if r != min(reports))})" if len(reports) > 1 else ""
+    return f"{head}worker rank {min(reports)} failed{others}; what it said ({first}):\n{body}"
 
 
 def shutil_rmtree(path: Path) -> None:

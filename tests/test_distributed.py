@@ -120,7 +120,7 @@ def test_bad_data_in_a_worker_fails_the_launch_with_file_line(tmp_path):
     r = run_cli("hardware=ddp", "hardware.device=cpu", "data=chat", f"data.path={data}", f"hardware.main_port={free_port()}",
                 "run_name=bad", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path, timeout=180)
     assert r.returncode == 2
-    assert "worker rank-0 failed" in r.stderr and f"{data}:2: not valid JSON" in r.stderr
+    assert "worker rank 0 failed" in r.stderr and f"{data}:2: not valid JSON" in r.stderr
     assert not (tmp_path / "runs" / "bad").exists()  # failed before training began: nothing left behind
 
 
@@ -157,7 +157,7 @@ def test_a_killed_worker_ends_the_launch(tmp_path):
     os.kill(max(pids), signal.SIGKILL)  # one worker dies mid-training
     out, err = proc.communicate(timeout=120)  # the launch must end, not hang
     assert proc.returncode != 0
-    assert "fttool: error:" in err and "the workers exited with code" in err + out or "failed" in err
+    assert "fttool: error: rank " in err and "died without an error report" in err, err[-2000:]
 
 
 def test_ctrl_c_stops_every_rank_and_leaves_a_checkpoint_to_resume(tmp_path):
