@@ -97,7 +97,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise UserError(f"could not read a recipe file: {e}".replace("\n", " "))
         info_only = any(a in HYDRA_INFO_FLAGS for a in rest)
         if info_only and any(a in ("--help", "-h") for a in rest):
-            print(USAGE.format(verbs="\n".join(f"  {k:<8}{v}" for k, v in VERBS.items())))
+            print(USAGE.format(verbs="\n".join(f"  {k:<11}{v}" for k, v in VERBS.items())))
         overrides = _overrides(rest)
         if not info_only:
             from fttool.compose import precheck

@@ -92,9 +92,16 @@ def data_lines(spec: RunSpec) -> Tuple[List[str], Optional[int]]:
 def describe(spec: RunSpec) -> List[str]:
     hw, tr, m = spec.hardware, spec.train, spec.method
     precision = hw.precision if hw.precision != "auto" else ("fp32" if hw.device == "cpu" else "bf16 (fp16 if the GPU lacks bf16)")
-    global_batch = tr.batch_size * tr.grad_accum * hw.num_processes
+    machines = hw.num_machines or 0
+    world = hw.num_processes * max(machines, 1)
+    global_batch = tr.batch_size * tr.grad_accum * world
+    where = (f"{hw.num_processes} per machine x {machines if machines else 'SLURM_NNODES'} machines"
+             if machines != 1 else f"{hw.num_processes}")
+    strategy = {"none": "in the fttool process", "ddp": "DDP", "fsdp2": "FSDP2 full shard",
+                "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}[hw.strategy]
+    offload = ", offload to CPU" if hw.offload else ""
     lines = [
-        f"processes   {hw.num_processes} on {hw.device} (hardware={hw.name}), precision {precision}",
+        f"processes   {where} on {hw.device}, {strategy}{offload} (hardware={hw.name}), precision {precision}",
         f"model       {spec.model.name_or_path} (dtype {spec.model.dtype}, attention {spec.model.attn_implementation})",
     ]
     if m.name == "full":
@@ -115,7 +122,7 @@ def describe(spec: RunSpec) -> List[str]:
         steps = f"~{int(-(-rows * tr.epochs // global_batch)):,} steps ({tr.epochs:g} epochs)"
     else:
         steps = f"{tr.epochs:g} epochs"
-    lines.append(f"schedule    {steps}, global batch {global_batch} ({tr.batch_size} x {tr.grad_accum} accum x {hw.num_processes} proc), "
+    lines.append(f"schedule    {steps}, global batch {global_batch} ({tr.batch_size} x {tr.grad_accum} accum x {world if machines else '?'} proc), "
                  f"lr {tr.lr:g} {tr.lr_scheduler}, warmup {tr.warmup_ratio:g}")
     lines.append(f"checkpoints every {tr.save_steps} steps, keep {tr.save_total_limit}; logging={spec.logging.backend}")
     lines.append(f"run folder  {Path(spec.output_dir) / str(spec.run_name)}")
