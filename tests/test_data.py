@@ -441,3 +441,12 @@ def test_preprocess_then_train_uses_the_cache(tmp_path):
 def test_samples_flag_belongs_to_preview(tmp_path):
     r = run_cli("check", "--samples", "2", cwd=tmp_path)
     assert r.returncode == 2 and "--samples belongs to the preview verb" in r.stderr
+
+
+def test_length_histogram_covers_every_sample():
+    from fttool.data.stats import histogram
+
+    hist = histogram([3, 5, 5, 9, 40, 100], max_length=64)
+    assert hist[0][0] == 3 and hist[-1][1] == 64 and sum(c for *_, c in hist) == 6
+    assert all(lo <= hi for lo, hi, _ in hist) and len(hist) <= 8
+    assert histogram([], 64) == []

@@ -78,7 +78,7 @@ def _read_file(path: Path) -> Iterator[Row]:
 
 
 def _read_jsonl(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -93,7 +93,7 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
 
 def _read_json(path: Path) -> Iterator[Row]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); expected an array of objects "
                         "(for one object per line, name the file .jsonl).")
@@ -116,7 +116,7 @@ def _read_table(path: Path) -> Iterator[Row]:
             import pyarrow.csv as pcsv
 
             # every CSV column is text: a number-looking reply must stay the string it was
-            with open(path, encoding="utf-8", newline="") as f:
+            with open(path, encoding="utf-8-sig", newline="") as f:
                 names = next(csv.reader(f), [])
             table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(column_types={n: "string" for n in names}))
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...

@@ -23,7 +23,7 @@ class DataStats:
     eos_appended: int = 0  # replies the template closed without a special token, closed with EOS by fttool
     tools_in_system: int = 0  # conversations whose tool schemas were written into the system message
     max_length: int = 0
-    histogram: List[List[int]] = field(default_factory=list)  # [upper bound, count] of sample lengths
+    histogram: List[List[int]] = field(default_factory=list)  # [low, high, count] of sample lengths
 
     def dropped(self) -> int:
         return self.dropped_too_long + self.dropped_no_trained_tokens
@@ -54,18 +54,18 @@ class DataStats:
 
 
 def histogram(lengths: Sequence[int], max_length: int, buckets: int = 8) -> List[List[int]]:
-    """Counts of sample lengths in equal-width buckets up to max_length."""
-    width = max(1, -(-max_length // buckets))
-    counts = [0] * buckets
-    for n in lengths:
-        counts[min(buckets - 1, max(0, (n - 1) // width))] += 1
-    return [[min(max_length, width * (i + 1)), c] for i, c in enumerate(counts)]
+    """[low, high, count] for equal-width buckets from the shortest to the longest sample."""
+    if not lengths:
+        return []
+    lo, hi = min(lengths), min(max_length, max(lengths))
+    width = max(1, -(-(hi - lo + 1) // buckets))
+    n = -(-(hi - lo + 1) // width)
+    counts = [0] * n
+    for x in lengths:
+        counts[min(n - 1, (x - lo) // width)] += 1
+    return [[lo + i * width, min(hi, lo + (i + 1) * width - 1), c] for i, c in enumerate(counts)]
 
 
 def histogram_lines(hist: List[List[int]], width: int = 40) -> List[str]:
-    top = max((c for _, c in hist), default=0) or 1
-    lines, lo = [], 1
-    for hi, c in hist:
-        lines.append(f"  {lo:>6}-{hi:<6} {'#' * round(width * c / top):<{width}} {c:,}")
-        lo = hi + 1
-    return lines
+    top = max((c for *_, c in hist), default=0) or 1
+    return [f"  {lo:>6}-{hi:<6} {'#' * round(width * c / top):<{width}} {c:,}" for lo, hi, c in hist]
