@@ -27,8 +27,6 @@ def launch(spec: RunSpec, argv: List[str], choices: Dict) -> None:
     check_device(spec)  # before anything is written
     run_dir, created = rundir.prepare(spec, argv, choices)
     print(f"fttool: run folder {run_dir}", flush=True)
-    from fttool.train import CHECKPOINTS
-
     try:
         if distributed.is_distributed(spec.hardware):
             config = distributed.write_configs(spec, run_dir, resolve_precision(spec))
@@ -38,9 +36,17 @@ def launch(spec: RunSpec, argv: List[str], choices: Dict) -> None:
 
             train(run_dir)
     except Exception:  # a UserError (bad data, bad model path, a failed worker) or a crash before the first step
-        if created and not (run_dir / CHECKPOINTS).exists():
+        if created and not training_began(run_dir):
             rundir.discard(run_dir)  # failed before training began: leave nothing half-written
         raise
+
+
+def training_began(run_dir: Path) -> bool:
+    """A step was logged or a checkpoint written: the folder then holds a record worth keeping."""
+    from fttool.train import last_checkpoint
+
+    metrics = run_dir / "metrics.jsonl"
+    return last_checkpoint(run_dir) is not None or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
 def run_workers(spec: RunSpec, run_dir: Path, config: Path) -> None:

@@ -175,6 +175,9 @@ def _check_topology(cfg: DictConfig) -> None:
                         "yet; use hardware=ddp or hardware=zero2 (each process holds the quantized base).")
     if hw.offload and hw.strategy not in ("fsdp2", "zero3"):
         raise UserError(f"hardware.offload=true applies to fsdp2 and zero3, not strategy={hw.strategy}.")
+    if hw.offload and hw.strategy == "fsdp2" and hw.device == "cpu":
+        raise UserError("hardware.offload=true moves FSDP2 parameters from the GPUs to CPU memory; with hardware.device=cpu "
+                        "they are there already: remove hardware.offload.")
     if hw.activation_checkpointing and hw.strategy != "fsdp2":
         raise UserError("hardware.activation_checkpointing applies to fsdp2; elsewhere use train.gradient_checkpointing=true.")
     if hw.strategy == "fsdp2" and cfg.train.gradient_checkpointing:

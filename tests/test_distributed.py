@@ -188,6 +188,8 @@ def test_topology_this_machine_cannot_provide(tmp_path):
     assert r.returncode == 2 and "has nothing to spread over" in r.stderr
     r = run_cli("check", "hardware=cpu", "hardware.num_processes=2", cwd=tmp_path)
     assert r.returncode == 2 and "needs a strategy" in r.stderr
+    r = run_cli("check", "hardware=fsdp2", "hardware.device=cpu", "hardware.offload=true", cwd=tmp_path)
+    assert r.returncode == 2 and "remove hardware.offload" in r.stderr
     r = run_cli("check", "hardware=zero3", "method=qlora", cwd=tmp_path)
     assert r.returncode == 2 and "not supported yet" in r.stderr
     r = run_cli("check", "hardware=multi_node", "hardware.main_address=10.0.0.1", cwd=tmp_path)
