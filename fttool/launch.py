@@ -3,6 +3,7 @@ or start `accelerate launch` with the generated config (several processes or mac
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -52,7 +53,7 @@ def training_began(run_dir: Path) -> bool:
 def run_workers(spec: RunSpec, run_dir: Path, config: Path) -> None:
     """Start the workers through accelerate and wait; a failure names the rank and shows what it said."""
     hw = spec.hardware
-    shutil_rmtree(run_dir / ERRORS)
+    shutil.rmtree(run_dir / ERRORS, ignore_errors=True)  # reports of an earlier attempt
     cmd = distributed.launch_command(config, run_dir)
     print(f"fttool: {distributed.world_size(hw)} processes ({hw.strategy}, {hw.num_processes} on this machine, "
           f"machine {hw.machine_rank} of {hw.num_machines}): {' '.join(cmd[1:])}", flush=True)
@@ -105,9 +106,3 @@ def failure_report(run_dir: Path, rc: int, ranks: List[int]) -> str:
     body = "\n".join("  " + line for line in first.read_text().strip().splitlines()[-15:])
     others = f" (also: rank {', '.join(str(r) for r in sorted(reports) if r != min(reports))})" if len(reports) > 1 else ""
     return f"{head}worker rank {min(reports)} failed{others}; what it said ({first}):\n{body}"
-
-
-def shutil_rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

@@ -45,7 +45,6 @@ class Prepared:
     cache_dir: Path
     from_cache: bool
     seconds: float
-    encoder: Encoder
     key: Dict  # the cache key's parts: source content hashes, tokenizer and template hashes, data fields
 
     def record(self) -> Dict:
@@ -80,7 +79,6 @@ def build(spec, tokenizer, use_cache: bool = True) -> Prepared:
     t0 = time.perf_counter()
     d = spec.data
     template = training_template(spec, tokenizer)
-    encoder = Encoder(tokenizer, template, d)
     srcs = sources_of(d)
     extra = [(k, p) for k, p in (("data.val_path", d.val_path), ("data.test_path", d.test_path)) if p]
     parts = cache.key(d, spec.seed, tokenizer, template,
@@ -90,14 +88,15 @@ def build(spec, tokenizer, use_cache: bool = True) -> Prepared:
     if use_cache and cache.is_complete(where):
         splits, test, stats = cache.read(where)
         return Prepared(splits["train"], splits["validation"], test, DataStats.from_dict(stats), where, True,
-                        time.perf_counter() - t0, encoder, parts)
+                        time.perf_counter() - t0, parts)
     train_rows, val_rows, test_rows, stats = _rows(spec, srcs)
+    encoder = Encoder(tokenizer, template, d)  # only when tokenizing: a cache hit needs none
     train_ds = _encode(encoder, train_rows, d, stats, count=True)
     val_ds = _encode(encoder, val_rows, d, DataStats(), count=False) if val_rows else None
     test = [t for t in (_test_example(loc, ex) for loc, ex in test_rows) if t]
     if use_cache:
         cache.write(where, parts, {"train": train_ds, "validation": val_ds}, test, stats.to_dict())
-    return Prepared(train_ds, val_ds, test, stats, where, False, time.perf_counter() - t0, encoder, parts)
+    return Prepared(train_ds, val_ds, test, stats, where, False, time.perf_counter() - t0, parts)
 
 
 # -- rows -------------------------------------------------------------------------------------------------

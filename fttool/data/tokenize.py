@@ -223,11 +223,6 @@ class Encoder:
                 "eos_appended": [c.get("eos_appended", 0) for c in counters],
                 "tools_in_system": [c.get("tools_in_system", 0) for c in counters]}
 
-    def prompt_ids(self, messages) -> List[int]:
-        """Token ids of a conversation up to where the assistant answers (for generation)."""
-        msgs, tools, _ = self.prepare_messages({"messages": messages, "tools": None})
-        return self.tok(self.render(msgs, tools, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-
 
 def auto_num_proc(rows: int, requested: int) -> int:
     if requested:
