@@ -90,6 +90,10 @@ def _stop(proc: subprocess.Popen) -> int:
     return proc.wait()
 
 
+def _ranks(ranks: List[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
 def failure_report(run_dir: Path, rc: int, ranks: List[int]) -> str:
     """Which rank failed first and what it said. A rank that died without a report (killed, out of memory) is the
     likelier cause of the others' errors (a peer gone mid-collective), so it is named first."""
@@ -97,10 +101,10 @@ def failure_report(run_dir: Path, rc: int, ranks: List[int]) -> str:
     silent = [r for r in ranks if r not in reports]
     head = ""
     if silent and reports:
-        head = (f"rank {', '.join(map(str, silent))} died without an error report (killed, or out of memory: see the "
+        head = (f"{_ranks(silent)} died without an error report (killed, or out of memory: see the "
                 "launcher's summary above), and then ")
     elif silent:
-        return (f"the workers exited with code {rc}; rank {', '.join(map(str, silent))} died without an error report "
+        return (f"the workers exited with code {rc}; {_ranks(silent)} died without an error report "
                 f"(killed, or out of memory?): see the output above and {run_dir / 'train.log'}.")
     first = reports[min(reports)]
     body = "\n".join("  " + line for line in first.read_text().strip().splitlines()[-15:])

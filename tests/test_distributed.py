@@ -3,6 +3,7 @@ resume, sharded runs save the trained weights, two machines simulated over loopb
 the launch with the failing rank's error instead of a hang."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -157,7 +158,11 @@ def test_a_killed_worker_ends_the_launch(tmp_path):
     os.kill(max(pids), signal.SIGKILL)  # one worker dies mid-training
     out, err = proc.communicate(timeout=120)  # the launch must end, not hang
     assert proc.returncode != 0
-    assert "fttool: error: rank " in err and "died without an error report" in err, err[-2000:]
+    # the killed rank is named; the survivor may be stopped by the launcher before it can write its own report,
+    # so it is either named as silent too or reported with its error
+    assert "fttool: error: " in err and "died without an error report" in err, err[-2000:]
+    line = next(l for l in err.splitlines() if "died without an error report" in l)
+    assert re.search(r"\branks? \d", line), line
 
 
 def test_ctrl_c_stops_every_rank_and_leaves_a_checkpoint_to_resume(tmp_path):
