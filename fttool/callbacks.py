@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from transformers import TrainerCallback
+from transformers import EarlyStoppingCallback, TrainerCallback
 
 log = logging.getLogger("fttool")
 METRICS_FILE = "metrics.jsonl"
@@ -26,8 +26,14 @@ class MetricsCallback(TrainerCallback):
         self.t0 = self.t_last = time.time()
         self.tokens_last = 0
         self.step0 = 0
+        self.best_val = None
+        self.training = False
+
+    def on_train_end(self, args, state, control, **kw):
+        self.training = False  # the final validation is reported by the worker itself
 
     def on_train_begin(self, args, state, control, **kw):
+        self.training = True
         self.t0 = self.t_last = time.time()
         self.step0 = state.global_step
         self.tokens_last = state.num_input_tokens_seen
@@ -50,8 +56,24 @@ class MetricsCallback(TrainerCallback):
                      f"elapsed {_hms(now - self.t0)} | eta {_hms(eta)}")
         else:
             rec.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+            if "eval_loss" in logs and self.training:
+                val = logs["eval_loss"]
+                best = self.best_val is None or val < self.best_val
+                self.best_val = val if best else self.best_val
+                log.info(f"step {state.global_step}/{state.max_steps} | validation loss {val:.4f}" + (" (best so far)" if best else ""))
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+
+
+class EarlyStopping(EarlyStoppingCallback):
+    """transformers' early stopping on the validation loss, saying when and why it stops."""
+
+    def on_evaluate(self, args, state, control, metrics, **kw):
+        super().on_evaluate(args, state, control, metrics, **kw)
+        if control.should_training_stop and state.is_world_process_zero:
+            log.info(f"early stopping at step {state.global_step}: validation loss did not improve by more than "
+                     f"{self.early_stopping_threshold:g} for {self.early_stopping_patience} validation(s); "
+                     f"best {state.best_metric:.4f}")
 
 
 class LayoutCallback(TrainerCallback):

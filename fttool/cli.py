@@ -14,6 +14,7 @@ VERBS = {
     "preview": "show N tokenized samples with the trained tokens marked, and data statistics (--samples N, default 3)",
     "preprocess": "tokenize the data into the cache without training, and print its statistics",
 }
+RUN_VERBS = ("eval", "export", "generate", "chat")  # work on a run folder: fttool/verbs.py
 HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--version"}
 HYDRA_PRINT_FLAGS = {"--cfg", "-c"}
 MULTIRUN_FLAGS = {"-m", "--multirun"}
@@ -26,22 +27,27 @@ usage: fttool [VERB] [key=value ...] [+recipe=NAME] [-m]
 verbs:
 {verbs}
 
+verbs on a finished run (fttool VERB --help for their keys):
+{run_verbs}
+
 examples:
   fttool                                  the embedded demo: tiny model, demo data, CPU, a few minutes
   fttool check +recipe=qlora_7b           show the resolved spec and plan of a recipe
   fttool preview data=alpaca data.path=my.json --samples 5   what exactly will be trained
   fttool +recipe=tiny_cpu train.lr=1e-3   a recipe with one key overridden
   fttool -m +recipe=tiny_cpu method.rank=8,16   a sweep: one run per value
+  fttool eval run=runs/NAME               fine-tuned vs base on the test split, with a verdict
+  fttool export run=runs/NAME output=DIR  a merged, standalone model folder with a model card
 
 Groups, their options and the composed config follow.
 """
 
 
 def split_verb(argv: List[str]):
-    if argv and argv[0] in VERBS:
+    if argv and (argv[0] in VERBS or argv[0] in RUN_VERBS):
         return argv[0], argv[1:]
     if argv and not argv[0].startswith("-") and "=" not in argv[0] and not argv[0].startswith(("+", "~")):
-        raise UserError(f"unknown verb '{argv[0]}'.{suggestion(argv[0], VERBS)} Verbs: {', '.join(VERBS)}; overrides look like key=value.")
+        raise UserError(f"unknown verb '{argv[0]}'.{suggestion(argv[0], [*VERBS, *RUN_VERBS])} Verbs: {', '.join([*VERBS, *RUN_VERBS])}; overrides look like key=value.")
     return "train", argv
 
 
@@ -86,6 +92,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         verb, rest = split_verb(argv)
+        if verb in RUN_VERBS:
+            from fttool import verbs
+
+            return verbs.main(verb, rest)
         rest, samples = pop_samples(rest)
         if samples is not None and verb != "preview":
             raise UserError("--samples belongs to the preview verb: fttool preview [overrides] --samples N.")
@@ -97,7 +107,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise UserError(f"could not read a recipe file: {e}".replace("\n", " "))
         info_only = any(a in HYDRA_INFO_FLAGS for a in rest)
         if info_only and any(a in ("--help", "-h") for a in rest):
-            print(USAGE.format(verbs="\n".join(f"  {k:<11}{v}" for k, v in VERBS.items())))
+            from fttool.verbs import VERBS as RUN
+
+            print(USAGE.format(verbs="\n".join(f"  {k:<11}{v}" for k, v in VERBS.items()),
+                               run_verbs="\n".join(f"  {k:<11}{v.about}" for k, v in RUN.items())))
         overrides = _overrides(rest)
         if not info_only:
             from fttool.compose import precheck

@@ -1,77 +1,202 @@
-"""The end-of-run comparison: greedy generations on held-out prompts, fine-tuned vs base model."""
+"""Held-out evaluation: greedy replies to the test split scored by the data group's metrics, perplexity of the
+reference replies, the same for the base model side by side, and a verdict (fttool/report.py).
+
+Used by `fttool eval run=RUN` and at the end of training. Replies are generated with the training chat template
+and stop at the template's end-of-turn token.
+"""
 from __future__ import annotations
 
 import logging
+import math
+import time
 from contextlib import nullcontext
-from typing import Dict, List
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from fttool.data import prompt_ids
+from fttool.errors import UserError
 
 log = logging.getLogger("fttool")
+PPL_TOKENS_PER_BATCH = 4096  # perplexity batches hold at most this many tokens (the logits are batch x length x vocab)
 
 
-def generate(model, tokenizer, conversations: List[List[Dict]], max_new_tokens: int, batch_size: int = 16) -> List[str]:
+def stop_ids(tokenizer, model=None) -> List[int]:
+    """Token ids that end a reply: the template's end-of-turn token, EOS, and the model's generation-config EOS."""
+    from fttool.data.templates import end_of_turn
+
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    gen = gen if isinstance(gen, list) else [gen]
+    ids = [end_of_turn(tokenizer), tokenizer.eos_token_id, *gen]
+    return sorted({t for t in ids if isinstance(t, int) and t >= 0})
+
+
+def generate(model, tokenizer, conversations: Sequence[List[Dict]], max_new_tokens: int, batch_size: int = 16,
+             temperature: float = 0.0, top_p: float = 1.0) -> List[Tuple[str, bool]]:
+    """(reply, stopped) per conversation: batched, left-padded; greedy unless temperature > 0. `stopped` is True when
+    the reply ended with an end-of-turn token rather than at max_new_tokens."""
     import torch
 
+    from fttool.data import prompt_ids
+
     device = next(model.parameters()).device
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
-    stop = sorted({t for t in [tokenizer.eos_token_id, *gen_eos] if isinstance(t, int) and t >= 0})  # end of turn
-    outs: List[str] = []
+    stop = stop_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    out: List[Tuple[str, bool]] = []
     model.eval()
     for i in range(0, len(conversations), batch_size):
         prompts = [prompt_ids(tokenizer, c) for c in conversations[i: i + batch_size]]
         width = max(map(len, prompts))
-        pad = tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=stop, pad_token_id=pad, use_cache=True)
-        outs += [tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in gen]
-    return outs
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                                 pad_token_id=pad, use_cache=True, **sampling)
+        for g in gen[:, width:].tolist():
+            ends = [j for j, t in enumerate(g) if t in stop]
+            reply = g[: ends[0]] if ends else g
+            out.append((tokenizer.decode(reply, skip_special_tokens=True).strip(), bool(ends)))
+    return out
 
 
-def exact_match(preds: List[str], refs: List[str]) -> float:
-    return sum(p.strip() == r.strip() for p, r in zip(preds, refs)) / max(len(refs), 1)
+def nll(model, encoded: Dict[str, list]) -> List[Tuple[float, int]]:
+    """(summed negative log-likelihood, trained tokens) per example, over the tokens training would train."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded["input_ids"])), key=lambda k: len(encoded["input_ids"][k]))
+    out: List[Tuple[float, int]] = [(0.0, 0)] * len(order)
+    model.eval()
+    i = 0
+    while i < len(order):
+        width = len(encoded["input_ids"][order[i]])
+        j = i
+        while j < len(order) and (j - i + 1) * len(encoded["input_ids"][order[j]]) <= max(PPL_TOKENS_PER_BATCH, width):
+            j += 1
+        batch = order[i:j]
+        width = max(len(encoded["input_ids"][k]) for k in batch)
+        ids = torch.tensor([encoded["input_ids"][k] + [0] * (width - len(encoded["input_ids"][k])) for k in batch], device=device)
+        labels = torch.tensor([encoded["labels"][k] + [-100] * (width - len(encoded["labels"][k])) for k in batch], device=device)
+        mask = (torch.arange(width, device=device)[None, :] < torch.tensor([len(encoded["input_ids"][k]) for k in batch], device=device)[:, None]).long()
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        target = labels[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="none")
+        loss = loss.view(target.shape).sum(dim=1).tolist()
+        counts = (target != -100).sum(dim=1).tolist()
+        for k, l, c in zip(batch, loss, counts):
+            out[k] = (l, c)
+        i = j
+    return out
 
 
-def compare(spec, model, tokenizer, test: List[Dict], base_model=None) -> Dict:
-    """Score the fine-tuned model (and the base: adapters disabled, or `base_model` for full fine-tunes)."""
-    rows = test[: spec.eval.samples]
-    convs, refs = [r["messages"] for r in rows], [r["reference"] for r in rows]
-    tuned = generate(model, tokenizer, convs, spec.eval.max_new_tokens)
-    result = {"samples": len(rows), "metric": "exact_match", "finetuned": exact_match(tuned, refs), "examples": []}
+def _encode(tokenizer, spec, examples: List[Dict]) -> Dict[str, list]:
+    """The test examples tokenized and masked exactly as training masks them, cut to data.max_length."""
+    from fttool.data.tokenize import Encoder
+
+    enc = Encoder(tokenizer, tokenizer.chat_template, spec.data).encode_batch([e["loc"] for e in examples],
+                                                                              [e["example"] for e in examples])
+    n = spec.data.max_length
+    return {"input_ids": [x[:n] for x in enc["input_ids"]], "labels": [x[:n] for x in enc["labels"]]}
+
+
+def score(model, tokenizer, spec, examples: List[Dict], encoded, scorers) -> Dict:
+    """One model's scores on the examples: {"metrics": {name: value}, "replies": [...], "per_example": [...]}"""
+    names = spec.data.metrics
+    replies: List[Tuple[str, bool]] = []
+    if scorers:
+        replies = generate(model, tokenizer, [e["messages"] for e in examples], spec.eval.max_new_tokens, spec.eval.batch_size)
+    per = [{n: fn(r, e["reference"]) for n, fn in scorers.items()} for (r, _), e in zip(replies, examples)] or [{} for _ in examples]
+    metrics = {n: sum(p[n] for p in per) / len(per) for n in scorers}
+    if "perplexity" in names:
+        losses = nll(model, encoded)
+        total, count = sum(l for l, _ in losses), sum(c for _, c in losses)
+        metrics["perplexity"] = math.exp(total / count) if count else float("nan")
+        for p, (l, c) in zip(per, losses):
+            p["nll"] = l / c if c else None
+    return {"metrics": {n: metrics[n] for n in names if n in metrics}, "replies": replies, "per_example": per}
+
+
+def examples_of(spec, where: str) -> Tuple[List[Dict], str]:
+    """The test split as generation tasks (at most eval.samples), and where it came from; a clear error when empty."""
+    from fttool.data import eval_example, test_rows
+    from fttool.metrics import METRICS
+
+    rows, source = test_rows(spec)
+    examples = [e for e in (eval_example(loc, ex) for loc, ex in rows) if e is not None]
+    if not rows:
+        raise UserError(f"{where}: the test split is empty ({source}); evaluate on a file with data.test_path=FILE, "
+                        "or train with data.test_ratio=0.05.")
+    generative = [m for m in spec.data.metrics if METRICS[m].generative]
+    if not examples:
+        if generative:
+            raise UserError(f"{where}: the test rows ({source}) are {spec.data.format} text with no prompt and reply "
+                            f"to generate, so {', '.join(generative)} cannot be scored; use data.metrics=[perplexity].")
+        examples = [{"loc": loc, "messages": [], "reference": "", "example": ex} for loc, ex in rows]
+    return examples[: spec.eval.samples] if spec.eval.samples else examples, source
+
+
+def evaluate(spec, tokenizer, load_tuned, load_base, where: str, checkpoint: str) -> Dict:
+    """Score the fine-tuned model and (eval.compare_base) the base model on the test split.
+
+    `load_tuned()` returns the fine-tuned model; `load_base()` returns the base model, or None when the base is the
+    tuned model with its adapter switched off (LoRA/QLoRA)."""
+    from fttool import metrics as metric_lib, report
+
+    t0 = time.time()
+    examples, source = examples_of(spec, where)
+    schema = metric_lib.load_schema(spec.data.json_schema) if spec.data.json_schema else None
+    scorers = metric_lib.scorers(spec.data.metrics, schema)
+    encoded = _encode(tokenizer, spec, examples) if "perplexity" in spec.data.metrics else None
+    log.info(f"eval: {len(examples)} test examples ({source}); metrics {', '.join(spec.data.metrics)}; greedy decoding, "
+             f"at most {spec.eval.max_new_tokens} new tokens")
+    model = load_tuned()
+    tuned = score(model, tokenizer, spec, examples, encoded, scorers)
     base = None
     if spec.eval.compare_base:
-        if base_model is not None:
-            ctx, m = nullcontext(), base_model
-        else:
+        separate = load_base()
+        if separate is None:
             ctx, m = model.disable_adapter(), model
+        else:
+            del model
+            ctx, m = nullcontext(), separate
         with ctx:
-            base = generate(m, tokenizer, convs, spec.eval.max_new_tokens)
-        result["base"] = exact_match(base, refs)
-    for i in range(len(rows)):
-        ex = {"prompt": convs[i][-1]["content"], "reference": refs[i], "finetuned": tuned[i]}
-        if base is not None:
-            ex["base"] = base[i]
-        result["examples"].append(ex)
+            base = score(m, tokenizer, spec, examples, encoded, scorers)
+    result = report.assemble(spec, examples, tuned, base, source=source, checkpoint=checkpoint, seconds=time.time() - t0)
     return result
 
 
-def report(result: Dict, show: int) -> List[str]:
-    lines = []
-    for ex in result["examples"][:show]:
-        lines.append(f"  prompt     {ex['prompt']!r}")
-        lines.append(f"  expected   {ex['reference']!r}")
-        if "base" in ex:
-            lines.append(f"  base       {ex['base'][:120]!r}")
-        lines.append(f"  fine-tuned {ex['finetuned'][:120]!r}")
-        lines.append("")
-    n = result["samples"]
-    tuned = f"fine-tuned {result['finetuned']:.0%} ({round(result['finetuned'] * n)}/{n})"
-    if "base" in result:
-        lines.append(f"held-out exact match: base {result['base']:.0%} ({round(result['base'] * n)}/{n})  ->  {tuned}")
-    else:
-        lines.append(f"held-out exact match: {tuned}")
-    return lines
+def model_loaders(spec, weights: Path, precision: str, own=None):
+    """(load_tuned, load_base) for a run's weights folder: `own` (the model in memory) or a reload of what was saved."""
+    from fttool import model as model_lib
+
+    def tuned():
+        m = own if own is not None else model_lib.load_trained(spec, precision, weights)
+        m.config.use_cache = True
+        return model_lib.place(m, spec)
+
+    def base():
+        if spec.method.name != "full":
+            return None
+        m = model_lib.load_base(spec, precision)
+        m.config.use_cache = True
+        return model_lib.place(m, spec)
+
+    return tuned, base
+
+
+def run_eval(spec, run_dir: Path, weights: Path, own=None, tokenizer=None) -> Dict:
+    """Evaluate a run folder's weights and write eval.json, eval.md and eval_samples.jsonl into the run folder."""
+    from fttool import data, model as model_lib, report
+
+    precision = model_lib.resolve_precision(spec)
+    if tokenizer is None:
+        tokenizer = model_lib.load_tokenizer(spec)
+        data.training_template(spec, tokenizer)
+    tuned, base = model_loaders(spec, weights, precision, own)
+    result = evaluate(spec, tokenizer, tuned, base, where=f"run={run_dir}", checkpoint=str(weights))
+    written = report.write(run_dir, result)
+    for line in report.console(result, spec.eval.show):
+        log.info(line)
+    log.info(f"eval: results in {', '.join(str(p) for p in written)}")
+    return result

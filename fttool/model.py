@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Tuple
 
 from fttool import assets
@@ -86,8 +87,6 @@ def load_base(spec, precision: str):
     quant = quantization_config(spec, precision)
     extra = {}
     if quant is not None and spec.hardware.device == "cuda":
-        import os
-
         extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}  # each process its own GPU (DDP, ZeRO-2)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -112,6 +111,13 @@ def load_trained(spec, precision: str, final):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(load_base(spec, precision), str(final))
+
+
+def place(model, spec):
+    """The model on the spec's device for inference (quantized models were placed when loaded)."""
+    if spec.hardware.device == "cuda" and not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
+        model = model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+    return model
 
 
 def add_adapters(spec, model):

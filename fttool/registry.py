@@ -60,7 +60,7 @@ def bad_recipe_path_entries() -> List[str]:
     return [p for p in os.environ.get(RECIPE_PATH_ENV, "").split(os.pathsep) if p and not Path(p).expanduser().is_dir()]
 
 
-OPEN_DICTS = ("data.columns", "data.roles")  # free-form mappings: `data.columns={a: b}` adds keys
+OPEN_DICTS = ("data.columns", "data.roles", "eval.gate")  # free-form mappings: `data.columns={a: b}` adds keys
 
 
 def schema_node():

@@ -161,3 +161,57 @@ def _append(path: Path, text: str) -> None:
 def discard(run_dir: Path) -> None:
     """Remove a run folder that failed before training started (nothing half-written stays)."""
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def open_run(path: str, key: str = "run") -> Path:
+    """A run folder named on the command line (run=PATH), checked: it exists and holds spec.yaml."""
+    run_dir = Path(path).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise UserError(f"{key}={path}: no such folder; give a run folder (<output_dir>/<run_name>, e.g. runs/my-run).")
+    if not (run_dir / SPEC_FILE).is_file():
+        hint = " It looks like an exported model: use model=PATH." if (run_dir / "config.json").is_file() else ""
+        raise UserError(f"{key}={path}: not an fttool run folder (no {SPEC_FILE}).{hint}")
+    return run_dir
+
+
+def checkpoints(run_dir: Path) -> List[Path]:
+    """Complete checkpoints (their trainer_state.json was written), oldest first."""
+    found = sorted((Path(run_dir) / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return [c for c in found if (c / "trainer_state.json").is_file()]
+
+
+def weights_dir(run_dir: Path, spec: RunSpec, checkpoint: str = "final") -> Path:
+    """The folder with the weights to use: final/ (default), best, last or a step number of checkpoints/, checked to
+    hold an adapter (LoRA/QLoRA) or a model (full)."""
+    done = checkpoints(run_dir)
+    steps = ", ".join(c.name for c in done) or "none"
+    if checkpoint == "final":
+        path = run_dir / "final"
+        if not path.is_dir():
+            resume = f"fttool resume=auto run_name={spec.run_name} output_dir={spec.output_dir}"
+            raise UserError(f"run={run_dir} has no final/: the run did not finish (interrupted or failed). Use a checkpoint "
+                            f"with checkpoint=last ({steps}), or finish the run: {resume}")
+    elif checkpoint == "best":
+        path = run_dir / "checkpoints" / "best"
+        if not path.exists():
+            raise UserError(f"run={run_dir} has no best checkpoint (it is kept when the run validates during training: "
+                            f"data.val_ratio > 0 and train.load_best=true); use checkpoint=final or one of: {steps}.")
+    elif checkpoint == "last":
+        if not done:
+            raise UserError(f"run={run_dir} has no complete checkpoint in checkpoints/; use checkpoint=final.")
+        path = done[-1]
+    elif checkpoint.isdigit():
+        path = run_dir / "checkpoints" / f"checkpoint-{checkpoint}"
+        if path not in done:
+            raise UserError(f"checkpoint={checkpoint}: {path} is not a complete checkpoint; available: {steps}.")
+    else:
+        raise UserError(f"checkpoint={checkpoint}: expected final, best, last or a step number.")
+    path = path.resolve()
+    if spec.method.name == "full":
+        if not (path / "config.json").is_file() or not (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
+            raise UserError(f"{path} holds no model (config.json and *.safetensors expected for method=full); it may be "
+                            "incomplete: use another checkpoint=.")
+    elif not (path / "adapter_config.json").is_file():
+        raise UserError(f"{path} holds no adapter (adapter_config.json missing) although the run trained method="
+                        f"{spec.method.name}; it may be incomplete or copied without its files: use another checkpoint=.")
+    return path

@@ -70,6 +70,8 @@ class DataSpec:
     max_samples: Optional[int] = None  # use at most this many training rows (for smoke runs)
     num_proc: int = 0  # processes that tokenize; 0 = as many as the data size and cores warrant
     cache_dir: Optional[str] = None  # tokenized-data cache; unset = $FTTOOL_CACHE or ~/.cache/fttool/data
+    metrics: List[str] = field(default_factory=lambda: ["exact_match", "token_f1", "rouge_l", "perplexity"])  # test-split scores: exact_match, token_f1, rouge_l, json_valid, json_schema, perplexity
+    json_schema: Optional[str] = None  # JSON Schema file the replies must satisfy (the json_schema metric)
 
 
 @dataclass
@@ -156,15 +158,22 @@ class TrainSpec:
     save_steps: int = 200  # write a checkpoint every N steps
     save_total_limit: int = 2  # keep at most this many checkpoints
     dataloader_workers: int = 0  # dataloader worker processes
+    eval_steps: Optional[int] = None  # validation loss every N steps (needs a validation split); unset = at every checkpoint
+    early_stopping_patience: int = 0  # stop after this many validations without improvement (0 = never stop early)
+    early_stopping_threshold: float = 0.0  # a validation loss must drop by more than this to count as an improvement
+    load_best: bool = True  # with validation during training: keep the best checkpoint (checkpoints/best) and save it as final/
 
 
 @dataclass
 class EvalSpec:
-    """The end-of-run comparison with the base model on held-out examples."""
+    """Evaluation on the held-out test split (after training and by `fttool eval`), fine-tuned vs base model."""
 
-    samples: int = 32  # held-out examples to generate for (0 = skip)
-    max_new_tokens: int = 64  # generation budget per example
-    compare_base: bool = True  # also generate with the base model and show both scores
+    after_training: bool = True  # evaluate when training ends (when the data has a test split)
+    samples: Optional[int] = None  # test examples to evaluate; unset = all
+    max_new_tokens: int = 64  # generation budget per example (greedy decoding)
+    batch_size: int = 16  # examples generated at once
+    compare_base: bool = True  # evaluate the base model too, side by side, and give a verdict
+    gate: Dict[str, float] = field(default_factory=dict)  # metric -> margin the fine-tune must beat the base by; empty = {first of data.metrics: 0}
     show: int = 3  # examples printed side by side
 
 
@@ -178,7 +187,7 @@ class RunSpec:
     hardware: HardwareSpec = field(default_factory=HardwareSpec)  # group `hardware`
     logging: LoggingSpec = field(default_factory=LoggingSpec)  # group `logging`
     train: TrainSpec = field(default_factory=TrainSpec)  # the schedule
-    eval: EvalSpec = field(default_factory=EvalSpec)  # the end-of-run held-out comparison
+    eval: EvalSpec = field(default_factory=EvalSpec)  # held-out evaluation against the base model
     output_dir: str = "runs"  # folder that holds run folders
     run_name: Optional[str] = None  # this run's folder name; unset = <model>-<method>-<timestamp>
     resume: str = "never"  # never (fail if the run folder exists) or auto (continue from its newest checkpoint)

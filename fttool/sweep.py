@@ -90,29 +90,13 @@ def write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
 
 
 def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
-    import matplotlib
+    from fttool.plots import loss_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    drawn = 0
-    for r in rows:
-        points = [(m["step"], m["loss"]) for m in _read_jsonl(Path(r["run_dir"]) / "metrics.jsonl") if "loss" in m] if r["run_dir"] else []
-        if points:
-            ax.plot(*zip(*points), label=f"{r['trial']}: {r['overrides'] or '(defaults)'}"[:70])
-            drawn += 1
-    if not drawn:
-        plt.close(fig)
-        return False
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"{path.parent.name}: {drawn} trials")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    series = [(f"{r['trial']}: {r['overrides'] or '(defaults)'}",
+               [(m["step"], m["loss"]) for m in _read_jsonl(Path(r["run_dir"]) / "metrics.jsonl") if "loss" in m]
+               if r["run_dir"] else [], "-") for r in rows]
+    drawn = sum(1 for s in series if s[1])
+    return loss_curves(series, path, f"{path.parent.name}: {drawn} trials", ylabel="training loss")
 
 
 def summarize(sweep_dir: Path) -> Optional[str]:

@@ -20,15 +20,16 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 
 
-def setup_logging(run_dir: Path, main: bool = True) -> None:
-    """Process 0 logs to stdout and train.log; the other processes only warnings and errors, marked with their rank."""
+def setup_logging(run_dir: Path, main: bool = True, log_file: str = "train.log") -> None:
+    """Process 0 logs to stdout and the run's log file; the other processes only warnings and errors, marked with
+    their rank."""
     log.setLevel(logging.INFO if main else logging.WARNING)
     log.propagate = False
     for h in list(log.handlers):
         log.removeHandler(h)
     if main:
         fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-        handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")]
+        handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / log_file)]
     else:
         fmt = logging.Formatter(f"%(asctime)s [rank {rank()}] %(message)s", "%H:%M:%S")
         handlers = [logging.StreamHandler(sys.stderr)]
@@ -57,9 +58,24 @@ def quiet_libraries() -> None:
 
 def last_checkpoint(run_dir: Path) -> Optional[Path]:
     """The newest complete checkpoint (one whose trainer_state.json was written)."""
-    ckpts = sorted((Path(run_dir) / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    complete = [c for c in ckpts if (c / "trainer_state.json").is_file()]
-    return complete[-1] if complete else None
+    done = rundir.checkpoints(run_dir)
+    return done[-1] if done else None
+
+
+def validates(spec) -> bool:
+    """Whether the run computes a validation loss during training (it has a validation split)."""
+    return bool(spec.data.val_ratio or spec.data.val_path)
+
+
+def validation_args(spec) -> dict:
+    """Validation loss every eval_steps (default: at every checkpoint); the best checkpoint kept and loaded at the end."""
+    t = spec.train
+    if not validates(spec):
+        return {"eval_strategy": "no"}
+    out = {"eval_strategy": "steps", "eval_steps": t.eval_steps or t.save_steps, "per_device_eval_batch_size": t.batch_size}
+    if t.load_best:
+        out.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+    return out
 
 
 def training_args(spec, run_dir: Path, precision: str):
@@ -79,7 +95,7 @@ def training_args(spec, run_dir: Path, precision: str):
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=spec.hardware.device == "cpu",
         dataloader_num_workers=t.dataloader_workers, report_to=["wandb"] if spec.logging.backend == "wandb" else [],
         run_name=spec.run_name, disable_tqdm=True, include_num_input_tokens_seen="non_padding",
-        remove_unused_columns=False, save_only_model=False, **distributed.training_kwargs(spec, run_dir),
+        remove_unused_columns=False, save_only_model=False, **validation_args(spec), **distributed.training_kwargs(spec, run_dir),
     )
 
 
@@ -139,6 +155,10 @@ def train(run_dir: Path) -> dict:
     tok = model_lib.load_tokenizer(spec)
     with args.main_process_first(local=True, desc="data"):  # one process per machine tokenizes; the rest read its cache
         prepared = data.build(spec, tok)  # bad data fails here, before any model is loaded
+    if validates(spec) and not (prepared.validation is not None and len(prepared.validation)):
+        d = spec.data
+        source = f"data.val_path={d.val_path}" if d.val_path else f"data.val_ratio={d.val_ratio} of {prepared.stats.rows} rows"
+        raise UserError(f"the validation split is empty ({source}); raise data.val_ratio or give data.val_path rows.")
     if main:
         log_data(prepared)
         log_format_notes(spec)
@@ -151,11 +171,14 @@ def train(run_dir: Path) -> dict:
              f"precision {precision}, {args.world_size} process(es), strategy {spec.hardware.strategy}")
     if main:
         tracking.start(spec, run_dir)
+    extra = []
+    if spec.train.early_stopping_patience:
+        extra.append(callbacks.EarlyStopping(spec.train.early_stopping_patience, spec.train.early_stopping_threshold))
     trainer = Trainer(
         model=model, args=args, train_dataset=as_batches(spec, prepared.train, tok),
         eval_dataset=as_batches(spec, prepared.validation, tok) if prepared.validation is not None else None,
         data_collator=pack.collator(spec.data.packing, tok), processing_class=tok,
-        callbacks=[callbacks.MetricsCallback(run_dir), callbacks.LayoutCallback()],
+        callbacks=[callbacks.MetricsCallback(run_dir), callbacks.LayoutCallback(), *extra],
     )
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line per logging step
     # the launcher only hands a run folder with checkpoints to a worker when resume=auto asked for it
@@ -172,6 +195,10 @@ def train(run_dir: Path) -> dict:
         ckpt = last_checkpoint(run_dir)
         log.info(f"interrupted. Last complete checkpoint: {ckpt or 'none'}. Continue with: resume=auto run_name={spec.run_name}")
         raise SystemExit(130)
+    finally:
+        if main:
+            _plot(run_dir, trainer)
+    best = mark_best(run_dir, trainer.state) if main else None
     eval_loss = trainer.evaluate()["eval_loss"] if prepared.validation is not None else None  # every process takes part
     final = run_dir / FINAL
     trainer.save_model(str(final))  # every process: FSDP and ZeRO-3 gather the full weights for process 0 to write
@@ -181,16 +208,52 @@ def train(run_dir: Path) -> dict:
     summary = _summarize(spec, run_dir, out, trainable, total, prepared.stats)
     runtime = out.metrics.get("train_runtime") or 0
     summary.update(eval_loss=eval_loss, tokens_seen=trainer.state.num_input_tokens_seen,
-                   tokens_per_s=trainer.state.num_input_tokens_seen / runtime if runtime else None)
+                   tokens_per_s=trainer.state.num_input_tokens_seen / runtime if runtime else None, **(best or {}))
+    summary["stopped_early"] = bool(spec.train.early_stopping_patience) and out.global_step < trainer.state.max_steps
     if eval_loss is not None:
         log.info(f"validation loss {eval_loss:.4f} on {len(prepared.validation):,} held-out samples")
-    if prepared.test and spec.eval.samples > 0:
-        own = model if args.world_size == 1 else None  # sharded or wrapped weights: reload what was saved instead
-        summary["eval"] = _compare(spec, own, tok, prepared.test, precision, final)
+    if spec.eval.after_training and (spec.data.test_path or spec.data.test_ratio):
+        summary["eval"] = _evaluate(spec, run_dir, final, model if args.world_size == 1 else None, tok)
     (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info(f"done: {'adapter' if spec.method.name != 'full' else 'model'} saved to {final}")
     tracking.finish(run_dir)
     return summary
+
+
+def _plot(run_dir: Path, trainer) -> None:
+    """loss.png from metrics.jsonl; a plotting failure never fails the run."""
+    from fttool import plots
+    from fttool.callbacks import read_metrics
+
+    state = trainer.state
+    best = None
+    if state.best_model_checkpoint and state.best_metric is not None:
+        best = (int(Path(state.best_model_checkpoint).name.split("-")[-1]), state.best_metric)
+    try:
+        plots.run_loss_plot(run_dir, read_metrics(run_dir), best)
+    except Exception as e:  # noqa: BLE001 - a missing font or backend must not cost the trained model
+        log.warning(f"could not draw loss.png: {e}")
+
+
+def mark_best(run_dir: Path, state) -> Optional[dict]:
+    """checkpoints/best -> the checkpoint with the lowest validation loss (kept from rotation by the Trainer)."""
+    if not state.best_model_checkpoint:
+        return None
+    name = Path(state.best_model_checkpoint).name  # the state may hold the path of a folder this run was copied from
+    if not (run_dir / CHECKPOINTS / name).is_dir():
+        return None
+    link = run_dir / CHECKPOINTS / "best"
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():  # a copy of the run folder turned the link into a folder
+        import shutil
+
+        shutil.rmtree(link)
+    link.symlink_to(name, target_is_directory=True)
+    step = int(name.split("-")[-1])
+    log.info(f"best checkpoint: {name} (validation loss {state.best_metric:.4f}), linked as {link}"
+             + (f"; final/ holds it" if state.global_step != step else ""))
+    return {"best_checkpoint": str(link.resolve()), "best_step": step, "best_eval_loss": state.best_metric}
 
 
 def _summarize(spec, run_dir: Path, out, trainable: int, total: int, stats) -> dict:
@@ -206,20 +269,17 @@ def _summarize(spec, run_dir: Path, out, trainable: int, total: int, stats) -> d
     return summary
 
 
-def _compare(spec, model, tok, test, precision, final: Path) -> dict:
-    from fttool import evaluate, model as model_lib
+def _evaluate(spec, run_dir: Path, final: Path, own, tok) -> dict:
+    """The held-out evaluation of the saved model against the base (as `fttool eval` does). The model is saved
+    already, so a problem here is reported and leaves the run intact."""
+    from fttool.evaluate import run_eval
 
-    if model is None:
-        model = model_lib.load_trained(spec, precision, final)
-    base = None
-    if spec.method.name == "full" and spec.eval.compare_base:
-        base = model_lib.load_base(spec, precision)
-    model.config.use_cache = True
-    result = evaluate.compare(spec, model, tok, test, base_model=base)
-    log.info("held-out comparison (greedy decoding):")
-    for line in evaluate.report(result, spec.eval.show):
-        log.info(line)
-    return result
+    try:  # sharded or wrapped weights (own=None): reload what was saved instead
+        result = run_eval(spec, run_dir, final, own=own, tokenizer=tok)
+    except UserError as e:
+        log.warning(f"eval after training skipped: {e}")
+        return {"error": str(e)}
+    return {k: result[k] for k in ("examples", "finetuned", "base", "diff", "gate", "verdict")}
 
 
 def main(argv=None) -> None:

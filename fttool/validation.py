@@ -62,8 +62,13 @@ RANGES: List[Tuple[str, Callable[[Any], bool], str]] = [
     ("data.num_proc", lambda v: v >= 0, "an integer >= 0 (0 = automatic)"),
     ("data.train_roles", lambda v: len(v) > 0 and all(r in ("system", "user", "assistant", "tool") for r in v),
      "a non-empty list of roles from system, user, assistant, tool, e.g. [assistant]"),
-    ("eval.samples", lambda v: v >= 0, "an integer >= 0 (0 skips the comparison)"),
+    ("eval.samples", lambda v: v is None or v >= 1, "an integer >= 1, or null for the whole test split"),
     ("eval.max_new_tokens", lambda v: v >= 1, "an integer >= 1"),
+    ("eval.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("eval.show", lambda v: v >= 0, "an integer >= 0"),
+    ("train.eval_steps", lambda v: v is None or v >= 1, "an integer >= 1, or null to validate at every checkpoint"),
+    ("train.early_stopping_patience", lambda v: v >= 0, "an integer >= 0 (0 = never stop early)"),
+    ("train.early_stopping_threshold", lambda v: v >= 0, "a number >= 0"),
     ("hardware.num_processes", lambda v: v >= 1, "an integer >= 1 (processes on each machine, one per GPU)"),
     ("hardware.num_machines", lambda v: v >= 0, "an integer >= 1 (0 = from SLURM)"),
     ("hardware.machine_rank", lambda v: v is None or v >= -1, "an integer from 0 to num_machines-1 (-1 = from SLURM)"),
@@ -140,6 +145,7 @@ def _check_combinations(cfg: DictConfig, user_keys: set) -> None:
     if cfg.method.name == "qlora" and cfg.method.bits == 8 and cfg.method.quant_type != "nf4":
         raise UserError("method.quant_type applies to 4-bit only; with method.bits=8 leave it at nf4.")
     _check_data(cfg.data)
+    check_eval(cfg)
     _check_topology(cfg)
     if cfg.model.trust_remote_code and "model.trust_remote_code" not in user_keys:
         raise UserError(
@@ -183,6 +189,46 @@ def _check_topology(cfg: DictConfig) -> None:
     if hw.strategy == "fsdp2" and cfg.train.gradient_checkpointing:
         raise UserError("with hardware.strategy=fsdp2 use hardware.activation_checkpointing=true (FSDP's own) instead of "
                         "train.gradient_checkpointing=true, which adds a redundant all-gather in backward.")
+
+
+def check_eval(cfg: DictConfig) -> None:
+    """Metrics, the verdict's gate, validation during training and early stopping fit together."""
+    from fttool.metrics import METRICS
+
+    d, t = cfg.data, cfg.train
+    if not d.metrics:
+        raise UserError(f"data.metrics is empty; name at least one of: {', '.join(METRICS)}.")
+    for m in d.metrics:
+        if m not in METRICS:
+            raise UserError(f"data.metrics: unknown metric '{m}'.{suggestion(m, METRICS, '{}')} Metrics: {', '.join(METRICS)}.")
+    if "json_schema" in d.metrics and not d.json_schema:
+        raise UserError("data.metrics has json_schema but data.json_schema is not set; give the schema file: "
+                        "data.json_schema=schema.json (or drop json_schema from data.metrics).")
+    if d.json_schema:
+        from fttool.metrics import load_schema
+
+        load_schema(d.json_schema)
+    for m, margin in cfg.eval.gate.items():
+        if m not in d.metrics:
+            raise UserError(f"eval.gate.{m}: the verdict can only use a metric the data group scores; data.metrics is "
+                            f"[{', '.join(d.metrics)}] (add {m} there, or gate on one of those).")
+        if not isinstance(margin, (int, float)) or margin < 0:
+            raise UserError(f"eval.gate.{m}={margin}: expected a margin >= 0 in the metric's own units "
+                            "(0.05 = 5 points for a score; 0 = must simply beat the base).")
+    has_val = bool(d.val_ratio or d.val_path)
+    if t.early_stopping_patience and not has_val:
+        raise UserError(f"train.early_stopping_patience={t.early_stopping_patience} watches the validation loss, but the "
+                        "data has no validation split; set data.val_ratio=0.05 (or data.val_path=FILE).")
+    if t.eval_steps and not has_val:
+        raise UserError(f"train.eval_steps={t.eval_steps}: there is no validation split to evaluate; set "
+                        "data.val_ratio=0.05 (or data.val_path=FILE).")
+    if has_val and t.load_best and t.eval_steps and t.save_steps % t.eval_steps:
+        raise UserError(f"train.save_steps={t.save_steps} is not a multiple of train.eval_steps={t.eval_steps}: the best "
+                        f"checkpoint can only be kept if it is saved when it is validated. Set train.save_steps="
+                        f"{t.eval_steps * max(1, round(t.save_steps / t.eval_steps))}, or train.load_best=false.")
+    if t.early_stopping_patience and not t.load_best:
+        raise UserError("train.early_stopping_patience needs train.load_best=true: stopping early is only safe when the "
+                        "best checkpoint is kept.")
 
 
 def _check_data(d: DictConfig) -> None:
@@ -244,7 +290,7 @@ def build(cfg: DictConfig, user_keys: Optional[set] = None, recipe: Optional[str
     return to_spec(cfg)
 
 
-LOCAL_PATH_KEYS = ("model.name_or_path", "data.path", "data.val_path", "data.test_path", "data.template")
+LOCAL_PATH_KEYS = ("model.name_or_path", "data.path", "data.val_path", "data.test_path", "data.template", "data.json_schema")
 
 
 def _absolute(path: Optional[str]) -> Optional[str]:

@@ -50,4 +50,4 @@ def train_run(overrides, tmp_path, name="run"):
 
 
 FAST = ["train.max_steps=6", "train.logging_steps=1", "train.batch_size=4", "train.grad_accum=1",
-        "data.max_samples=64", "eval.samples=0", "train.save_steps=3"]
+        "data.max_samples=64", "eval.after_training=false", "train.save_steps=3"]

@@ -433,7 +433,7 @@ def test_preprocess_then_train_uses_the_cache(tmp_path):
     assert r.returncode == 0 and "tokenized in" in r.stdout, r.stderr
     r = run_cli("preprocess", *args, cwd=tmp_path)
     assert "loaded from the cache" in r.stdout
-    r = run_cli(*args, "train.max_steps=2", "eval.samples=0", "run_name=t", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    r = run_cli(*args, "train.max_steps=2", "eval.after_training=false", "run_name=t", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "data: loaded from cache" in (tmp_path / "runs" / "t" / "train.log").read_text()
 

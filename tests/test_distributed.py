@@ -17,7 +17,7 @@ from conftest import ROOT, run_cli, train_run
 
 pytest.importorskip("deepspeed")
 # LoRA dropout draws different random masks in 1 and 2 processes; without it the runs must agree exactly
-STEPS = ["method.dropout=0", "train.max_steps=4", "train.logging_steps=1", "train.batch_size=4", "data.max_samples=64", "eval.samples=0",
+STEPS = ["method.dropout=0", "train.max_steps=4", "train.logging_steps=1", "train.batch_size=4", "data.max_samples=64", "eval.after_training=false",
          "train.save_steps=2", "train.save_total_limit=3"]
 TOL = 1e-4
 
@@ -127,7 +127,7 @@ def test_bad_data_in_a_worker_fails_the_launch_with_file_line(tmp_path):
 
 def _start(tmp_path, name, *extra):
     return subprocess.Popen([sys.executable, "-m", "fttool", "hardware=ddp", "hardware.device=cpu", "method=lora",
-                             "train.max_steps=400", "train.logging_steps=1", "train.save_steps=5", "eval.samples=0",
+                             "train.max_steps=400", "train.logging_steps=1", "train.save_steps=5", "eval.after_training=false",
                              f"hardware.main_port={free_port()}", f"run_name={name}", f"output_dir={tmp_path}", *extra],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -180,7 +180,7 @@ def test_ctrl_c_stops_every_rank_and_leaves_a_checkpoint_to_resume(tmp_path):
     ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"))
     assert ckpts and (ckpts[-1] / "trainer_state.json").is_file()
     r = run_cli("hardware=ddp", "hardware.device=cpu", "method=lora", "train.max_steps=12", "train.logging_steps=1",
-                "train.save_steps=5", "eval.samples=0", f"hardware.main_port={free_port()}", "run_name=stopped",
+                "train.save_steps=5", "eval.after_training=false", f"hardware.main_port={free_port()}", "run_name=stopped",
                 f"output_dir={tmp_path}", "resume=auto", cwd=tmp_path)
     assert r.returncode == 2 and "spec differs" in r.stderr  # max_steps changed: refused, the run folder is intact
 

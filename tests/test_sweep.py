@@ -7,7 +7,7 @@ import pytest
 
 from conftest import run_cli
 
-TINY = ["+recipe=tiny_cpu", "train.max_steps=4", "train.logging_steps=1", "data.max_samples=64", "eval.samples=0",
+TINY = ["+recipe=tiny_cpu", "train.max_steps=4", "train.logging_steps=1", "data.max_samples=64", "eval.after_training=false",
         "data.val_ratio=0.05"]
 
 

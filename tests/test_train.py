@@ -35,7 +35,7 @@ def test_method_trains_and_loss_falls(method, tmp_path):
         assert summary["trainable_params"] < summary["total_params"] / 5
     assert (final / "tokenizer.json").is_file() and (final / "chat_template.jinja").is_file()
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert ckpts == ["checkpoint-12", "checkpoint-6"]
+    assert ckpts == ["best", "checkpoint-12", "checkpoint-6"]  # validated at each checkpoint: the best is marked
     rec = read_metrics(run_dir)[0]
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(rec)
     assert json.loads((run_dir / "result.json").read_text())["steps"] == 12
@@ -127,7 +127,8 @@ def test_cli_train_end_to_end_from_another_directory(tmp_path):
     for name in ("spec.yaml", "command.txt", "env.json", "metrics.jsonl", "train.log", "result.json", "final/adapter_model.safetensors"):
         assert (run_dir / name).exists(), name
     assert "step 4/4 (100%)" in r.stdout and "tok/s" in r.stdout and "eta" in r.stdout
-    assert "held-out exact match: base" in r.stdout
+    assert "held-out evaluation, 4 examples" in r.stdout and "verdict:" in r.stdout
+    assert (run_dir / "eval.json").is_file() and (run_dir / "loss.png").is_file()
     again = run_cli("+recipe=tiny_cpu", "run_name=e2e", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
 
@@ -163,11 +164,23 @@ def test_wandb_offline_logs_into_the_run_folder(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_embedded_default_beats_the_base_model(tmp_path):
-    """`python -m fttool` with no arguments: the demo run a newcomer sees (about 2 minutes on 2 cores)."""
+    """`python -m fttool` with no arguments: the demo run a newcomer sees (about 2 minutes on 2 cores), then the
+    verbs on its run folder as the README shows them: eval, export, generate."""
     r = run_cli(cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     result = json.loads((run_dir / "result.json").read_text())
     assert result["last_loss"] < result["first_loss"] / 2
-    assert result["eval"]["base"] <= 0.05 and result["eval"]["finetuned"] >= result["eval"]["base"] + 0.5, result["eval"]
-    assert "held-out exact match: base" in r.stdout
+    ev = result["eval"]
+    assert ev["base"]["exact_match"] <= 0.05 and ev["finetuned"]["exact_match"] >= ev["base"]["exact_match"] + 0.5, ev
+    assert ev["verdict"] == "pass" and "verdict: PASS" in r.stdout
+    assert (run_dir / "loss.png").is_file() and (run_dir / "checkpoints" / "best").is_symlink()
+    r = run_cli("eval", f"run={run_dir}", cwd=tmp_path)
+    assert r.returncode == 0 and "verdict: PASS" in r.stdout, r.stderr[-2000:]
+    full = json.loads((run_dir / "eval.json").read_text())
+    assert full["examples"] == 100 and full["finetuned"]["exact_match"] >= 0.6
+    r = run_cli("export", f"run={run_dir}", "output=exported", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "verdict: PASS" in (tmp_path / "exported" / "README.md").read_text()
+    r = run_cli("generate", "model=exported", "prompt=Reverse the words: ape cat elk pink", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "pink elk cat ape", r.stdout + r.stderr[-2000:]

@@ -255,4 +255,23 @@ def prompt_ids(tokenizer, messages) -> List[int]:
                      add_special_tokens=False)["input_ids"]
 
 
-__all__ = ["build", "prompt_ids", "DataStats", "Prepared", "IGNORE", "sources_of"]
+def test_rows(spec) -> Tuple[Rows, str]:
+    """The held-out test rows, read afresh (no tokenizing): data.test_path, or the seeded data.test_ratio split of
+    the sources exactly as training made it. Also says where they come from."""
+    d = spec.data
+    if d.test_path:
+        return _read(d.test_path, sources_of(d)[0], d, DataStats(), "data.test_path"), f"data.test_path={d.test_path}"
+    if not d.test_ratio:
+        return [], "no test split (data.test_ratio=0 and no data.test_path)"
+    return _rows(spec, sources_of(d))[2], f"data.test_ratio={d.test_ratio} of the training sources"
+
+
+def eval_example(loc: str, ex: Dict) -> Optional[Dict]:
+    """A test row as a generation task: the conversation before the last reply, and that reply as the reference."""
+    t = _test_example(loc, ex)
+    if t is not None:
+        t["example"] = ex
+    return t
+
+
+__all__ = ["build", "prompt_ids", "test_rows", "eval_example", "DataStats", "Prepared", "IGNORE", "sources_of"]

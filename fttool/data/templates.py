@@ -104,3 +104,22 @@ def check_change(tokenizer, training: str, allow: bool, name: str) -> None:
         "Remove data.template to train with the tokenizer's own, or add data.allow_template_change=true "
         "(the run's final/ folder then carries the training template)."
     )
+
+
+def end_of_turn(tokenizer) -> Optional[int]:
+    """The token that closes an assistant reply under the tokenizer's chat template (<|im_end|>, <|eot_id|>, <|end|>),
+    when that is one special token; None when the template closes replies with plain text (training then appends EOS)."""
+    if not tokenizer.chat_template:
+        return None
+    probe = "\u2063reply\u2063"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                                             tokenize=False)
+    except Exception:  # noqa: BLE001 - a template with its own rules about roles; fall back to EOS
+        return None
+    after = text[text.find(probe) + len(probe):] if probe in text else ""
+    ids = tokenizer(after.lstrip(" "), add_special_tokens=False)["input_ids"] if after else []
+    if not ids:
+        return None
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+    return ids[0] if ids[0] in special else None

@@ -1,0 +1,49 @@
+"""Loss curves as PNG files (matplotlib, headless): one run's training and validation loss, or a sweep's trials."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+Series = Tuple[str, Sequence[Tuple[float, float]], str]  # (label, [(step, value)], line style)
+
+
+def loss_curves(series: List[Series], path: Path, title: str, ylabel: str = "loss",
+                marks: Optional[List[Tuple[float, float, str]]] = None) -> bool:
+    """Draw every non-empty series into `path`; False (and no file) when there is nothing to draw."""
+    series = [s for s in series if s[1]]
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    try:
+        for label, points, style in series:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, style, label=label[:70], marker="o" if len(points) < 30 and style != "-" else None)
+        for x, y, text in marks or []:
+            ax.plot([x], [y], "k*", markersize=12)
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 8), fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        tmp = path.with_name(path.name + ".tmp.png")
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+    return True
+
+
+def run_loss_plot(run_dir: Path, metrics: List[dict], best: Optional[Tuple[int, float]] = None) -> bool:
+    """loss.png in a run folder: training loss per logging step, validation loss per evaluation, the best marked."""
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    val = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    marks = [(best[0], best[1], f"best: step {best[0]}")] if best else None
+    return loss_curves([("training loss", train, "-"), ("validation loss", val, "--")], Path(run_dir) / "loss.png",
+                       Path(run_dir).name, marks=marks)
