@@ -185,10 +185,29 @@ def model_loaders(spec, weights: Path, precision: str, own=None):
     return tuned, base
 
 
+def warn_if_data_changed(spec, run_dir: Path) -> None:
+    """A test split cut by data.test_ratio is only held out if the sources are the ones training split."""
+    import json
+
+    from fttool.data import sources_of
+    from fttool.data.sources import fingerprint
+
+    record = run_dir / "data.json"
+    if spec.data.test_path or not spec.data.test_ratio or not record.is_file():
+        return
+    trained = [s[0] for s in json.loads(record.read_text()).get("key", {}).get("sources", []) if len(s) > 2]
+    now = [fingerprint(s.path, s.split, s.key) for s in sources_of(spec.data)]
+    if trained and now != trained[: len(now)]:
+        log.warning("eval: the data sources changed since training (their content hash differs from data.json): the "
+                    "test split may now contain rows the model was trained on; evaluate on a fixed file with "
+                    "data.test_path=FILE for scores you can trust.")
+
+
 def run_eval(spec, run_dir: Path, weights: Path, own=None, tokenizer=None) -> Dict:
     """Evaluate a run folder's weights and write eval.json, eval.md and eval_samples.jsonl into the run folder."""
     from fttool import data, model as model_lib, report
 
+    warn_if_data_changed(spec, run_dir)
     precision = model_lib.resolve_precision(spec)
     if tokenizer is None:
         tokenizer = model_lib.load_tokenizer(spec)

@@ -89,6 +89,26 @@ def data_lines(spec: RunSpec) -> Tuple[List[str], Optional[int]]:
     return lines, rows_total
 
 
+def eval_lines(spec: RunSpec) -> List[str]:
+    d, tr, ev = spec.data, spec.train, spec.eval
+    if d.val_ratio or d.val_path:
+        held = d.val_path or f"{d.val_ratio:g} of the rows"
+        stop = (f"; early stopping after {tr.early_stopping_patience} without improvement"
+                if tr.early_stopping_patience else "")
+        best = "; best checkpoint kept as checkpoints/best and final/" if tr.load_best else ""
+        lines = [f"validation  loss every {tr.eval_steps or tr.save_steps} steps on {held}{stop}{best}"]
+    else:
+        lines = ["validation  none (set data.val_ratio=0.05 for a validation loss, early stopping and the best checkpoint)"]
+    test = d.test_path or (f"{d.test_ratio:g} of the rows" if d.test_ratio else None)
+    if not test:
+        return lines + ["test        none: `fttool eval run=RUN data.test_path=FILE` evaluates later"]
+    gate = ev.gate or {d.metrics[0]: 0.0}
+    when = "after training and with `fttool eval`" if ev.after_training else "with `fttool eval`"
+    against = (" vs the base; verdict: " + ", ".join(f"{k} {'beats base' if v == 0 else f'beats base by {v:g}'}"
+                                                        for k, v in gate.items())) if ev.compare_base else ""
+    return lines + [f"test        {test} ({ev.samples or 'all'} examples), {when}: {', '.join(d.metrics)}{against}"]
+
+
 def describe(spec: RunSpec) -> List[str]:
     hw, tr, m = spec.hardware, spec.train, spec.method
     precision = hw.precision if hw.precision != "auto" else ("fp32" if hw.device == "cpu" else "bf16 (fp16 if the GPU lacks bf16)")
@@ -125,5 +145,6 @@ def describe(spec: RunSpec) -> List[str]:
     lines.append(f"schedule    {steps}, global batch {global_batch} ({tr.batch_size} x {tr.grad_accum} accum x {world if machines else '?'} proc), "
                  f"lr {tr.lr:g} {tr.lr_scheduler}, warmup {tr.warmup_ratio:g}")
     lines.append(f"checkpoints every {tr.save_steps} steps, keep {tr.save_total_limit}; logging={spec.logging.backend}")
+    lines += eval_lines(spec)
     lines.append(f"run folder  {Path(spec.output_dir) / str(spec.run_name)}")
     return lines

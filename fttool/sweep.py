@@ -56,6 +56,7 @@ def collect(sweep_dir: Path) -> List[Dict[str, Any]]:
         rows.append({"trial": t["trial"], "overrides": " ".join(t["overrides"]), "status": t["status"],
                      "final_train_loss": losses[-1] if losses else None, "eval_loss": result.get("eval_loss"),
                      "tokens_per_s": result.get("tokens_per_s"), "steps": result.get("steps"),
+                     "best_step": result.get("best_step"), "verdict": (result.get("eval") or {}).get("verdict"),
                      "run_dir": str(run_dir) if run_dir else "", "error": t["error"]})
     return rows
 
@@ -68,7 +69,8 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-COLUMNS = ["trial", "overrides", "status", "final_train_loss", "eval_loss", "tokens_per_s", "steps", "run_dir"]
+COLUMNS = ["trial", "overrides", "status", "final_train_loss", "eval_loss", "best_step", "verdict", "tokens_per_s", "steps",
+           "run_dir"]
 
 
 def markdown(rows: List[Dict[str, Any]]) -> str:

@@ -31,6 +31,20 @@ def start(spec, run_dir: Path) -> None:
     wandb.run.summary["run_dir"] = str(run_dir)
 
 
+def log_eval(result) -> None:
+    """The held-out evaluation into the W&B run's summary: eval/<side>/<metric>, eval/verdict."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is None or not result or "finetuned" not in result:
+        return
+    for side in ("finetuned", "base"):
+        for metric, value in (result.get(side) or {}).items():
+            wandb.run.summary[f"eval/{side}/{metric}"] = value
+    wandb.run.summary["eval/verdict"] = result.get("verdict")
+
+
 def finish(run_dir: Path) -> None:
     try:
         import wandb

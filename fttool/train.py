@@ -45,6 +45,10 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
     # DeepSpeed still calls the old collective names; torch warns on every call
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.\w+` is deprecated.*")
+    import torch
+
+    if not torch.cuda.is_available():  # what DeepSpeed would detect anyway, without its warning on every import
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -215,7 +219,9 @@ def train(run_dir: Path) -> dict:
     if spec.eval.after_training and (spec.data.test_path or spec.data.test_ratio):
         summary["eval"] = _evaluate(spec, run_dir, final, model if args.world_size == 1 else None, tok)
     (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+    tracking.log_eval(summary.get("eval"))
     log.info(f"done: {'adapter' if spec.method.name != 'full' else 'model'} saved to {final}")
+    log.info(f"next: fttool eval run={run_dir} | fttool export run={run_dir} output=DIR | fttool chat run={run_dir}")
     tracking.finish(run_dir)
     return summary
 

@@ -410,3 +410,33 @@ def test_help_lists_the_run_verbs(tmp_path):
     assert r.returncode == 0 and "output" in r.stdout and "dtype" in r.stdout
     r = run_cli("evaluate", cwd=tmp_path)
     assert r.returncode == 2 and "Did you mean eval" in r.stderr
+
+
+def test_full_fine_tune_eval_and_export_with_a_ratio_split(tmp_path):
+    """method=full: the base is reloaded for the comparison; the export is the trained model itself. A test split
+    cut by ratio is re-cut identically, and a warning says so when the sources changed since training."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fttool import assets
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(open(assets.resolve("fttool:demo/train.jsonl")).readlines()[:200]))
+    run_dir, summary = train_run(["+recipe=tiny_cpu", "method=full", *FAST, "data=chat", f"data.path={src}",
+                                  "data.test_ratio=0.1", "eval.after_training=true", "eval.samples=4"], tmp_path)
+    assert summary["eval"]["examples"] == 4 and summary["data"]["test"] == 20
+    assert summary["eval"]["base"]["perplexity"] > summary["eval"]["finetuned"]["perplexity"]
+    r = run_cli("eval", f"run={run_dir}", "eval.samples=null", cwd=tmp_path)  # the run's own setting was 4
+    assert r.returncode in (0, 3) and "data sources changed" not in r.stdout, r.stderr[-2000:]
+    assert json.loads((run_dir / "eval.json").read_text())["examples"] == 20
+    with open(src, "a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}) + "\n")
+    r = run_cli("eval", f"run={run_dir}", cwd=tmp_path)
+    assert "data sources changed since training" in r.stdout and "data.test_path=FILE" in r.stdout
+    r = run_cli("export", f"run={run_dir}", "output=full-export", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = AutoModelForCausalLM.from_pretrained(tmp_path / "full-export"), AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+    assert "method: **full**" in (tmp_path / "full-export" / "README.md").read_text()

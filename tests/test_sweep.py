@@ -58,7 +58,7 @@ def test_wandb_offline_two_processes(tmp_path, monkeypatch):
     secret = "sekrit" + "0123456789abcdef" * 2 + "0123456"
     env = {"WANDB_API_KEY": secret, "WANDB_MODE": "offline"}
     r = run_cli("-m", *TINY, "logging=wandb", "logging.mode=offline", "hardware=ddp", "hardware.device=cpu",
-                "method.rank=4", f"output_dir={tmp_path}", env=env, cwd=tmp_path)
+                "method.rank=4", "eval.after_training=true", "eval.samples=4", f"output_dir={tmp_path}", env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     sweep = sweep_dir_of(tmp_path)
     (trial,) = [p for p in sweep.iterdir() if p.name.startswith("trial-")]
@@ -73,6 +73,10 @@ def test_wandb_offline_two_processes(tmp_path, monkeypatch):
     assert any("loss" in k for k in history)
     summary = {u.key: u.value_json for x in recs if x.WhichOneof("record_type") == "summary" for u in x.summary.update}
     assert json.loads(summary["run_dir"]) == str(trial)
+    # validation during training and the held-out evaluation after it (rank 0 reloads the saved adapter)
+    assert any("eval" in k and "loss" in k for k in history), history
+    assert json.loads(summary["eval/verdict"]) in ("pass", "fail") and "eval/base/exact_match" in summary
+    assert json.loads((trial / "eval.json").read_text())["examples"] == 4
     for root, _, files in os.walk(tmp_path):  # the API key lands in no file
         for name in files:
             assert secret.encode() not in open(os.path.join(root, name), "rb").read(), os.path.join(root, name)
