@@ -95,7 +95,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         if verb in RUN_VERBS:
             from fttool import verbs
 
-            return verbs.main(verb, rest)
+            try:
+                return verbs.main(verb, rest)
+            except KeyboardInterrupt:
+                fail(f"{verb} interrupted; nothing was left half-written.", 130)
         rest, samples = pop_samples(rest)
         if samples is not None and verb != "preview":
             raise UserError("--samples belongs to the preview verb: fttool preview [overrides] --samples N.")

@@ -31,7 +31,7 @@ def load(own: Dict[str, str]) -> Tuple[object, object, str]:
         spec = rundir.load_spec(run_dir)
         if device:
             spec = replace(spec, hardware=replace(spec.hardware, device=device))
-        model_lib.check_device(spec)
+        model_lib.check_inference_device(spec, "device")
         weights = rundir.weights_dir(run_dir, spec, own.get("checkpoint", "final"))
         tok = model_lib.load_tokenizer(spec)
         data.training_template(spec, tok)
@@ -154,6 +154,11 @@ def chat(model, tok, start: List[Dict], opts: Dict, source: str) -> None:
             print("(conversation cleared)", file=sys.stderr)
             continue
         history.append({"role": "user", "content": text})
-        ((reply, stopped),) = generate(model, tok, [history], **opts)
+        try:
+            ((reply, stopped),) = generate(model, tok, [history], **opts)
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            history.pop()
+            print("(reply interrupted)", file=sys.stderr)
+            continue
         history.append({"role": "assistant", "content": reply})
         print(("model> " if tty else "") + reply + ("" if stopped else "  [cut at max_new_tokens]"), flush=True)

@@ -113,6 +113,17 @@ def load_trained(spec, precision: str, final):
     return PeftModel.from_pretrained(load_base(spec, precision), str(final))
 
 
+def check_inference_device(spec, key: str) -> None:
+    """A run trained on GPUs, evaluated or queried where there is none: say which key moves it to the CPU."""
+    if spec.hardware.device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"run {spec.run_name} was trained on cuda, but torch sees no CUDA GPU here; add {key}=cpu "
+                        "to run it on the CPU (slow for large models).")
+
+
 def place(model, spec):
     """The model on the spec's device for inference (quantized models were placed when loaded)."""
     if spec.hardware.device == "cuda" and not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):

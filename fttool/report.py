@@ -92,6 +92,12 @@ def verdict_line(result: Dict) -> str:
     return f"verdict: {result['verdict'].upper()}"
 
 
+def _inline(text: str, limit: int = 200) -> str:
+    """A reply as one line of inline code in markdown."""
+    one = text.replace("`", "'").replace("\r", "").replace("\n", " ⏎ ")
+    return one if len(one) <= limit else one[:limit] + " …"
+
+
 def markdown(result: Dict, show: int = 5, title: Optional[str] = None) -> str:
     out = [f"# {title or 'Evaluation: ' + str(result['run'])}", "",
            f"{result['examples']} test examples ({result['test_source']}), greedy decoding, at most "
@@ -101,11 +107,11 @@ def markdown(result: Dict, show: int = 5, title: Optional[str] = None) -> str:
     if show and result["samples"]:
         out += ["## Examples", ""]
         for s in result["samples"][:show]:
-            out += [f"- prompt: `{s['prompt']}`", f"  - expected: `{s['reference']}`"]
+            out += [f"- prompt: `{_inline(s['prompt'])}`", f"  - expected: `{_inline(s['reference'])}`"]
             if "base" in s:
-                out.append(f"  - base: `{s['base']}`")
+                out.append(f"  - base: `{_inline(s['base'])}`")
             if "finetuned" in s:
-                out.append(f"  - fine-tuned: `{s['finetuned']}`")
+                out.append(f"  - fine-tuned: `{_inline(s['finetuned'])}`")
         out.append("")
     return "\n".join(out)
 

@@ -204,8 +204,11 @@ def _eval(own, overrides) -> None:
     from fttool import rundir
     from fttool.train import setup_logging
 
+    from fttool.model import check_inference_device
+
     run_dir, spec = run_spec(own, overrides)
     weights = rundir.weights_dir(run_dir, spec, own.get("checkpoint", "final"))
+    check_inference_device(spec, "hardware.device")
     setup_logging(run_dir, log_file="eval.log")
     from fttool.evaluate import run_eval
 

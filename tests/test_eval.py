@@ -440,3 +440,20 @@ def test_full_fine_tune_eval_and_export_with_a_ratio_split(tmp_path):
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
     assert "method: **full**" in (tmp_path / "full-export" / "README.md").read_text()
+
+
+def test_a_gpu_run_on_a_machine_without_one_says_how_to_use_the_cpu(trained, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    copy = tmp_path / "gpu-run"
+    shutil.copytree(trained, copy, symlinks=True)
+    spec = copy / "spec.yaml"
+    spec.write_text(spec.read_text().replace("device: cpu", "device: cuda").replace("precision: fp32", "precision: auto"))
+    r = run_cli("eval", f"run={copy}", cwd=tmp_path)
+    assert r.returncode == 2 and "add hardware.device=cpu" in r.stderr, r.stderr[-1500:]
+    r = run_cli("generate", f"run={copy}", "prompt=Reverse the words: ape cat", cwd=tmp_path)
+    assert r.returncode == 2 and "add device=cpu" in r.stderr, r.stderr[-1500:]
+    r = run_cli("generate", f"run={copy}", "prompt=Reverse the words: ape cat", "device=cpu", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr[-1500:]
