@@ -156,7 +156,20 @@ def test_check_prints_spec_and_plan_without_torch(tmp_path):
     spec = OmegaConf.create(p.stdout.split("# plan")[0])
     assert spec.method.name == "lora" and spec.train.max_steps == 60
     assert "trainable of" in p.stdout and "processes   1 on cpu" in p.stdout
+    assert "validation  loss every 30 steps on 0.02 of the rows; best checkpoint kept" in p.stdout
+    assert "test        fttool:demo/test.jsonl (16 examples)" in p.stdout and "verdict: exact_match beats base" in p.stdout
     assert not list(tmp_path.iterdir()), "check must not write anything"
+
+
+@pytest.mark.parametrize("argv", [["eval", "--help"], ["eval", "run=nope"], ["export", "run=x", "outptu=y"],
+                                  ["generate", "prompt=hi"]])
+def test_run_verbs_answer_help_and_mistakes_without_torch(argv, tmp_path):
+    code = (f"import sys, fttool.cli as c; sys.argv=['fttool', *{argv!r}];\n"
+            "try:\n    c.main()\nexcept SystemExit as e:\n    pass\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import on the argument path'")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert ("usage: fttool eval" in p.stdout) if "--help" in argv else ("fttool: error:" in p.stderr)
 
 
 def test_hydra_flags_still_work(tmp_path):

@@ -1,4 +1,5 @@
 """The installed wheel finds its configs, recipes and bundled assets from an unrelated directory."""
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,23 @@ def test_wheel_finds_configs_and_recipes_elsewhere(wheel_target, tmp_path):
     r = _run(wheel_target, tmp_path, "-m", "fttool", "check")
     assert r.returncode == 0 and "trainable of" in r.stdout  # the bundled tiny model's config.json was found
     assert not list(tmp_path.iterdir())
+
+
+def test_wheel_trains_evaluates_exports_and_generates(wheel_target, tmp_path):
+    """The installed package end to end, from an unrelated directory: bundled model, demo data and test file."""
+    tiny = ["+recipe=tiny_cpu", "train.max_steps=4", "train.save_steps=2", "train.logging_steps=2", "data.max_samples=32",
+            "eval.samples=2", "run_name=w", "output_dir=runs"]
+    r = _run(wheel_target, tmp_path, "-m", "fttool", *tiny)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path / "runs" / "w"
+    assert json.loads((run / "eval.json").read_text())["examples"] == 2 and (run / "loss.png").is_file()
+    r = _run(wheel_target, tmp_path, "-m", "fttool", "eval", "run=runs/w", "eval.samples=3", "eval.max_new_tokens=8")
+    assert r.returncode in (0, 3) and "held-out evaluation, 3 examples" in r.stdout, r.stderr[-2000:]
+    r = _run(wheel_target, tmp_path, "-m", "fttool", "export", "run=runs/w", "output=exported")
+    assert r.returncode == 0 and (tmp_path / "exported" / "model.safetensors").is_file(), r.stderr[-2000:]
+    r = _run(wheel_target, tmp_path, "-m", "fttool", "generate", "model=exported", "prompt=Reverse the words: a b",
+             "max_new_tokens=8")
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_console_script_is_the_same_program(tmp_path):
