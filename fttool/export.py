@@ -21,15 +21,20 @@ RECORD = ("spec.yaml", "command.txt", "env.json", "data.json", "result.json", "e
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def export_dtype(base_path: str, requested: str) -> str:
-    """auto: the dtype the base model was published in (config.json), float32 when it says nothing usable."""
+def export_dtype(spec, requested: str) -> str:
+    """auto: the dtype the base model was published in (its config), float32 when it names none."""
     if requested != "auto":
         return requested
+    from transformers import AutoConfig
+
+    from fttool import assets
+
     try:
-        cfg = json.loads((Path(base_path) / "config.json").read_text())
-        found = cfg.get("dtype") or cfg.get("torch_dtype")
+        cfg = AutoConfig.from_pretrained(assets.resolve(spec.model.name_or_path), revision=spec.model.revision,
+                                         trust_remote_code=spec.model.trust_remote_code)
+        found = str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "").replace("torch.", "")
     except (OSError, ValueError):
-        found = None  # a hub id: transformers reads it; keep full precision
+        found = ""
     return found if found in DTYPES[1:] else "float32"
 
 
@@ -76,9 +81,7 @@ def export(run_dir: Path, spec, output: Path, checkpoint: str = "final", dtype: 
         raise UserError(f"output={output} already exists; choose another folder, or add overwrite=true to replace it.")
     weights = rundir.weights_dir(run_dir, spec, checkpoint)
     setup_logging(run_dir, log_file="export.log")
-    from fttool import assets, model as model_lib
-
-    dtype = export_dtype(assets.resolve(spec.model.name_or_path), dtype)
+    dtype = export_dtype(spec, dtype)
     t0 = time.time()
     log.info(f"export: {weights} ({spec.method.name}) onto {spec.model.name_or_path} in {dtype}")
     model = merged_model(spec, weights, dtype)

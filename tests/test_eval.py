@@ -457,3 +457,17 @@ def test_a_gpu_run_on_a_machine_without_one_says_how_to_use_the_cpu(trained, tmp
     assert r.returncode == 2 and "add device=cpu" in r.stderr, r.stderr[-1500:]
     r = run_cli("generate", f"run={copy}", "prompt=Reverse the words: ape cat", "device=cpu", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip(), r.stderr[-1500:]
+
+
+def test_batched_generation_equals_one_at_a_time(trained):
+    """Left padding in a batch must not change a greedy reply (scores would depend on eval.batch_size)."""
+    from fttool import data, model as model_lib, rundir
+    from fttool.evaluate import generate
+
+    spec = rundir.load_spec(trained)
+    tok = model_lib.load_tokenizer(spec)
+    data.training_template(spec, tok)
+    model = model_lib.load_trained(spec, "fp32", trained / "final")
+    convs = [[{"role": "user", "content": f"Reverse the words: {w}"}] for w in
+             ("ape cat elk pink sun", "fox", "cow bee", "ship moon star lamp fire")]
+    assert generate(model, tok, convs, 24, batch_size=4) == [generate(model, tok, [c], 24, batch_size=1)[0] for c in convs]
