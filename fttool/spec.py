@@ -71,7 +71,7 @@ class DataSpec:
     num_proc: int = 0  # processes that tokenize; 0 = as many as the data size and cores warrant
     cache_dir: Optional[str] = None  # tokenized-data cache; unset = $FTTOOL_CACHE or ~/.cache/fttool/data
     metrics: List[str] = field(default_factory=lambda: ["exact_match", "token_f1", "rouge_l", "perplexity"])  # test-split scores: exact_match, token_f1, rouge_l, json_valid, json_schema, perplexity
-    json_schema: Optional[str] = None  # JSON Schema file the replies must satisfy (the json_schema metric)
+    json_schema: Optional[str] = None  # JSON Schema file the replies must satisfy (adds the json_schema metric)
 
 
 @dataclass

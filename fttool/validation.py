@@ -259,6 +259,12 @@ def _check_data(d: DictConfig) -> None:
     resolve(d.template)
 
 
+def derive_metrics(cfg: DictConfig) -> None:
+    """A schema given in data.json_schema is scored: json_schema joins data.metrics when the user did not list it."""
+    if cfg.data.json_schema and "json_schema" not in cfg.data.metrics:
+        cfg.data.metrics = list(cfg.data.metrics) + ["json_schema"]
+
+
 def default_run_name(cfg: DictConfig, recipe: Optional[str], job_num: Optional[int] = None) -> str:
     stem = recipe or f"{_leaf(cfg.model.name_or_path)}-{cfg.method.name}"
     name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -277,6 +283,7 @@ def build(cfg: DictConfig, user_keys: Optional[set] = None, recipe: Optional[str
         resolve_slurm(cfg.hardware)  # inside the job; where it is submitted from, the placeholders stay
     check(cfg, user_keys)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # detach from Hydra, resolve interpolations
+    derive_metrics(cfg)
     if cfg.train.lr is None:
         cfg.train.lr = float(cfg.method.default_lr * cfg.model.lr_scale)
     if cfg.run_name is None:

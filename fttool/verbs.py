@@ -172,6 +172,7 @@ def apply(spec, overrides: List[Tuple[str, object]]):
             raise UserError(f"{key}={value}: {str(e).splitlines()[0]}")
     for key in ("data.test_path", "data.json_schema"):
         OmegaConf.update(cfg, key, validation._absolute(OmegaConf.select(cfg, key)))
+    validation.derive_metrics(cfg)
     try:
         typed = validation.to_spec(cfg)
     except OmegaConfBaseException as e:
