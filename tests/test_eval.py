@@ -233,17 +233,17 @@ def test_eval_bad_input(trained, tmp_path):
         ([f"data.test_path={empty}"], "the test split is empty"),
         (["eval.samplez=3"], "Did you mean eval.samples?"),
         (["train.lr=1"], "of the run's settings only eval.*"),
-        (["checkpoint=best"], None),  # fine: the run validated, so it has a best checkpoint
         (["checkpoint=99"], "checkpoint=99: "),
         (["data.metrics=[bleu]"], "unknown metric 'bleu'"),
     ]
     for extra, message in cases:
-        if message is None:
-            continue
         r = run_cli("eval", f"run={trained}", *extra, cwd=tmp_path)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-1500:])
     r = run_cli("eval", cwd=tmp_path)
     assert r.returncode == 2 and "missing run=VALUE" in r.stderr
+    r = run_cli("eval", f"run={trained}", "checkpoint=best", "eval.samples=2", "eval.max_new_tokens=8", cwd=tmp_path)
+    assert r.returncode in (0, 3), r.stderr[-1500:]  # the run validated, so it has a best checkpoint
+    assert json.loads((trained / "eval.json").read_text())["checkpoint"] == str((trained / "checkpoints" / "best").resolve())
     r = run_cli("eval", f"run={tmp_path}", cwd=tmp_path)
     assert r.returncode == 2 and "not an fttool run folder" in r.stderr
 
