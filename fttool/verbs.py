@@ -183,6 +183,8 @@ def apply(spec, overrides: List[Tuple[str, object]]):
 
 
 def main(verb: str, argv: List[str]) -> None:
+    if verb == "generate" and argv[:1] == ["chat"]:  # `fttool generate chat ...` is `fttool chat ...`
+        verb, argv = "chat", argv[1:]
     if any(a in ("-h", "--help") for a in argv):
         print(usage(verb))
         return

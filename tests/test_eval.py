@@ -374,7 +374,7 @@ def test_chat_keeps_the_conversation_and_resets(trained, tmp_path):
     import sys
 
     talk = "Reverse the words: ape cat\nReverse the words: sun fox\n/reset\nReverse the words: ape cat\n/exit\n"
-    r = subprocess.run([sys.executable, "-m", "fttool", "chat", f"run={trained}", "max_new_tokens=16"], input=talk,
+    r = subprocess.run([sys.executable, "-m", "fttool", "generate", "chat", f"run={trained}", "max_new_tokens=16"], input=talk,
                        capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
