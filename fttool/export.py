@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from fttool import rundir
 from fttool.errors import UserError
 
 log = logging.getLogger("fttool")
@@ -68,8 +69,8 @@ def generation_config(model, tokenizer):
     return gen
 
 
-def export(run_dir: Path, spec, output: Path, checkpoint: str = "final", dtype: str = "auto", overwrite: bool = False) -> Path:
-    from fttool import card, rundir
+def export(run_dir: Path, spec, output: Path, checkpoint: str = rundir.FINAL, dtype: str = "auto", overwrite: bool = False) -> Path:
+    from fttool import card
     from fttool.train import setup_logging
 
     if dtype not in DTYPES:

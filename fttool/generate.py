@@ -32,7 +32,7 @@ def load(own: Dict[str, str]) -> Tuple[object, object, str]:
         if device:
             spec = replace(spec, hardware=replace(spec.hardware, device=device))
         model_lib.check_inference_device(spec, "device")
-        weights = rundir.weights_dir(run_dir, spec, own.get("checkpoint", "final"))
+        weights = rundir.weights_dir(run_dir, spec, own.get("checkpoint", rundir.FINAL))
         tok = model_lib.load_tokenizer(spec)
         data.training_template(spec, tok)
         model = model_lib.place(model_lib.load_trained(spec, model_lib.resolve_precision(spec), weights), spec)

@@ -29,6 +29,8 @@ from fttool.errors import UserError
 from fttool.spec import RunSpec
 
 SPEC_FILE = "spec.yaml"
+CHECKPOINTS = "checkpoints"  # checkpoint-N folders, and `best` linking to the one with the lowest validation loss
+FINAL = "final"  # the trained adapter or model
 PACKAGES = ("fttool", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed",
             "hydra-core", "omegaconf", "wandb", "tokenizers", "safetensors")
 # keys that may differ between a run and its resumption, or between the machines of one run
@@ -176,23 +178,23 @@ def open_run(path: str, key: str = "run") -> Path:
 
 def checkpoints(run_dir: Path) -> List[Path]:
     """Complete checkpoints (their trainer_state.json was written), oldest first."""
-    found = sorted((Path(run_dir) / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    found = sorted((Path(run_dir) / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     return [c for c in found if (c / "trainer_state.json").is_file()]
 
 
-def weights_dir(run_dir: Path, spec: RunSpec, checkpoint: str = "final") -> Path:
+def weights_dir(run_dir: Path, spec: RunSpec, checkpoint: str = FINAL) -> Path:
     """The folder with the weights to use: final/ (default), best, last or a step number of checkpoints/, checked to
     hold an adapter (LoRA/QLoRA) or a model (full)."""
     done = checkpoints(run_dir)
     steps = ", ".join(c.name for c in done) or "none"
-    if checkpoint == "final":
-        path = run_dir / "final"
+    if checkpoint == FINAL:
+        path = run_dir / FINAL
         if not path.is_dir():
             resume = f"fttool resume=auto run_name={spec.run_name} output_dir={spec.output_dir}"
             raise UserError(f"run={run_dir} has no final/: the run did not finish (interrupted or failed). Use a checkpoint "
                             f"with checkpoint=last ({steps}), or finish the run: {resume}")
     elif checkpoint == "best":
-        path = run_dir / "checkpoints" / "best"
+        path = run_dir / CHECKPOINTS / "best"
         if not path.exists():
             raise UserError(f"run={run_dir} has no best checkpoint (it is kept when the run validates during training: "
                             f"data.val_ratio > 0 and train.load_best=true); use checkpoint=final or one of: {steps}.")
@@ -201,7 +203,7 @@ def weights_dir(run_dir: Path, spec: RunSpec, checkpoint: str = "final") -> Path
             raise UserError(f"run={run_dir} has no complete checkpoint in checkpoints/; use checkpoint=final.")
         path = done[-1]
     elif checkpoint.isdigit():
-        path = run_dir / "checkpoints" / f"checkpoint-{checkpoint}"
+        path = run_dir / CHECKPOINTS / f"checkpoint-{checkpoint}"
         if path not in done:
             raise UserError(f"checkpoint={checkpoint}: {path} is not a complete checkpoint; available: {steps}.")
     else:

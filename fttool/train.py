@@ -10,14 +10,13 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from fttool import rundir
 from fttool.errors import UserError
+from fttool.rundir import CHECKPOINTS, FINAL
 
 log = logging.getLogger("fttool")
-CHECKPOINTS = "checkpoints"
-FINAL = "final"
 
 
 def setup_logging(run_dir: Path, main: bool = True, log_file: str = "train.log") -> None:
@@ -226,28 +225,35 @@ def train(run_dir: Path) -> dict:
     return summary
 
 
+def best_checkpoint(run_dir: Path, state) -> Optional[Tuple[str, int]]:
+    """(folder name, step) of the checkpoint with the lowest validation loss, when this run folder has it (the state
+    may hold the path of a folder the run was copied from)."""
+    if not state.best_model_checkpoint or state.best_metric is None:
+        return None
+    name = Path(state.best_model_checkpoint).name
+    if not (run_dir / CHECKPOINTS / name).is_dir():
+        return None
+    return name, int(name.split("-")[-1])
+
+
 def _plot(run_dir: Path, trainer) -> None:
     """loss.png from metrics.jsonl; a plotting failure never fails the run."""
     from fttool import plots
     from fttool.callbacks import read_metrics
 
-    state = trainer.state
-    best = None
-    if state.best_model_checkpoint and state.best_metric is not None:
-        best = (int(Path(state.best_model_checkpoint).name.split("-")[-1]), state.best_metric)
+    best = best_checkpoint(run_dir, trainer.state)
     try:
-        plots.run_loss_plot(run_dir, read_metrics(run_dir), best)
+        plots.run_loss_plot(run_dir, read_metrics(run_dir), (best[1], trainer.state.best_metric) if best else None)
     except Exception as e:  # noqa: BLE001 - a missing font or backend must not cost the trained model
         log.warning(f"could not draw loss.png: {e}")
 
 
 def mark_best(run_dir: Path, state) -> Optional[dict]:
     """checkpoints/best -> the checkpoint with the lowest validation loss (kept from rotation by the Trainer)."""
-    if not state.best_model_checkpoint:
+    best = best_checkpoint(run_dir, state)
+    if best is None:
         return None
-    name = Path(state.best_model_checkpoint).name  # the state may hold the path of a folder this run was copied from
-    if not (run_dir / CHECKPOINTS / name).is_dir():
-        return None
+    name, step = best
     link = run_dir / CHECKPOINTS / "best"
     if link.is_symlink() or link.is_file():
         link.unlink()
@@ -256,9 +262,8 @@ def mark_best(run_dir: Path, state) -> Optional[dict]:
 
         shutil.rmtree(link)
     link.symlink_to(name, target_is_directory=True)
-    step = int(name.split("-")[-1])
     log.info(f"best checkpoint: {name} (validation loss {state.best_metric:.4f}), linked as {link}"
-             + (f"; final/ holds it" if state.global_step != step else ""))
+             + ("; final/ holds it" if state.global_step != step else ""))
     return {"best_checkpoint": str(link.resolve()), "best_step": step, "best_eval_loss": state.best_metric}
 
 

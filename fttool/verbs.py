@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from fttool import rundir
 from fttool.errors import UserError, suggestion
 
 
@@ -135,8 +136,6 @@ def flag(own: Dict[str, str], key: str) -> bool:
 
 def run_spec(own: Dict[str, str], overrides: List[Tuple[str, object]]):
     """(run folder, its spec with the overrides applied and checked)."""
-    from fttool import rundir
-
     run_dir = rundir.open_run(own["run"])
     spec = rundir.load_spec(run_dir)
     if overrides:
@@ -195,7 +194,7 @@ def main(verb: str, argv: List[str]) -> None:
         from fttool.export import export
 
         run_dir, spec = run_spec(own, [])
-        export(run_dir, spec, Path(own["output"]), own.get("checkpoint", "final"), own.get("dtype", "auto"),
+        export(run_dir, spec, Path(own["output"]), own.get("checkpoint", rundir.FINAL), own.get("dtype", "auto"),
                flag(own, "overwrite"))
         return
     from fttool import generate
@@ -204,13 +203,12 @@ def main(verb: str, argv: List[str]) -> None:
 
 
 def _eval(own, overrides) -> None:
-    from fttool import rundir
     from fttool.train import setup_logging
 
     from fttool.model import check_inference_device
 
     run_dir, spec = run_spec(own, overrides)
-    weights = rundir.weights_dir(run_dir, spec, own.get("checkpoint", "final"))
+    weights = rundir.weights_dir(run_dir, spec, own.get("checkpoint", rundir.FINAL))
     check_inference_device(spec, "hardware.device")
     setup_logging(run_dir, log_file="eval.log")
     from fttool.evaluate import run_eval

@@ -280,22 +280,28 @@ def test_sample_whose_reply_is_truncated_away_is_dropped_and_counted(tmp_path):
 def test_seeded_splits_by_ratio(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", chat_rows(100))
     args = ["data=chat", f"data.path={path}", "data.val_ratio=0.1", "data.test_ratio=0.2", "data.test_path=null"]
-    p1, _ = build(args, tmp_path)
-    p2, _ = build(args, tmp_path, use_cache=False)
-    p3, _ = build(args + ["seed=7"], tmp_path)
-    assert (p1.stats.samples, len(p1.validation), len(p1.test)) == (70, 10, 20)
-    assert [t["loc"] for t in p1.test] == [t["loc"] for t in p2.test]
-    assert [t["loc"] for t in p1.test] != [t["loc"] for t in p3.test]
-    assert not set(p1.train["loc"]) & {t["loc"] for t in p1.test}
+    from fttool.data import test_rows
+
+    p1, s1 = build(args, tmp_path)
+    p2, s2 = build(args, tmp_path, use_cache=False)
+    p3, s3 = build(args + ["seed=7"], tmp_path)
+    (t1, _), (t2, _), (t3, _) = test_rows(s1), test_rows(s2), test_rows(s3)  # the split `fttool eval` scores
+    assert (p1.stats.samples, len(p1.validation), len(t1)) == (70, 10, 20)
+    assert [loc for loc, _ in t1] == [loc for loc, _ in t2]
+    assert [loc for loc, _ in t1] != [loc for loc, _ in t3]
+    assert not set(p1.train["loc"]) & {loc for loc, _ in t1}
 
 
 def test_split_by_file(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", chat_rows(8))
     val = write_jsonl(tmp_path / "val.jsonl", chat_rows(3, start=50))
     test = write_jsonl(tmp_path / "test.jsonl", chat_rows(4, start=80))
-    prepared, _ = build(["data=chat", f"data.path={train}", f"data.val_path={val}", f"data.test_path={test}"], tmp_path)
-    assert (prepared.stats.samples, len(prepared.validation), len(prepared.test)) == (8, 3, 4)
-    assert prepared.test[0]["reference"] == reversal_rows(1, start=80)[0][1]
+    from fttool.data import eval_example, test_rows
+
+    prepared, spec = build(["data=chat", f"data.path={train}", f"data.val_path={val}", f"data.test_path={test}"], tmp_path)
+    rows, _ = test_rows(spec)
+    assert (prepared.stats.samples, len(prepared.validation), len(rows)) == (8, 3, 4)
+    assert eval_example(*rows[0])["reference"] == reversal_rows(1, start=80)[0][1]
 
 
 def test_exact_duplicates_removed_and_counted(tmp_path):

@@ -471,3 +471,23 @@ def test_batched_generation_equals_one_at_a_time(trained):
     convs = [[{"role": "user", "content": f"Reverse the words: {w}"}] for w in
              ("ape cat elk pink sun", "fox", "cow bee", "ship moon star lamp fire")]
     assert generate(model, tok, convs, 24, batch_size=4) == [generate(model, tok, [c], 24, batch_size=1)[0] for c in convs]
+
+
+def test_chat_sends_the_whole_conversation_and_reset_clears_it(monkeypatch, capsys):
+    """What the model is given each turn: every earlier turn and its reply, the system message kept across /reset."""
+    import io
+    import sys
+
+    from fttool import evaluate, generate
+
+    seen = []
+
+    def fake_generate(model, tok, conversations, **opts):
+        seen.append([dict(m) for m in conversations[0]])
+        return [(f"reply {len(seen)}", True)]
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("one\ntwo\n/reset\nthree\n"))
+    generate.chat(None, None, [{"role": "system", "content": "S"}], {"max_new_tokens": 4}, "test")
+    assert [[m["content"] for m in conv] for conv in seen] == [["S", "one"], ["S", "one", "reply 1", "two"], ["S", "three"]]
+    assert capsys.readouterr().out.split("\n")[:3] == ["reply 1", "reply 2", "reply 3"]

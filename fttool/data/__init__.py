@@ -1,8 +1,8 @@
 """Data: read rows -> normalise their format -> split -> weight -> render with the chat template, tokenize and
 mask -> apply the length policy -> cache. Every count along the way ends up in DataStats.
 
-`build(spec, tokenizer)` returns a `Prepared`: the tokenized training (and validation) datasets, the held-out
-test examples, the stats, and the cache folder they live in.
+`build(spec, tokenizer)` returns a `Prepared`: the tokenized training (and validation) datasets, the stats, and the
+cache folder they live in. The held-out test rows are read by `test_rows(spec)` when an evaluation needs them.
 """
 from __future__ import annotations
 
@@ -40,7 +40,6 @@ class Source:
 class Prepared:
     train: object  # datasets.Dataset with input_ids, labels, length
     validation: Optional[object]
-    test: List[Dict]  # {"messages": prompt messages, "reference": str, "loc": str}
     stats: DataStats
     cache_dir: Path
     from_cache: bool
@@ -86,17 +85,16 @@ def build(spec, tokenizer, use_cache: bool = True) -> Prepared:
                       + [[k, fingerprint(p, "train", k)] for k, p in extra])
     where = cache.folder(d, parts)
     if use_cache and cache.is_complete(where):
-        splits, test, stats = cache.read(where)
-        return Prepared(splits["train"], splits["validation"], test, DataStats.from_dict(stats), where, True,
+        splits, stats = cache.read(where)
+        return Prepared(splits["train"], splits["validation"], DataStats.from_dict(stats), where, True,
                         time.perf_counter() - t0, parts)
-    train_rows, val_rows, test_rows, stats = _rows(spec, srcs)
+    train_rows, val_rows, _, stats = _rows(spec, srcs)
     encoder = Encoder(tokenizer, template, d)  # only when tokenizing: a cache hit needs none
     train_ds = _encode(encoder, train_rows, d, stats, count=True)
     val_ds = _encode(encoder, val_rows, d, DataStats(), count=False) if val_rows else None
-    test = [t for t in (_test_example(loc, ex) for loc, ex in test_rows) if t]
     if use_cache:
-        cache.write(where, parts, {"train": train_ds, "validation": val_ds}, test, stats.to_dict())
-    return Prepared(train_ds, val_ds, test, stats, where, False, time.perf_counter() - t0, parts)
+        cache.write(where, parts, {"train": train_ds, "validation": val_ds}, stats.to_dict())
+    return Prepared(train_ds, val_ds, stats, where, False, time.perf_counter() - t0, parts)
 
 
 # -- rows -------------------------------------------------------------------------------------------------

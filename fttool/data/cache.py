@@ -55,7 +55,7 @@ def is_complete(path: Path) -> bool:
     return (path / "meta.json").is_file()
 
 
-def write(path: Path, parts: Dict[str, Any], splits: Dict[str, Any], test: list, stats: dict) -> None:
+def write(path: Path, parts: Dict[str, Any], splits: Dict[str, Any], stats: dict) -> None:
     """Write a complete cache folder atomically (a temporary folder renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -65,9 +65,6 @@ def write(path: Path, parts: Dict[str, Any], splits: Dict[str, Any], test: list,
         for name, ds in splits.items():
             if ds is not None:
                 ds.save_to_disk(str(tmp / name))
-        with open(tmp / "test.jsonl", "w", encoding="utf-8") as f:
-            for ex in test:
-                f.write(json.dumps(ex, ensure_ascii=False) + "\n")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
         (tmp / "meta.json").write_text(json.dumps(parts, indent=1, sort_keys=True, default=str))
         try:
@@ -80,11 +77,9 @@ def write(path: Path, parts: Dict[str, Any], splits: Dict[str, Any], test: list,
 
 
 def read(path: Path):
-    """(splits, test examples, stats dict) of a complete cache folder."""
+    """(splits, stats dict) of a complete cache folder."""
     import datasets
 
     splits = {name: datasets.load_from_disk(str(path / name)) if (path / name).is_dir() else None
               for name in ("train", "validation")}
-    with open(path / "test.jsonl", encoding="utf-8") as f:
-        test = [json.loads(line) for line in f if line.strip()]
-    return splits, test, json.loads((path / "stats.json").read_text())
+    return splits, json.loads((path / "stats.json").read_text())
