@@ -32,9 +32,11 @@ def stop_ids(tokenizer, model=None) -> List[int]:
 def generate(model, tokenizer, conversations: Sequence[List[Dict]], max_new_tokens: int, batch_size: int = 16,
              temperature: float = 0.0, top_p: float = 1.0) -> List[Tuple[str, bool]]:
     """(reply, stopped) per conversation: batched, left-padded; greedy unless temperature > 0. `stopped` is True when
-    the reply ended with an end-of-turn token rather than at max_new_tokens."""
+    the reply ended with an end-of-turn token rather than at max_new_tokens. The pad positions' attention rows are
+    repaired (fttool/attention.py), so a reply does not depend on the other prompts of its batch, on CUDA too."""
     import torch
 
+    from fttool.attention import no_fully_masked_rows
     from fttool.data import prompt_ids
 
     device = next(model.parameters()).device
@@ -48,7 +50,7 @@ def generate(model, tokenizer, conversations: Sequence[List[Dict]], max_new_toke
         width = max(map(len, prompts))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        with torch.no_grad():
+        with torch.no_grad(), no_fully_masked_rows():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=stop,
                                  pad_token_id=pad, use_cache=True, **sampling)
         for g in gen[:, width:].tolist():

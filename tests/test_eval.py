@@ -459,10 +459,18 @@ def test_a_gpu_run_on_a_machine_without_one_says_how_to_use_the_cpu(trained, tmp
     assert r.returncode == 0 and r.stdout.strip(), r.stderr[-1500:]
 
 
-def test_batched_generation_equals_one_at_a_time(trained):
-    """Left padding in a batch must not change a greedy reply (scores would depend on eval.batch_size)."""
+@pytest.mark.parametrize("attention", ["cpu", "cuda_like"])
+def test_batched_generation_equals_one_at_a_time(attention, trained, monkeypatch):
+    """Left padding in a batch must not change a greedy reply (scores would depend on eval.batch_size), also where
+    the attention kernel returns NaN for the pad positions' fully masked rows, as CUDA's does (tests/cuda_like.py)."""
+    import torch
+
+    from cuda_like import cuda_like_sdpa
     from fttool import data, model as model_lib, rundir
     from fttool.evaluate import generate
+
+    if attention == "cuda_like":
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", cuda_like_sdpa)
 
     spec = rundir.load_spec(trained)
     tok = model_lib.load_tokenizer(spec)

@@ -57,6 +57,37 @@ class BinCollator:
         return {k: torch.tensor([f[k] for f in features], dtype=torch.long) for k in ("input_ids", "labels", "position_ids")}
 
 
+class RightPadCollator:
+    """Padded batches, always padded on the right, whatever the tokenizer's `padding_side` says.
+
+    Left padding puts pad positions before a sample's first token: their query rows then attend to no key at all,
+    and CUDA's SDPA kernels return NaN for such rows (the CPU's do not), which spreads into the loss through
+    `0 * NaN`. Padded on the right, every pad position still sees the sample's real tokens. The tokenizer itself is
+    left as its authors set it (it is saved with the run for inference, where left padding is right)."""
+
+    def __init__(self, pad_id: int, multiple: int = 8):
+        self.pad_id, self.multiple = pad_id, multiple
+
+    def __call__(self, features):
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        width = -(-longest // self.multiple) * self.multiple
+        ids, labels, mask = [], [], []
+        for f in features:
+            n, pad = len(f["input_ids"]), width - len(f["input_ids"])
+            ids.append(list(f["input_ids"]) + [self.pad_id] * pad)
+            labels.append(list(f["labels"]) + [IGNORE] * pad)
+            mask.append([1] * n + [0] * pad)
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
+                "attention_mask": torch.tensor(mask, dtype=torch.long)}
+
+
+def pad_id(tokenizer) -> int:
+    """The id padding is written with: the tokenizer's pad token, else its EOS (padding is never attended or trained)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collator(packing: str, tokenizer):
     if packing == "padding_free":
         from transformers import DataCollatorWithFlattening
@@ -64,9 +95,7 @@ def collator(packing: str, tokenizer):
         return DataCollatorWithFlattening(separator_id=IGNORE)
     if packing == "bins":
         return BinCollator()
-    from transformers import DataCollatorForSeq2Seq
-
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, pad_to_multiple_of=8)
+    return RightPadCollator(pad_id(tokenizer))
 
 
 def guard_kv_cache(model) -> None:
