@@ -9,6 +9,8 @@ from typing import Dict, List
 
 from transformers import EarlyStoppingCallback, TrainerCallback
 
+from fttool import memory
+
 log = logging.getLogger("fttool")
 METRICS_FILE = "metrics.jsonl"
 
@@ -19,10 +21,13 @@ def _hms(seconds: float) -> str:
 
 
 class MetricsCallback(TrainerCallback):
-    """Append one JSON object per logging step to metrics.jsonl and print step/total, loss, lr, tokens/s, ETA."""
+    """Append one JSON object per logging step to metrics.jsonl and print step/total, loss, grad norm, lr, tokens/s,
+    peak memory and ETA. A NaN is written and shown as NaN; steps the non-finite guard skipped are counted."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, guard=None):
         self.path = Path(run_dir) / METRICS_FILE
+        self.guard = guard
+        self.peaks = memory.PeakTracker()
         self.t0 = self.t_last = time.time()
         self.tokens_last = 0
         self.step0 = 0
@@ -46,14 +51,22 @@ class MetricsCallback(TrainerCallback):
         if "loss" in logs:
             dt = max(now - self.t_last, 1e-9)
             tokens = state.num_input_tokens_seen
+            peaks = self.peaks.read()
             rec.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
-                       tokens=tokens, tokens_per_s=round((tokens - self.tokens_last) / dt, 1), elapsed_s=round(now - self.t0, 2))
+                       tokens=tokens, tokens_per_s=round((tokens - self.tokens_last) / dt, 1), elapsed_s=round(now - self.t0, 2),
+                       **peaks)
+            skipped = len(self.guard.skipped) if self.guard is not None else 0
+            if skipped:
+                rec["nonfinite_steps"] = skipped
             self.t_last, self.tokens_last = now, tokens
             done = state.global_step - self.step0
             eta = (now - self.t0) / done * (state.max_steps - state.global_step) if done else 0.0
+            norm = logs.get("grad_norm")
             log.info(f"step {state.global_step}/{state.max_steps} ({100 * state.global_step / max(state.max_steps, 1):.0f}%) | "
-                     f"loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0):.2e} | {rec['tokens_per_s']:,.0f} tok/s | "
-                     f"elapsed {_hms(now - self.t0)} | eta {_hms(eta)}")
+                     f"loss {logs['loss']:.4f}" + (f" | grad norm {norm:.3g}" if norm is not None else "")
+                     + f" | lr {logs.get('learning_rate', 0):.2e} | {rec['tokens_per_s']:,.0f} tok/s | {memory.describe(peaks)}"
+                     + (f" | {skipped} non-finite step(s) skipped" if skipped else "")
+                     + f" | elapsed {_hms(now - self.t0)} | eta {_hms(eta)}")
         else:
             rec.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
             if "eval_loss" in logs and self.training:
@@ -61,8 +74,22 @@ class MetricsCallback(TrainerCallback):
                 best = self.best_val is None or val < self.best_val
                 self.best_val = val if best else self.best_val
                 log.info(f"step {state.global_step}/{state.max_steps} | validation loss {val:.4f}" + (" (best so far)" if best else ""))
+        self._append(rec)
+
+    def _append(self, rec: Dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps(rec) + "\n")  # NaN and Infinity as JavaScript writes them: json.loads reads them back
+
+    def record_stop(self, e, state) -> None:
+        """The row of the step the non-finite guard stopped at, and its progress line."""
+        if e.validation:
+            rec = {"step": e.step, "epoch": round(state.epoch or 0.0, 4), "eval_loss": e.loss, "nonfinite": "stopped"}
+            log.info(f"step {e.step}/{state.max_steps} | validation loss {e.loss} | non-finite: stopped")
+        else:
+            rec = {"step": e.step, "epoch": round(state.epoch or 0.0, 4), "loss": e.loss, "grad_norm": e.grad_norm,
+                   "nonfinite": "stopped", **self.peaks.read()}
+            log.info(f"step {e.step}/{state.max_steps} | loss {e.loss:.4f} | grad norm {e.grad_norm} | non-finite: stopped")
+        self._append(rec)
 
 
 class EarlyStopping(EarlyStoppingCallback):
@@ -116,10 +143,14 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 
 
 def sparkline(values: List[float], width: int = 40) -> str:
+    """A row of bars for a loss curve; a non-finite value is shown as ×."""
+    import math
+
     if not values:
         return ""
     if len(values) > width:
         values = [values[int(i * len(values) / width)] for i in range(width)]
-    lo, hi = min(values), max(values)
+    finite = [v for v in values if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
     bars = "▁▂▃▄▅▆▇█"
-    return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in values)
+    return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] if math.isfinite(v) else "×" for v in values)

@@ -107,10 +107,13 @@ def load_trained(spec, precision: str, final):
     if spec.method.name == "full":
         from dataclasses import replace
 
-        return load_base(replace(spec, model=replace(spec.model, name_or_path=str(Path(final)))), precision)
-    from peft import PeftModel
+        model = load_base(replace(spec, model=replace(spec.model, name_or_path=str(Path(final)))), precision)
+    else:
+        from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_base(spec, precision), str(final))
+        model = PeftModel.from_pretrained(load_base(spec, precision), str(final))
+    check_finite_weights(model, str(final))
+    return model
 
 
 def check_inference_device(spec, key: str) -> None:
@@ -156,6 +159,37 @@ def load_model(spec) -> Tuple[object, str]:
     check_device(spec)
     precision = resolve_precision(spec)
     return add_adapters(spec, load_base(spec, precision)), precision
+
+
+CPU_4BIT_OUT, CPU_4BIT_IN = 32, 64  # bitsandbytes' CPU 4-bit kernel: output rows in blocks of 32, input in blocks of 64
+
+
+def check_cpu_4bit_shapes(spec, model) -> None:
+    """4-bit QLoRA on the CPU: bitsandbytes repacks each 4-bit weight for its CPU kernel the first time the layer runs
+    without gradients (validation, evaluation, generation, on CPUs with AVX512-BF16), and asserts that the layer's
+    output size divides by 32 and its input size by 64. Say so before training, not as an assertion at the first
+    validation (or only on some machines)."""
+    if spec.hardware.device != "cpu" or spec.method.name != "qlora" or spec.method.bits != 4:
+        return
+    bad = sorted({(type(m).__name__, m.in_features, m.out_features) for m in model.modules()
+                  if type(m).__name__ == "Linear4bit" and (m.out_features % CPU_4BIT_OUT or m.in_features % CPU_4BIT_IN)})
+    if bad:
+        shapes = ", ".join(f"{i}->{o}" for _, i, o in bad)
+        raise UserError(f"method=qlora on the CPU: bitsandbytes' 4-bit CPU kernel needs every quantized layer's input size "
+                        f"to be a multiple of {CPU_4BIT_IN} and its output size a multiple of {CPU_4BIT_OUT}, and "
+                        f"{spec.model.name_or_path} has layers of {shapes} (in->out features). Use method=lora on the CPU, "
+                        "method.bits=8, or train on a GPU (hardware=single_gpu).")
+
+
+def check_finite_weights(model, where: str) -> None:
+    """Weights with NaN or inf (a run that diverged before the non-finite guard existed, a damaged file) fail here
+    with the reason, not later as a perplexity of n/a or an error deep inside a merge."""
+    import torch
+
+    bad = [n for n, p in model.named_parameters() if p.dtype.is_floating_point and not torch.isfinite(p).all()]
+    if bad:
+        raise UserError(f"{where}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]}): the run diverged or the "
+                        "file is damaged. Use an earlier checkpoint (checkpoint=N), or train again (a lower train.lr).")
 
 
 def count_parameters(model) -> Tuple[int, int]:

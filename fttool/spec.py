@@ -162,6 +162,7 @@ class TrainSpec:
     early_stopping_patience: int = 0  # stop after this many validations without improvement (0 = never stop early)
     early_stopping_threshold: float = 0.0  # a validation loss must drop by more than this to count as an improvement
     load_best: bool = True  # with validation during training: keep the best checkpoint (checkpoints/best) and save it as final/
+    nonfinite_tolerance: int = 0  # optimizer steps with a NaN/inf loss or gradient norm to skip (update dropped, counted) before the run stops
 
 
 @dataclass

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Tuple
 
-from fttool import rundir
+from fttool import memory, rundir
 from fttool.errors import UserError
 from fttool.rundir import CHECKPOINTS, FINAL
 
@@ -98,6 +98,7 @@ def training_args(spec, run_dir: Path, precision: str):
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=spec.hardware.device == "cpu",
         dataloader_num_workers=t.dataloader_workers, report_to=["wandb"] if spec.logging.backend == "wandb" else [],
         run_name=spec.run_name, disable_tqdm=True, include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (the Trainer would log the average so far, or 0)
         remove_unused_columns=False, save_only_model=False, **validation_args(spec), **distributed.training_kwargs(spec, run_dir),
     )
 
@@ -127,8 +128,7 @@ def as_batches(spec, split, tok):
 
     from fttool.data import pack
 
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    bins = pack.pack_bins(ds["input_ids"], ds["labels"], spec.data.max_length, pad)
+    bins = pack.pack_bins(ds["input_ids"], ds["labels"], spec.data.max_length, pack.pad_id(tok))
     log.info(f"data: {len(ds):,} samples packed into {len(bins['input_ids']):,} rows of {spec.data.max_length} tokens "
              f"({100 * sum(split['length']) / (len(bins['input_ids']) * spec.data.max_length):.1f}% filled)")
     return datasets.Dataset.from_dict(bins)
@@ -144,10 +144,11 @@ def train(run_dir: Path) -> dict:
     spec = rundir.load_spec(run_dir)
     main = rank() == 0
     setup_logging(run_dir, main)
-    from transformers import PrinterCallback, Trainer, set_seed
+    from transformers import PrinterCallback, set_seed
 
     from fttool import callbacks, data, distributed, model as model_lib, tracking
     from fttool.data import pack
+    from fttool.guard import GuardedTrainer, NonFiniteGuard, NonFiniteStep, TrainingDiverged, diverged_message
 
     if spec.hardware.strategy == "fsdp2" and spec.hardware.device == "cpu":
         distributed.enable_cpu_fsdp()
@@ -167,6 +168,7 @@ def train(run_dir: Path) -> dict:
         log_format_notes(spec)
         (run_dir / "data.json").write_text(json.dumps(prepared.record(), indent=1, default=str) + "\n")
     model, precision = model_lib.load_model(spec)
+    model_lib.check_cpu_4bit_shapes(spec, model)
     if spec.data.packing != "none":
         pack.guard_kv_cache(model)
     trainable, total = model_lib.count_parameters(model)
@@ -177,11 +179,13 @@ def train(run_dir: Path) -> dict:
     extra = []
     if spec.train.early_stopping_patience:
         extra.append(callbacks.EarlyStopping(spec.train.early_stopping_patience, spec.train.early_stopping_threshold))
-    trainer = Trainer(
+    guard = NonFiniteGuard(tolerance=spec.train.nonfinite_tolerance, fp16=precision == "fp16")
+    metrics_cb = callbacks.MetricsCallback(run_dir, guard)
+    trainer = GuardedTrainer(
         model=model, args=args, train_dataset=as_batches(spec, prepared.train, tok),
         eval_dataset=as_batches(spec, prepared.validation, tok) if prepared.validation is not None else None,
         data_collator=pack.collator(spec.data.packing, tok), processing_class=tok,
-        callbacks=[callbacks.MetricsCallback(run_dir), callbacks.LayoutCallback(), *extra],
+        callbacks=[metrics_cb, callbacks.LayoutCallback(), *extra], guard=guard,
     )
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line per logging step
     # the launcher only hands a run folder with checkpoints to a worker when resume=auto asked for it
@@ -194,15 +198,21 @@ def train(run_dir: Path) -> dict:
     log.info(f"training: run folder {run_dir}")
     try:
         out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        best = mark_best(run_dir, trainer.state) if main else None
+        # every process takes part; a non-finite loss here stops the run before final/ is written
+        eval_loss = trainer.evaluate()["eval_loss"] if prepared.validation is not None else None
     except KeyboardInterrupt:
         ckpt = last_checkpoint(run_dir)
         log.info(f"interrupted. Last complete checkpoint: {ckpt or 'none'}. Continue with: resume=auto run_name={spec.run_name}")
         raise SystemExit(130)
+    except NonFiniteStep as e:  # nothing of this step was applied; final/ is not written from this run's weights
+        if main:
+            metrics_cb.record_stop(e, trainer.state)
+            tracking.finish(run_dir)
+        raise TrainingDiverged(diverged_message(e, spec, run_dir, last_checkpoint(run_dir), precision)) from None
     finally:
         if main:
             _plot(run_dir, trainer)
-    best = mark_best(run_dir, trainer.state) if main else None
-    eval_loss = trainer.evaluate()["eval_loss"] if prepared.validation is not None else None  # every process takes part
     final = run_dir / FINAL
     trainer.save_model(str(final))  # every process: FSDP and ZeRO-3 gather the full weights for process 0 to write
     if not main:
@@ -210,8 +220,12 @@ def train(run_dir: Path) -> dict:
     tok.save_pretrained(str(final))
     summary = _summarize(spec, run_dir, out, trainable, total, prepared.stats)
     runtime = out.metrics.get("train_runtime") or 0
+    metrics_cb.peaks.read()  # the end of training, the final save and validation included
     summary.update(eval_loss=eval_loss, tokens_seen=trainer.state.num_input_tokens_seen,
-                   tokens_per_s=trainer.state.num_input_tokens_seen / runtime if runtime else None, **(best or {}))
+                   tokens_per_s=trainer.state.num_input_tokens_seen / runtime if runtime else None, **(best or {}),
+                   peak_memory=metrics_cb.peaks.run, nonfinite_steps=guard.skipped)
+    log.info(f"peak memory: {memory.describe(metrics_cb.peaks.run)}"
+             + (f"; {len(guard.skipped)} non-finite step(s) skipped: {guard.skipped}" if guard.skipped else ""))
     summary["stopped_early"] = bool(spec.train.early_stopping_patience) and out.global_step < trainer.state.max_steps
     if eval_loss is not None:
         log.info(f"validation loss {eval_loss:.4f} on {len(prepared.validation):,} held-out samples")

@@ -69,6 +69,7 @@ RANGES: List[Tuple[str, Callable[[Any], bool], str]] = [
     ("train.eval_steps", lambda v: v is None or v >= 1, "an integer >= 1, or null to validate at every checkpoint"),
     ("train.early_stopping_patience", lambda v: v >= 0, "an integer >= 0 (0 = never stop early)"),
     ("train.early_stopping_threshold", lambda v: v >= 0, "a number >= 0"),
+    ("train.nonfinite_tolerance", lambda v: v >= 0, "an integer >= 0 (0 = stop at the first non-finite step)"),
     ("hardware.num_processes", lambda v: v >= 1, "an integer >= 1 (processes on each machine, one per GPU)"),
     ("hardware.num_machines", lambda v: v >= 0, "an integer >= 1 (0 = from SLURM)"),
     ("hardware.machine_rank", lambda v: v is None or v >= -1, "an integer from 0 to num_machines-1 (-1 = from SLURM)"),
@@ -184,6 +185,10 @@ def _check_topology(cfg: DictConfig) -> None:
     if hw.offload and hw.strategy == "fsdp2" and hw.device == "cpu":
         raise UserError("hardware.offload=true moves FSDP2 parameters from the GPUs to CPU memory; with hardware.device=cpu "
                         "they are there already: remove hardware.offload.")
+    if cfg.train.nonfinite_tolerance and hw.strategy in ("zero2", "zero3"):
+        raise UserError(f"train.nonfinite_tolerance={cfg.train.nonfinite_tolerance} with hardware.strategy={hw.strategy}: "
+                        "DeepSpeed applies each update inside its backward pass, so a bad step cannot be dropped; use "
+                        "train.nonfinite_tolerance=0 (the run stops at the first non-finite step), or hardware=ddp / fsdp2.")
     if hw.activation_checkpointing and hw.strategy != "fsdp2":
         raise UserError("hardware.activation_checkpointing applies to fsdp2; elsewhere use train.gradient_checkpointing=true.")
     if hw.strategy == "fsdp2" and cfg.train.gradient_checkpointing:

@@ -37,8 +37,10 @@ def test_method_trains_and_loss_falls(method, tmp_path):
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["best", "checkpoint-12", "checkpoint-6"]  # validated at each checkpoint: the best is marked
     rec = read_metrics(run_dir)[0]
-    assert {"step", "loss", "lr", "tokens_per_s"} <= set(rec)
-    assert json.loads((run_dir / "result.json").read_text())["steps"] == 12
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_rss_gib"} <= set(rec) and rec["peak_rss_gib"] > 0.1
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == 12 and result["nonfinite_steps"] == []
+    assert result["peak_memory"]["peak_rss_gib"] >= rec["peak_rss_gib"]  # the run's peak, final save included
 
 
 @pytest.mark.parametrize("fmt,packing", [("chat", "bins"), ("sharegpt", "padding_free"), ("alpaca", "none"),
@@ -184,3 +186,24 @@ def test_embedded_default_beats_the_base_model(tmp_path):
     assert "verdict: PASS" in (tmp_path / "exported" / "README.md").read_text()
     r = run_cli("generate", "model=exported", "prompt=Reverse the words: ape cat elk pink", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "pink elk cat ape", r.stdout + r.stderr[-2000:]
+
+
+def test_qlora_on_the_cpu_refuses_layer_sizes_its_4bit_kernel_cannot_take(tmp_path):
+    """bitsandbytes' CPU kernel asserts 'N must be divisible by block_n' at the first forward without gradients
+    (validation, eval) on CPUs with AVX512-BF16: say so before training, on every CPU."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fttool import assets
+
+    tok = AutoTokenizer.from_pretrained(assets.resolve("fttool:tiny-chat"))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=172, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, eos_token_id=tok.eos_token_id)
+    model_dir = tmp_path / "odd-sizes"
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    r = run_cli("method=qlora", f"model.name_or_path={model_dir}", *FAST, "run_name=odd", f"output_dir={tmp_path}",
+                cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "4-bit CPU kernel needs every quantized layer's input size to be a multiple of 64" in r.stderr
+    assert "64->172" in r.stderr and "method=lora" in r.stderr
+    assert not (tmp_path / "odd").exists()
