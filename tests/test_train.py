@@ -207,3 +207,33 @@ def test_qlora_on_the_cpu_refuses_layer_sizes_its_4bit_kernel_cannot_take(tmp_pa
     assert "4-bit CPU kernel needs every quantized layer's input size to be a multiple of 64" in r.stderr
     assert "64->172" in r.stderr and "method=lora" in r.stderr
     assert not (tmp_path / "odd").exists()
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import ROOT
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: bench/gpu_check.py would run for real")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "sees no CUDA GPU here: nothing to check" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_flow_runs_on_the_cpu(tmp_path):
+    """The GPU check's whole flow (6 runs through the CLI, export, reload, batch vs one at a time) with a tiny model."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu-dry-run", "--steps", "3",
+                        "--batch", "2", "--out", str(tmp_path / "gc")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "gpu_check: PASS" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    for name in ("lora-padded", "qlora-padding_free", "full-padded"):
+        assert f"| {name} |" in r.stdout
+    assert "greedy replies identical: 4 of 4" in r.stdout
