@@ -217,6 +217,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     ap.add_argument("--batch", type=int, default=8, help="micro-batch")
     ap.add_argument("--cpu-dry-run", action="store_true", help="the same flow on the CPU with a tiny model")
+    ap.add_argument("--runs", default="", help="only these runs, comma-separated (e.g. qlora-padded,lora-padding_free); "
+                                               "default: all six")
     args = ap.parse_args()
     import torch
 
@@ -245,15 +247,19 @@ def main() -> int:
               f"  model: random Llama, {params / 1e6:.1f}M parameters; tokenizer: {tok_from} (padding_side {side}); "
               f"data: {data.name}; {args.steps} steps x batch {args.batch}, fp32")
         runs = []
+        chosen = {r for r in args.runs.split(",") if r}
         for method in ("lora", "qlora", "full"):
             for packing in ("none", "padding_free"):
+                if chosen and f"{method}-{'padded' if packing == 'none' else packing}" not in chosen:
+                    continue
                 run = train_run(work, model, data, method, packing, args)
                 runs.append(run)
                 print(f"  {run['name']:<18} {'ok' if not run['problems'] else 'FAIL: ' + '; '.join(run['problems'])} "
                       f"({run['wall_s']:.0f} s)", flush=True)
-        qlora = next(r for r in runs if r["name"] == "qlora-padded")
+        qlora = next((r for r in runs if r["name"] == "qlora-padded"), None)
         gen_problems, export_side, gen_info = (export_and_generate(work, qlora["run_dir"], data, args.device)
-                                               if qlora["rc"] == 0 else (["the QLoRA run failed: nothing to export"], None, ""))
+                                               if qlora and qlora["rc"] == 0 else
+                                               (["no successful qlora-padded run to export"], None, ""))
         print("\n| run | loss first -> last | max grad norm | peak GPU alloc / reserved GiB | peak RSS GiB | tokens/s | check |")
         print("|---|---|---:|---|---:|---:|---|")
         for r in runs:

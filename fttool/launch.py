@@ -69,7 +69,10 @@ def run_workers(spec: RunSpec, run_dir: Path, config: Path) -> None:
         raise SystemExit(130) from None
     if rc != 0:
         first = hw.machine_rank * hw.num_processes
-        raise UserError(failure_report(run_dir, rc, list(range(first, first + hw.num_processes))))
+        ranks = list(range(first, first + hw.num_processes))
+        err = UserError(failure_report(run_dir, rc, ranks))
+        err.exit_code = reported_exit_code(run_dir, ranks)
+        raise err
 
 
 def _stop(proc: subprocess.Popen) -> int:
@@ -92,6 +95,15 @@ def _stop(proc: subprocess.Popen) -> int:
 
 def _ranks(ranks: List[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+def reported_exit_code(run_dir: Path, ranks: List[int]) -> int:
+    """The exit code the first failed rank's error asked for (4 when training diverged), else 2."""
+    for r in ranks:
+        path = run_dir / ERRORS / f"rank-{r}.exit"
+        if path.is_file() and path.read_text().strip().isdigit():
+            return int(path.read_text().strip())
+    return UserError.exit_code
 
 
 def failure_report(run_dir: Path, rc: int, ranks: List[int]) -> str:

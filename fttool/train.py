@@ -318,7 +318,7 @@ def main(argv=None) -> None:
     try:
         train(run_dir)
     except UserError as e:
-        _error_report(run_dir, f"fttool: error: {e}")
+        _error_report(run_dir, f"fttool: error: {e}", e.exit_code)
         from fttool.errors import fail
 
         fail(str(e), e.exit_code)
@@ -333,11 +333,14 @@ def main(argv=None) -> None:
         _close_process_group()
 
 
-def _error_report(run_dir: Path, text: str) -> None:
+def _error_report(run_dir: Path, text: str, exit_code: Optional[int] = None) -> None:
+    """errors/rank-N.txt, and errors/rank-N.exit with the exit code a user error asks for (4: training diverged)."""
     try:
         folder = run_dir / "errors"
         folder.mkdir(exist_ok=True)
         (folder / f"rank-{rank()}.txt").write_text(text)
+        if exit_code is not None:
+            (folder / f"rank-{rank()}.exit").write_text(f"{exit_code}\n")
     except OSError:
         pass
 

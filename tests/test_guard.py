@@ -165,3 +165,16 @@ def test_weights_with_nan_are_named_when_loaded(tmp_path):
         model_lib.load_trained(rundir.load_spec(run_dir), "fp32", run_dir / "final")
     r = run_cli("eval", f"run={run_dir}", cwd=tmp_path)
     assert r.returncode == 2 and "hold NaN or inf" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_a_diverging_two_process_run_stops_every_rank_and_exits_4(strategy, tmp_path):
+    from test_distributed import free_port
+
+    r = run_cli(f"hardware={strategy}", "hardware.device=cpu", "hardware.num_processes=2", f"hardware.main_port={free_port()}",
+                "method=full", "train.lr=1e9", "train.max_grad_norm=1e9", "train.warmup_ratio=0", "train.max_steps=8",
+                "train.logging_steps=1", "train.batch_size=2", "train.grad_accum=1", "data.max_samples=32",
+                "data.val_ratio=0", "eval.after_training=false", "run_name=div2", f"output_dir={tmp_path}", cwd=tmp_path)
+    assert r.returncode == 4, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "training stopped at step" in r.stderr and "rank 0" in r.stderr
+    assert not (tmp_path / "div2" / "final").exists()
