@@ -44,7 +44,7 @@ def merged_model(spec, weights: Path, dtype: str):
     from transformers import AutoModelForCausalLM
 
     from fttool import assets
-    from fttool.model import _torch_dtype
+    from fttool.model import _torch_dtype, check_finite_weights
 
     source = str(weights) if spec.method.name == "full" else assets.resolve(spec.model.name_or_path)
     try:  # never with the run's quantization_config: the base is reloaded at full precision
@@ -53,10 +53,13 @@ def merged_model(spec, weights: Path, dtype: str):
     except (OSError, ValueError) as e:
         raise UserError(f"could not load {source} to export: {str(e).splitlines()[0]}")
     if spec.method.name == "full":
+        check_finite_weights(model, str(weights))
         return model
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(weights)).merge_and_unload(safe_merge=True)
+    model = PeftModel.from_pretrained(model, str(weights))
+    check_finite_weights(model, str(weights))  # named here, not as peft's "NaNs detected in the merged weights"
+    return model.merge_and_unload(safe_merge=True)
 
 
 def generation_config(model, tokenizer):

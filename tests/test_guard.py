@@ -163,8 +163,10 @@ def test_weights_with_nan_are_named_when_loaded(tmp_path):
     save_file(weights, path)
     with pytest.raises(UserError, match="weight tensor\\(s\\) hold NaN or inf"):
         model_lib.load_trained(rundir.load_spec(run_dir), "fp32", run_dir / "final")
-    r = run_cli("eval", f"run={run_dir}", cwd=tmp_path)
-    assert r.returncode == 2 and "hold NaN or inf" in r.stderr and "Traceback" not in r.stderr
+    for verb in (["eval", f"run={run_dir}"], ["export", f"run={run_dir}", f"output={tmp_path / 'out'}"]):
+        r = run_cli(*verb, cwd=tmp_path)
+        assert r.returncode == 2 and "hold NaN or inf" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
