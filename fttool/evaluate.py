@@ -113,7 +113,12 @@ def score(model, tokenizer, spec, examples: List[Dict], encoded, scorers) -> Dic
     if "perplexity" in names:
         losses = nll(model, encoded)
         total, count = sum(l for l, _ in losses), sum(c for _, c in losses)
-        metrics["perplexity"] = math.exp(total / count) if count else float("nan")
+        mean = total / count if count else float("nan")
+        metrics["perplexity"] = float("inf") if mean >= 709 else math.exp(mean)  # exp overflows a float past ~709
+        if count and not math.isfinite(mean):
+            log.warning(f"eval: the model's loss on the reference replies is {mean} (NaN/inf logits), so perplexity "
+                        "cannot be scored: its outputs overflow or its weights are broken. Try hardware.precision=fp32 "
+                        "(or bf16 instead of fp16), or an earlier checkpoint (checkpoint=N).")
         for p, (l, c) in zip(per, losses):
             p["nll"] = l / c if c else None
     return {"metrics": {n: metrics[n] for n in names if n in metrics}, "replies": replies, "per_example": per}

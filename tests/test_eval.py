@@ -499,3 +499,25 @@ def test_chat_sends_the_whole_conversation_and_reset_clears_it(monkeypatch, caps
     generate.chat(None, None, [{"role": "system", "content": "S"}], {"max_new_tokens": 4}, "test")
     assert [[m["content"] for m in conv] for conv in seen] == [["S", "one"], ["S", "one", "reply 1", "two"], ["S", "three"]]
     assert capsys.readouterr().out.split("\n")[:3] == ["reply 1", "reply 2", "reply 3"]
+
+
+@pytest.mark.parametrize("loss,expected", [(float("nan"), "nan"), (800.0, "inf"), (2.0, "finite")])
+def test_perplexity_of_broken_outputs_says_why(loss, expected, monkeypatch, tmp_path):
+    """NaN logits used to show as perplexity n/a with nothing said; a huge loss overflowed math.exp."""
+    import logging
+
+    from fttool import evaluate
+
+    monkeypatch.setattr(evaluate, "nll", lambda model, encoded: [(loss * 3, 3)])
+    spec = make_spec(["data.metrics=[perplexity]"], tmp_path)
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("fttool").addHandler(handler)
+    try:
+        out = evaluate.score(None, None, spec, [{"messages": [], "reference": ""}], {}, {})
+    finally:
+        logging.getLogger("fttool").removeHandler(handler)
+    ppl = out["metrics"]["perplexity"]
+    assert {"nan": math.isnan(ppl), "inf": ppl == float("inf"), "finite": ppl == pytest.approx(math.exp(2.0))}[expected]
+    assert any("cannot be scored" in m for m in seen) == (expected == "nan")
