@@ -145,6 +145,9 @@ def describe(spec: RunSpec) -> List[str]:
     lines.append(f"schedule    {steps}, global batch {global_batch} ({tr.batch_size} x {tr.grad_accum} accum x {world if machines else '?'} proc), "
                  f"lr {tr.lr:g} {tr.lr_scheduler}, warmup {tr.warmup_ratio:g}")
     lines.append(f"checkpoints every {tr.save_steps} steps, keep {tr.save_total_limit}; logging={spec.logging.backend}")
+    tolerate = (f"skips up to {tr.nonfinite_tolerance} step(s) with a NaN/inf loss or gradient norm, then stops"
+                if tr.nonfinite_tolerance else "stops at the first NaN/inf loss or gradient norm (exit 4)")
+    lines.append(f"guard       {tolerate}" + ("; batches padded on the right" if spec.data.packing == "none" else ""))
     lines += eval_lines(spec)
     lines.append(f"run folder  {Path(spec.output_dir) / str(spec.run_name)}")
     return lines

@@ -158,6 +158,7 @@ def test_check_prints_spec_and_plan_without_torch(tmp_path):
     assert "trainable of" in p.stdout and "processes   1 on cpu" in p.stdout
     assert "validation  loss every 30 steps on 0.02 of the rows; best checkpoint kept" in p.stdout
     assert "test        fttool:demo/test.jsonl (16 examples)" in p.stdout and "verdict: exact_match beats base" in p.stdout
+    assert "guard       stops at the first NaN/inf loss or gradient norm (exit 4); batches padded on the right" in p.stdout
     assert not list(tmp_path.iterdir()), "check must not write anything"
 
 
