@@ -159,13 +159,12 @@ def prefill_logits(model, tok, convs, repaired: bool = True):
     import torch
 
     from fttool.attention import no_fully_masked_rows
-    from fttool.data import prompt_ids
+    from fttool.data import pack, prompt_ids
+    from fttool.evaluate import left_padded
 
     prompts = [prompt_ids(tok, c) for c in convs]
-    width, pad = max(map(len, prompts)), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    device = next(model.parameters()).device
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids, mask = left_padded(prompts, pack.pad_id(tok), next(model.parameters()).device)
+    width = ids.shape[1]
     with torch.no_grad(), (no_fully_masked_rows() if repaired else nullcontext()):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
     return [logits[i, width - len(p):] for i, p in enumerate(prompts)]

@@ -29,6 +29,16 @@ def stop_ids(tokenizer, model=None) -> List[int]:
     return sorted({t for t in ids if isinstance(t, int) and t >= 0})
 
 
+def left_padded(prompts: Sequence[List[int]], pad: int, device):
+    """(input_ids, attention_mask) of prompts padded on the left to the longest, as generation wants them."""
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 def generate(model, tokenizer, conversations: Sequence[List[Dict]], max_new_tokens: int, batch_size: int = 16,
              temperature: float = 0.0, top_p: float = 1.0) -> List[Tuple[str, bool]]:
     """(reply, stopped) per conversation: batched, left-padded; greedy unless temperature > 0. `stopped` is True when
@@ -47,9 +57,8 @@ def generate(model, tokenizer, conversations: Sequence[List[Dict]], max_new_toke
     model.eval()
     for i in range(0, len(conversations), batch_size):
         prompts = [prompt_ids(tokenizer, c) for c in conversations[i: i + batch_size]]
-        width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        ids, mask = left_padded(prompts, pad, device)
+        width = ids.shape[1]
         with torch.no_grad(), no_fully_masked_rows():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=stop,
                                  pad_token_id=pad, use_cache=True, **sampling)

@@ -61,13 +61,12 @@ class NonFiniteGuard:
         device = loss.device if loss is not None else torch.device("cpu")
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
-        norm = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(
-            float("nan") if grad_norm is None else float(grad_norm), device=device)
+        check_norm = grad_norm is not None and not self.fp16
+        false = torch.tensor(False, device=device)
         bad = torch.stack([
-            ~torch.isfinite(loss) if loss is not None else torch.tensor(False, device=device),
-            ~torch.isfinite(norm.detach().float().to(device)) if grad_norm is not None and not self.fp16
-            else torch.tensor(False, device=device),
-        ]).to(torch.int32)
+            ~torch.isfinite(loss) if loss is not None else false,
+            ~torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float32, device=device)) if check_norm else false,
+        ]).int()
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -75,7 +74,7 @@ class NonFiniteGuard:
         if not bool(bad.any()):  # one device sync per optimizer step (the Trainer's own NaN filter made one per micro-batch)
             return
         loss_v = float(loss) if loss is not None else float("nan")
-        norm_v = float(norm) if grad_norm is not None else None
+        norm_v = float(grad_norm) if grad_norm is not None else None
         if len(self.skipped) >= self.tolerance:
             raise NonFiniteStep(step, loss_v, norm_v)
         self.skipped.append(step)
