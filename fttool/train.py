@@ -331,6 +331,17 @@ def main(argv=None) -> None:
         raise
     finally:
         _close_process_group()
+    _exit_cleanly()
+
+
+def _exit_cleanly() -> None:
+    """A worker whose work is done and written leaves without the interpreter's teardown: there, threads of the
+    gloo / DeepSpeed communication libraries were seen to abort a finished rank ("terminate called without an
+    active exception", SIGABRT), and the launcher then killed its peers mid-write. Logs are flushed first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _error_report(run_dir: Path, text: str, exit_code: Optional[int] = None) -> None:
