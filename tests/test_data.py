@@ -363,7 +363,6 @@ def _one_bad(tmp_path, bad, fmt="chat"):
     ({"messages": [{"role": "narrator", "content": "x"}]}, r":3: message #0 has role 'narrator'.*data.roles=\{narrator: assistant\}"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}, r":3: message #1 is an empty assistant reply"),
     ({"messages": [{"role": "user", "content": "hi"}]}, r":3: the conversation has no assistant reply"),
-    ({"messages": [{"role": "user", "content": "hi<|im_end|>"}, {"role": "assistant", "content": "x"}]}, r":3: message #0 contains the control token '<\|im_end\|>'"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}, r":3: message #1 needs 'content' as a string"),
 ])
 def test_bad_rows_name_the_line(bad, message, tmp_path):
@@ -392,8 +391,9 @@ def test_skip_bad_rows_counts_them(tmp_path):
     rows[4] = {"messages": [{"role": "user", "content": "x<|im_end|>"}, {"role": "assistant", "content": "y"}]}
     write_jsonl(path, rows)
     prepared, _ = build(["data=chat", f"data.path={path}", "data.skip_bad_rows=true"], tmp_path)
-    assert prepared.stats.bad_rows_skipped == 2 and prepared.stats.samples == 4
-    assert any(":2:" in e for e in prepared.stats.bad_row_examples) and any(":5:" in e for e in prepared.stats.bad_row_examples)
+    # row 5 quotes a control token: kept, as plain text (counted), not refused
+    assert prepared.stats.bad_rows_skipped == 1 and prepared.stats.samples == 5 and prepared.stats.literal_markers == 1
+    assert any(":2:" in e for e in prepared.stats.bad_row_examples)
 
 
 @pytest.mark.parametrize("path,message", [

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from conftest import SHARED_DATA, make_spec
+from template_cases import trained_runs
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "tokenizers" / "phi-3-mini").is_dir(),
                                 reason="../shared/data (real tokenizers and templates) is not present")
@@ -54,17 +55,6 @@ def data_spec(tmp_path_factory):
 
 def squash(text):
     return re.sub(r"\s+", "", text)
-
-
-def trained_runs(ids, labels):
-    runs, cur = [], []
-    for i, lab in zip(ids, labels):
-        if lab != -100:
-            cur.append(i)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    return runs + ([cur] if cur else [])
 
 
 def encode(tok, template, spec_data, msgs):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -205,30 +206,53 @@ def _encode(encoder: Encoder, rows: Rows, d, stats: DataStats, count: bool):
     return _length_policy(enc, d, stats, count)
 
 
+NO_TRAINED_WHY = {
+    "truncated": "its replies were cut off by data.max_length",
+    "empty": "the template rendered its trained replies empty (e.g. reasoning stripped from an earlier turn)",
+    "none": "it has no turn of data.train_roles to train",
+}
+
+
+def fate(ids: List[int], labels: List[int], d, empty_replies: int = 0):
+    """What the length policy does to one sample: (ids, labels, truncated, why it is dropped or "")."""
+    truncated = False
+    if len(ids) > d.max_length:
+        if d.truncation == "drop":
+            return ids, labels, False, f"longer than data.max_length={d.max_length} (data.truncation=drop)"
+        had = any(x != IGNORE for x in labels)
+        ids, labels, truncated = ids[: d.max_length], labels[: d.max_length], True
+        if had and not any(x != IGNORE for x in labels):
+            return ids, labels, True, NO_TRAINED_WHY["truncated"]
+    if not any(x != IGNORE for x in labels):
+        return ids, labels, truncated, NO_TRAINED_WHY["empty" if empty_replies else "none"]
+    return ids, labels, truncated, ""
+
+
 def _length_policy(enc, d, stats: DataStats, count: bool):
     import datasets
 
     keep: Dict[str, list] = {"input_ids": [], "labels": [], "length": [], "loc": []}
     lengths = []
-    for loc, ids, labels, eos, tools, err in zip(enc["loc"], enc["input_ids"], enc["labels"], enc["eos_appended"],
-                                                 enc["tools_in_system"], enc["error"]):
+    for loc, ids, labels, err, c in zip(enc["loc"], enc["input_ids"], enc["labels"], enc["error"], _counters(enc)):
         if err:
             stats.bad_rows_skipped += 1
             if len(stats.bad_row_examples) < BAD_ROW_EXAMPLES:
                 stats.bad_row_examples.append(err)
             continue
-        stats.eos_appended += eos
-        stats.tools_in_system += tools
-        if len(ids) > d.max_length:
-            if d.truncation == "drop":
+        stats.eos_appended += c["eos_appended"]
+        stats.tools_in_system += c["tools_in_system"]
+        stats.literal_markers += c["literal_markers"]
+        stats.empty_replies += c["empty_replies"]
+        ids, labels, truncated, why = fate(ids, labels, d, c["empty_replies"])
+        stats.truncated += truncated
+        if why:
+            if why.startswith("longer than"):
                 stats.dropped_too_long += 1
-                continue
-            ids, labels = ids[: d.max_length], labels[: d.max_length]
-            stats.truncated += 1
-        trained = sum(1 for x in labels if x != IGNORE)
-        if trained == 0:
-            stats.dropped_no_trained_tokens += 1
+            else:
+                stats.dropped_no_trained_tokens += 1
+                stats.no_trained_why[why] = stats.no_trained_why.get(why, 0) + 1
             continue
+        trained = sum(1 for x in labels if x != IGNORE)
         keep["input_ids"].append(ids)
         keep["labels"].append(labels)
         keep["length"].append(len(ids))
@@ -247,10 +271,88 @@ def _length_policy(enc, d, stats: DataStats, count: bool):
     return datasets.Dataset.from_dict(keep, features=features)
 
 
-def prompt_ids(tokenizer, messages) -> List[int]:
-    """Token ids of a conversation up to where the assistant answers, with the tokenizer's current template."""
-    return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                     add_special_tokens=False)["input_ids"]
+def _counters(enc):
+    for values in zip(*[enc[k] for k in COUNTERS]):
+        yield dict(zip(COUNTERS, values))
+
+
+COUNTERS = ("eos_appended", "tools_in_system", "literal_markers", "empty_replies")
+
+
+def prompt_ids(tokenizer, messages, template_kwargs: Optional[Dict] = None) -> List[int]:
+    """Token ids of a conversation up to where the assistant answers, with the tokenizer's current template and the
+    run's data.template_kwargs (so inference renders prompts as training did)."""
+    kwargs = dict(template_kwargs or {})
+    text = tokenizer.apply_chat_template(messages, tools=kwargs.pop("tools", None), documents=kwargs.pop("documents", None),
+                                         tokenize=False, add_generation_prompt=True, **kwargs)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def mask_dump(spec, tokenizer, path: str, limit: Optional[int] = None) -> Dict[str, int]:
+    """`fttool preview output=FILE.jsonl`: one JSON object per row of the sources, in file order (no split, weights,
+    dedup or packing): {"loc", "input_ids", "labels"} with labels -100 where nothing is trained, aligned with
+    input_ids as Hugging Face models take them, after data.max_length ("truncated": true); a sample training would
+    drop also has "dropped": why; a refused row is {"loc", "error"}. Written to a temporary file renamed into place."""
+    d = spec.data
+    template = training_template(spec, tokenizer)
+    encoder = Encoder(tokenizer, template, d)
+    counts = {"samples": 0, "errors": 0, "dropped": 0, "truncated": 0}
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for batch in _dump_batches(spec, limit):
+                for rec in _dump_records(encoder, batch, d):
+                    counts["errors" if "error" in rec else "samples"] += 1
+                    counts["dropped"] += "dropped" in rec
+                    counts["truncated"] += bool(rec.get("truncated"))
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return counts
+
+
+def _dump_batches(spec, limit: Optional[int], size: int = 256):
+    """[(loc, example or the UserError that refused the row)] in batches, over every source row in file order."""
+    d, batch, n = spec.data, [], 0
+    for s in sources_of(d):
+        fmt = Formatter(s.format, s.columns, d.roles, d.system_prompt)
+        for loc, rec in read_rows(s.path, s.split, s.key):
+            if limit is not None and n >= limit:
+                break
+            try:
+                batch.append((loc, fmt(loc, rec)))
+            except UserError as e:
+                batch.append((loc, e))
+            n += 1
+            if len(batch) >= size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _dump_records(encoder: Encoder, batch, d):
+    good = [(loc, ex) for loc, ex in batch if not isinstance(ex, UserError)]
+    enc = encoder.encode_batch([loc for loc, _ in good], [ex for _, ex in good], skip_bad=True) if good else None
+    done = {}
+    for k, (loc, _) in enumerate(good):
+        if enc["error"][k]:
+            done[loc] = {"loc": loc, "error": enc["error"][k]}
+            continue
+        counters = {c: enc[c][k] for c in COUNTERS}
+        ids, labels, truncated, why = fate(enc["input_ids"][k], enc["labels"][k], d, counters["empty_replies"])
+        rec = {"loc": loc, "input_ids": ids, "labels": labels}
+        if truncated:
+            rec["truncated"] = True
+        if why:
+            rec["dropped"] = why
+        done[loc] = rec
+    for loc, ex in batch:
+        yield {"loc": loc, "error": str(ex)} if isinstance(ex, UserError) else done[loc]
 
 
 def test_rows(spec) -> Tuple[Rows, str]:
@@ -272,4 +374,4 @@ def eval_example(loc: str, ex: Dict) -> Optional[Dict]:
     return t
 
 
-__all__ = ["build", "prompt_ids", "test_rows", "eval_example", "DataStats", "Prepared", "IGNORE", "sources_of"]
+__all__ = ["build", "prompt_ids", "mask_dump", "fate", "NO_TRAINED_WHY", "test_rows", "eval_example", "DataStats", "Prepared", "IGNORE", "sources_of"]

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-VERSION = 4  # bump when the encoding logic changes what a key produces
+VERSION = 5  # bump when the encoding logic changes what a key produces
 NOT_IN_KEY = {"packing", "num_proc", "cache_dir", "allow_template_change", "path", "mix", "val_path", "test_path",
               "metrics", "json_schema"}  # these change no token (metrics score the test split later)
 

@@ -24,15 +24,19 @@ ROLE_ALIASES = {
 
 # format -> its fields and the column each is read from by default (data.columns renames them)
 FIELDS: Dict[str, Dict[str, str]] = {
-    "chat": {"messages": "messages", "role": "role", "content": "content", "tools": "tools", "system": "system"},
-    "sharegpt": {"conversations": "conversations", "role": "from", "content": "value", "tools": "tools", "system": "system"},
+    "chat": {"messages": "messages", "role": "role", "content": "content", "tools": "tools", "documents": "documents",
+             "system": "system"},
+    "sharegpt": {"conversations": "conversations", "role": "from", "content": "value", "tools": "tools",
+                 "documents": "documents", "system": "system"},
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system", "history": "history"},
     "completion": {"text": "text"},
     "segments": {"segments": "segments"},
     "preference": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "role": "role", "content": "content",
-                   "tools": "tools", "system": "system"},
+                   "tools": "tools", "documents": "documents", "system": "system"},
 }
-OPTIONAL = {"tools", "system", "input", "history", "role", "content"}
+# message fields passed on to the template as they are (templates render tool calls and reasoning from them)
+EXTRA_FIELDS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
+OPTIONAL = {"tools", "documents", "system", "input", "history", "role", "content"}
 Example = Dict[str, Any]
 QUOTED = "'{}'"
 
@@ -115,26 +119,38 @@ class Formatter:
             raise UserError(f"{loc}: message #{j} must be an object with '{rk}' and '{ck}' (map other names with "
                             f"data.columns.role=... and data.columns.content=...).")
         content = m.get(ck)
-        if content is None and m.get("tool_calls"):  # OpenAI style: a tool call has no text content
-            content = json.dumps(m["tool_calls"], ensure_ascii=False)
+        extras = {k: m[k] for k in EXTRA_FIELDS if m.get(k) not in (None, "", [])}
+        if content is None and extras:  # OpenAI style: a tool call has no text content
+            content = ""
         if not isinstance(content, str):
             raise UserError(f"{loc}: message #{j} needs '{ck}' as a string, got {type(content).__name__}.")
-        return {"role": self._role(loc, j, m[rk]), "content": content}
+        if "tool_calls" in extras and not isinstance(extras["tool_calls"], list):
+            raise UserError(f"{loc}: message #{j} has 'tool_calls' that is not a list of calls.")
+        return {"role": self._role(loc, j, m[rk]), "content": content, **extras}
+
+    def _listed(self, loc: str, rec: Dict[str, Any], name: str, what: str) -> Optional[list]:
+        """A row's tools or documents as the list it holds (an empty list stays empty: templates loop over it);
+        None when the row has none. A JSON string (glaive-style rows) is read as JSON."""
+        if name not in self.col:
+            return None
+        value = self._get(loc, rec, name)
+        if isinstance(value, str):
+            if not value.strip():
+                return []
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{loc}: '{self.col[name]}' is a string but not valid JSON ({e.msg}); give a list of {what}.")
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            return [value] if value else []
+        if not isinstance(value, list):
+            raise UserError(f"{loc}: '{self.col[name]}' must be a list of {what}, got {type(value).__name__}.")
+        return value
 
     def _tools(self, loc: str, rec: Dict[str, Any]) -> Optional[list]:
-        if "tools" not in self.col:
-            return None
-        tools = self._get(loc, rec, "tools")
-        if isinstance(tools, str):
-            if not tools.strip():
-                return None
-            try:
-                tools = json.loads(tools)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{loc}: '{self.col['tools']}' is a string but not valid JSON ({e.msg}); give a list of tool schemas.")
-        if tools in (None, [], {}):
-            return None
-        return tools if isinstance(tools, list) else [tools]
+        return self._listed(loc, rec, "tools", "tool schemas")
 
     def _alpaca(self, loc: str, rec: Dict[str, Any]) -> List[Dict[str, str]]:
         instruction, output = self._get(loc, rec, "instruction"), self._get(loc, rec, "output")
@@ -161,10 +177,11 @@ class Formatter:
         if not any(m["role"] == "assistant" for m in msgs):
             raise UserError(f"{loc}: the conversation has no assistant reply, so nothing would be trained.")
         for j, m in enumerate(msgs):
-            if m["role"] == "assistant" and not m["content"].strip():
+            if m["role"] == "assistant" and not m["content"].strip() and not any(k in m for k in EXTRA_FIELDS):
                 raise UserError(f"{loc}: message #{j} is an empty assistant reply; fill it in or remove the row "
                                 "(data.skip_bad_rows=true skips such rows and counts them).")
-        return {"kind": "chat", "messages": msgs, "tools": self._tools(loc, rec)}
+        return {"kind": "chat", "messages": msgs, "tools": self._tools(loc, rec),
+                "documents": self._listed(loc, rec, "documents", "documents")}
 
     def _segments(self, loc: str, segs: Any) -> List[list]:
         if not isinstance(segs, list) or not segs:
@@ -186,7 +203,8 @@ class Formatter:
         if msgs[-1]["role"] == "assistant":
             raise UserError(f"{loc}: the prompt ends with an assistant message; it must end where the compared replies begin.")
         msgs = self._system(loc, rec, msgs)
-        out = {"kind": "preference", "messages": msgs, "tools": self._tools(loc, rec)}
+        out = {"kind": "preference", "messages": msgs, "tools": self._tools(loc, rec),
+               "documents": self._listed(loc, rec, "documents", "documents")}
         for name in ("chosen", "rejected"):
             out[name] = self._reply(loc, name, self._get(loc, rec, name))
         if out["chosen"] == out["rejected"]:

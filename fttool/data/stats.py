@@ -20,8 +20,11 @@ class DataStats:
     truncated: int = 0  # samples cut to data.max_length
     dropped_too_long: int = 0  # samples over data.max_length dropped (truncation=drop)
     dropped_no_trained_tokens: int = 0  # samples left with nothing to train (e.g. the reply was truncated away)
+    no_trained_why: Dict[str, int] = field(default_factory=dict)  # why those samples had nothing to train -> count
     eos_appended: int = 0  # replies the template closed without a special token, closed with EOS by fttool
     tools_in_system: int = 0  # conversations whose tool schemas were written into the system message
+    literal_markers: int = 0  # special-token text inside messages, kept as plain text (never the special token)
+    empty_replies: int = 0  # trained replies the template rendered empty (reasoning stripped), not trained
     max_length: int = 0
     histogram: List[List[int]] = field(default_factory=list)  # [low, high, count] of sample lengths
 
@@ -32,7 +35,7 @@ class DataStats:
         frac = self.trained_tokens / self.tokens if self.tokens else 0.0
         parts = [f"{self.samples:,} samples from {self.rows:,} rows, {self.tokens:,} tokens ({100 * frac:.1f}% trained)",
                  f"truncated {self.truncated}", f"dropped {self.dropped_too_long} over max_length {self.max_length}",
-                 f"dropped {self.dropped_no_trained_tokens} with no trained tokens"]
+                 f"dropped {self.dropped_no_trained_tokens} with no trained tokens{self._why()}"]
         if self.bad_rows_skipped:
             parts.append(f"skipped {self.bad_rows_skipped} bad rows")
         if self.duplicates_removed:
@@ -41,16 +44,24 @@ class DataStats:
             parts.append(f"held out {self.validation} validation / {self.test} test")
         if self.eos_appended:
             parts.append(f"EOS appended to {self.eos_appended} replies (the template closes them with no special token)")
+        if self.literal_markers:
+            parts.append(f"{self.literal_markers} special-token texts inside messages kept as plain text")
+        if self.empty_replies:
+            parts.append(f"{self.empty_replies} replies rendered empty by the template not trained")
         if self.tools_in_system:
             parts.append(f"tool schemas put in the system message of {self.tools_in_system} rows (the template has no tools slot)")
         return "; ".join(parts)
+
+    def _why(self) -> str:
+        return f" ({'; '.join(f'{n}: {why}' for why, n in self.no_trained_why.items())})" if self.no_trained_why else ""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataStats":
-        return cls(**d)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def histogram(lengths: Sequence[int], max_length: int, buckets: int = 8) -> List[List[int]]:

@@ -1,37 +1,49 @@
 """Render examples with the chat template and mark exactly the tokens to train.
 
-Masks come from character spans of the rendered text. For a trained turn i:
+Masks come from character spans of the rendered text, found from the template's own structure, never by searching
+for a reply's words (a short reply like "OK" can also occur inside the markup):
 
-- it starts where the template's rendering of the conversation before it (with the generation prompt for an
-  assistant turn) stops agreeing with the full text, moved forward to where the message's own text begins,
-  so role headers are never trained;
-- it ends where the rendering up to turn i stops agreeing with the full text, and where the rendering up to
-  turn i followed by a probe turn does; the earlier of the two drops whatever a template writes only at the
-  very end of a conversation, and trailing whitespace is left out;
-- when it does not end with a special token, the tokenizer's EOS is inserted there, so the model learns to
-  stop even under templates that close replies with plain text.
+- A message's place in the text is found by rendering the same conversation once more with that message's content
+  replaced by a sentinel character: the rendering before and after the sentinel is the template's markup around the
+  message, so what lies between is exactly what the template made of the content (trimmed, with reasoning
+  stripped, or as it was).
+- A trained turn starts where the generation prompt ends: the markup after the previous message is compared with
+  what the template writes after that message when it asks for a reply (`add_generation_prompt`). What the template
+  writes for the model beyond that (an empty `<think></think>` block, leading whitespace of the reply) is trained.
+- It ends with the turn's end-of-turn marker: the markup the template writes after the reply when the reply ends the
+  conversation, cut after its first special token (`<|im_end|>`, `<|eot_id|>`, `<|end|>`, `</s>`); when that differs
+  mid-conversation (gpt-oss writes `<|return|>` only at the very end), the special token that closes the turn before
+  the next turn's header. What a template writes after the last turn only (phi-3's `<|endoftext|>` after `<|end|>`)
+  is not trained: generation stops at the end-of-turn marker. A template that closes replies with no special token
+  gets the tokenizer's EOS inserted and trained there (counted as eos_appended), so the model learns to stop.
 
-A token is trained when its characters overlap a span. Message text is passed to the template as data, never
-as template source, so `{{...}}` in a dataset stays literal; message text that contains one of the
-tokenizer's control tokens is refused, since it would be read as the template's own token.
+A token is trained when its characters overlap a span. Message text reaches the template as data, never as template
+source, so `{{...}}` in a dataset stays literal. Text in a message that spells one of the tokenizer's special tokens
+(a chat quoting `<|im_end|>`) is kept as plain text: it is tokenized as ordinary characters, so it can never forge
+a turn boundary, and masked like the rest of its message.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fttool.errors import UserError
 
 IGNORE = -100
-_PARTIAL_MARKER = re.compile(r"[<\[][^<>\[\]\s]*$")  # an opened <...> or [...] marker at the end of a string
 Span = Tuple[int, int]
-PROBE = "\u2063probe\u2063"
 TOOLS_INTRO = "You can call these tools (JSON schemas):\n"
+# Private-use characters (plane 15) that no dataset contains: they mark literal special-token text in data, and
+# stand in for a message's content to find its place in the rendering.
+LIT_OPEN, LIT_CLOSE = "\U000f0000", "\U000f0001"
+SENTINELS = ("\U000f0002", "@@fttool-sentinel@@")  # the second for templates that JSON-escape content
+RESERVED_KWARGS = ("messages", "add_generation_prompt", "continue_final_message", "chat_template", "tokenize",
+                   "conversation")
 
 
 def _common(a: str, b: str) -> int:
+    """Length of the common prefix of a and b."""
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
         return n
@@ -45,9 +57,17 @@ def _common(a: str, b: str) -> int:
     return lo
 
 
-def _head(content: str) -> str:
-    """The start of a message as any template renders it (templates may trim or rewrite line breaks)."""
-    return content.strip().split("\n", 1)[0].strip()[:32]
+def _common_suffix(a: str, b: str) -> int:
+    return _common(a[::-1], b[::-1])
+
+
+class Turn:
+    """A trained turn's span, and whether the template closed it with an end-of-turn token."""
+
+    __slots__ = ("start", "end", "closed")
+
+    def __init__(self, start: int, end: int, closed: bool):
+        self.start, self.end, self.closed = start, end, closed
 
 
 class Encoder:
@@ -57,21 +77,40 @@ class Encoder:
         self.tok = tokenizer
         self.template = template or tokenizer.chat_template
         self.d = data_spec
+        self.kwargs: Dict[str, Any] = dict(getattr(data_spec, "template_kwargs", None) or {})
         self.template_has_tools = bool(self.template) and "tools" in self.template
-        self.special = sorted({t for t in tokenizer.all_special_tokens if t} |
-                              {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
-        added = sorted({t.content for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
-        self.control_re = re.compile("|".join(map(re.escape, added))) if added else None
+        self.template_has_tool_calls = bool(self.template) and "tool_calls" in self.template
+        decoder = tokenizer.added_tokens_decoder.values()
+        special = {t for t in tokenizer.all_special_tokens if t} | {t.content for t in decoder if t.special}
+        added = {t.content for t in decoder} | special
+        self.special_re = _alternation(special)  # turn markers, and what data may not spell as a token
+        self.added_re = _alternation(added)  # every token a boundary must not cut through
+        self.marked_re = re.compile(f"{LIT_OPEN}(.*?){LIT_CLOSE}|[{LIT_OPEN}{LIT_CLOSE}]", re.S)
 
     # -- rendering --------------------------------------------------------------------------------------
-    def render(self, messages, tools=None, add_generation_prompt: bool = False) -> str:
-        return self.tok.apply_chat_template(messages, tools=tools if self.template_has_tools else None,
-                                            chat_template=self.template, tokenize=False,
-                                            add_generation_prompt=add_generation_prompt)
+    def render(self, messages, tools=None, add_generation_prompt: bool = False, documents=None) -> str:
+        """The template's text for a conversation, with data.template_kwargs; `tools` exactly as the row has it."""
+        kwargs = dict(self.kwargs)
+        if tools is None:
+            tools = kwargs.pop("tools", None)
+        kwargs.pop("tools", None)
+        if documents is None:
+            documents = kwargs.pop("documents", None)
+        kwargs.pop("documents", None)
+        return self.tok.apply_chat_template(messages, tools=tools, documents=documents, chat_template=self.template,
+                                            tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
 
-    def prepare_messages(self, ex: Dict) -> Tuple[List[Dict[str, str]], Optional[list], bool]:
-        """Messages ready to render; tool schemas go into the system message when the template has no slot for them."""
+    def prepare_messages(self, ex: Dict) -> Tuple[List[Dict[str, Any]], Optional[list], bool]:
+        """Messages ready to render. Tool calls reach a template that renders `tool_calls` as they are, and are
+        written into the content as JSON for one that does not; tool schemas go into the system message when the
+        template has no slot for them."""
         msgs, tools = [dict(m) for m in ex["messages"]], ex.get("tools")
+        if not self.template_has_tool_calls:
+            for m in msgs:
+                calls = m.pop("tool_calls", None)
+                if calls:
+                    text = json.dumps(calls, ensure_ascii=False)
+                    m["content"] = f"{m['content']}\n{text}" if m["content"].strip() else text
         in_system = False
         if tools and not self.template_has_tools:
             schema = TOOLS_INTRO + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
@@ -82,56 +121,183 @@ class Encoder:
             tools, in_system = None, True
         return msgs, tools, in_system
 
-    def _check_control(self, loc: str, msgs) -> None:
-        if self.control_re is None:
-            return
-        for j, m in enumerate(msgs):
-            hit = self.control_re.search(m["content"])
-            if hit:
-                raise UserError(f"{loc}: message #{j} contains the control token {hit.group(0)!r} as text; it would be "
-                                "tokenized as the template's own token. Remove it from the data (or data.skip_bad_rows=true).")
+    def _mark_literals(self, msgs: List[Dict[str, str]]) -> Tuple[List[Dict[str, str]], int]:
+        """Wrap special-token text inside messages in private markers, so it is later tokenized as plain text."""
+        if self.special_re is None:
+            return msgs, 0
+        count = 0
+        out = []
+        for m in msgs:
+            content = m["content"].replace(LIT_OPEN, "").replace(LIT_CLOSE, "")
+            content, n = self.special_re.subn(lambda x: f"{LIT_OPEN}{x.group(0)}{LIT_CLOSE}", content)
+            count += n
+            out.append({**m, "content": content})
+        return out, count
 
-    def _safe_render(self, loc: str, messages, tools, add_generation_prompt=False) -> str:
+    def _safe_render(self, loc: str, messages, tools, documents=None, add_generation_prompt=False) -> str:
         try:
-            return self.render(messages, tools, add_generation_prompt)
+            return self.render(messages, tools, add_generation_prompt, documents)
         except Exception as e:  # jinja2 TemplateError from raise_exception, or a template bug
             roles = "/".join(m["role"] for m in messages)
-            raise UserError(f"{loc}: the chat template cannot render this conversation (roles {roles}): "
-                            f"{str(e).splitlines()[0]}. Pick a template that supports it (data.template=chatml) "
-                            "or fix the row.")
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            hint = ""
+            if "NoneType" in first and "iterable" in first:
+                hint = (" The template loops over a variable the row does not give: rows with tools need a \"tools\" "
+                        "list (an empty list is passed as it is), and other variables go in data.template_kwargs "
+                        "(e.g. data.template_kwargs={tools: []}).")
+            elif "undefined" in first.lower():
+                hint = " A variable the template reads can be given with data.template_kwargs (e.g. {date_string: '26 Jul 2024'})."
+            raise UserError(f"{loc}: the chat template cannot render this conversation (roles {roles}): {first}.{hint} "
+                            "Pick a template that supports it (data.template=chatml) or fix the row.")
+
+    def _try_render(self, messages, tools, documents, add_generation_prompt=False) -> Optional[str]:
+        try:
+            return self.render(messages, tools, add_generation_prompt, documents)
+        except Exception:  # noqa: BLE001 - a template with rules about which conversations it renders
+            return None
 
     @staticmethod
-    def _check_rendered(loc: str, msgs, text: str) -> None:
-        """Every message must appear in the rendered text: some templates silently skip roles they do not know."""
-        at = 0
-        for j, m in enumerate(msgs):
-            head = _head(m["content"])
-            pos = text.find(head, at) if head else at
-            if pos < 0:
+    def _stand_ins(m: Dict[str, Any], s: str, whole: bool) -> List[Dict[str, Any]]:
+        """Versions of message m with a sentinel in place of what it says. For the whole conversation the first has
+        only a role and the sentinel, so the difference covers everything the message renders (content, tool calls,
+        reasoning); a message with tool calls also gets one whose calls keep their ids and names but not their
+        arguments (templates check results against calls). For a prefix its other fields are kept first, so the
+        markup after it is the template's own."""
+        bare = {"role": m["role"], "content": s}
+        kept = {**m, "content": s}
+        calls = {**kept, "tool_calls": [
+            {**c, "function": {**c["function"], "arguments": {s: s}}} if isinstance(c, dict) and isinstance(
+                c.get("function"), dict) else c for c in m["tool_calls"]]} if m.get("tool_calls") else None
+        if whole:
+            return [bare] + ([calls] if calls else [])
+        return ([kept, calls] if calls else [kept] if len(m) > 2 else []) + [bare]
+
+    def _rendered_at(self, msgs, j: int, tools, documents, prefix_only: bool, add_generation_prompt=False,
+                     variants: Optional[List[Dict[str, Any]]] = None):
+        """Render msgs (or msgs[:j+1] when prefix_only) with message j replaced by a stand-in: (text, where the
+        first sentinel starts, where the last one ends), or None when the template refuses every stand-in or does not
+        write message j at all."""
+        upto = msgs[: j + 1] if prefix_only else msgs
+        for s in SENTINELS:
+            for v in variants or self._stand_ins(msgs[j], s, whole=not prefix_only):
+                v = {k: (s if x is SENTINELS else x) for k, x in v.items()}
+                out = self._try_render(upto[:j] + [v] + upto[j + 1:], tools, documents, add_generation_prompt)
+                pos = out.find(s) if out is not None else -1
+                if pos >= 0:
+                    return out, pos, out.rfind(s) + len(s)
+        return None
+
+    def region(self, text: str, msgs, j: int, tools, documents) -> Optional[Span]:
+        """Where message j lies in `text` (the full rendering): the rendering with a stand-in in its place agrees
+        with `text` before and after it. None when the template does not write the message."""
+        got = self._rendered_at(msgs, j, tools, documents, prefix_only=False)
+        if got is None:
+            return None
+        other, first, last = got
+        a = min(first, _common(text, other))
+        b = len(text) - min(len(other) - last, _common_suffix(text, other))
+        return a, max(a, b)
+
+    def _check_rendered(self, loc: str, msgs, tools, documents) -> None:
+        """Every message must appear in the rendered text: some templates silently skip roles they do not know.
+        One rendering with a distinct sentinel in every message tells."""
+        marks = [f"{SENTINELS[0]}{j}{SENTINELS[0]}" for j in range(len(msgs))]
+        out = self._try_render([dict(m, content=s) for m, s in zip(msgs, marks)], tools, documents)
+        if out is None or not any(s in out for s in marks):
+            return  # the template looks at the content (or escapes it); the per-turn regions still check trained turns
+        for j, (m, s) in enumerate(zip(msgs, marks)):
+            if s not in out and m["content"].strip():
                 raise UserError(f"{loc}: the chat template leaves out message #{j} (role {m['role']}), so the model would "
                                 "never see it; pick a template that renders this role (data.template=chatml with "
                                 "data.allow_template_change=true) or drop the role from the data.")
-            at = pos
 
-    def _turn_end(self, msgs, tools, i: int, text: str) -> int:
-        end = len(text) if i == len(msgs) - 1 else _common(self.render(msgs[: i + 1], tools), text)
-        for role in ("user", "assistant"):
-            try:
-                probed = self.render(msgs[: i + 1] + [{"role": role, "content": PROBE}], tools)
-            except Exception:  # the template refuses this role here; try the other one
-                continue
-            return self._snap(text, min(end, _common(probed, text)))
-        return end
+    def _snap(self, a: str, b: str, k: int) -> int:
+        """Move a boundary k (where a and b stop agreeing) back to the start of any token it would cut through."""
+        if self.added_re is None:
+            return k
+        for s in (a, b):
+            for m in self.added_re.finditer(s, max(0, k - 64), min(len(s), k + 64)):
+                if m.start() < k < m.end():
+                    k = m.start()
+        return k
 
-    def _snap(self, text: str, end: int) -> int:
-        """A probed end can stop inside a marker the template writes at the very end and the probe turn starts
-        with too (phi-3: `<|endoftext|>` vs `<|user|>` share `<|`): move it back to the marker's start."""
-        if self.control_re is not None:
-            for m in self.control_re.finditer(text, max(0, end - 64), min(len(text), end + 64)):
-                if m.start() < end < m.end():
-                    return m.start()
-        partial = _PARTIAL_MARKER.search(text, 0, end)
-        return partial.start() if partial else end
+    def _tail(self, msgs, j: int, tools, documents, add_generation_prompt: bool) -> Optional[str]:  # noqa: D401
+        """What the template writes after message j when it is the last one (with a generation prompt or not)."""
+        got = self._rendered_at(msgs, j, tools, documents, prefix_only=True, add_generation_prompt=add_generation_prompt)
+        return None if got is None else got[0][got[2]:]
+
+    def _agree(self, tail: Optional[str], text: str) -> int:
+        """How far `tail` and `text` agree, moved back to a token boundary."""
+        return 0 if tail is None else self._snap(tail, text, _common(tail, text))
+
+    def _start(self, text: str, msgs, i: int, tools, documents, prev: Optional[Span], a: int) -> int:
+        """Where the model's part of turn i begins: after the generation prompt that follows message i-1."""
+        if i == 0 or prev is None:
+            return a
+        k = self._agree(self._tail(msgs, i - 1, tools, documents, True), text[prev[1]:])
+        # what follows the generation prompt is the model's (gpt-oss's <|channel|>final<|message|>, an empty
+        # <think></think>); when the prompt does not even agree with the markup after message i-1, this template
+        # writes it differently once a reply follows: start where the reply itself starts
+        return prev[1] + k if k or prev[1] == a else a
+
+    def _message_end(self, text: str, msgs, i: int, tools, documents) -> Optional[Tuple[int, str]]:
+        """Where message i's own rendering ends in `text`, and the markup the template writes after it when it is the
+        last message. Found by rendering the conversation up to message i as it is and with a bare sentinel in its
+        place: what both end with is the closing. None when the template renders earlier turns differently once more
+        follow (the caller then keeps the end of the sentinel region)."""
+        real = self._try_render(msgs[: i + 1], tools, documents)
+        got = self._rendered_at(msgs, i, tools, documents, prefix_only=True, variants=[self._bare(msgs[i])])
+        if real is None or got is None:
+            return None
+        end = len(real) - _common_suffix(real, got[0])
+        for m in self.added_re.finditer(real, max(0, end - 64), min(len(real), end + 64)) if self.added_re else ():
+            if m.start() < end < m.end():
+                end = m.end()  # a token both renderings end with in part is the message's own (<|call|> vs <|return|>)
+        if text[:end] != real[:end]:
+            return None
+        return end, real[end:]
+
+    @staticmethod
+    def _bare(m: Dict[str, Any]) -> Dict[str, Any]:
+        return {"role": m["role"], "content": SENTINELS}
+
+    def _end(self, text: str, msgs, i: int, tools, documents, here: Span, nxt: Optional[Span]) -> Tuple[int, bool]:
+        """Where turn i ends and whether an end-of-turn token closed it, in this order:
+        1. the markup the template writes after the reply when it is the last message, to its first special token
+           (<|im_end|>, <|eot_id|>; phi-3's <|end|> but not the <|endoftext|> written once at the very end);
+        2. the special token that closes a plain reply when another reply is asked for after it, when it follows
+           here too (gpt-oss: <|end|> mid-conversation, <|return|> at the end);
+        3. a special token that ends the reply itself (a tool call's <|call|>; Gemma 4's <|tool_response>);
+        4. a special token written only when another turn follows, before that turn's own markup (Apertus);
+        otherwise nothing closes the reply (the caller inserts EOS)."""
+        b = here[1]
+        got = self._message_end(text, msgs, i, tools, documents)
+        if got is not None:
+            b, tail = got
+            closing = text[b: b + self._agree(tail, text[b:])]
+            marker = self.special_re.search(closing) if self.special_re else None
+            if marker:
+                return b + marker.end(), True
+        if self.special_re is None:
+            return b, False
+        got = self._rendered_at(msgs, i, tools, documents, prefix_only=True, add_generation_prompt=True,
+                                variants=[self._bare(msgs[i])])
+        if got is not None:
+            tail = got[0][got[2]:]
+            first = self.special_re.search(tail)
+            ws = len(text[b:]) - len(text[b:].lstrip())
+            if first and not tail[: first.start()].strip() and text.startswith(first.group(0), b + ws):
+                return b + ws + len(first.group(0)), True
+        last = None
+        for last in self.special_re.finditer(text, max(here[0], b - 64), b):
+            pass
+        if last is not None and last.end() == b:
+            return b, True
+        if nxt is not None:
+            found = list(self.special_re.finditer(text, b, nxt[0]))
+            if len(found) >= 2 and not text[b:found[0].start()].strip():
+                return found[0].end(), True
+        return b, False
 
     def trained_turns(self, msgs) -> List[int]:
         roles = set(self.d.train_roles)
@@ -139,32 +305,46 @@ class Encoder:
         return idx[-1:] if self.d.train_turns == "last" else idx
 
     def chat_spans(self, loc: str, ex: Dict, turns: Optional[Sequence[int]] = None) -> Tuple[str, List[Span], Dict[str, int]]:
-        """The rendered text, the character spans to train, and counters (eos_appended, tools_in_system)."""
+        """The rendered text (literal special tokens still marked), the character spans to train, and counters."""
         msgs, tools, in_system = self.prepare_messages(ex)
-        self._check_control(loc, msgs)
-        text = self._safe_render(loc, msgs, tools)
-        self._check_rendered(loc, msgs, text)
-        spans: List[Span] = []
-        for i in self.trained_turns(msgs) if turns is None else turns:
-            before = self.render(msgs[:i], tools, add_generation_prompt=msgs[i]["role"] == "assistant") if i else ""
-            start = _common(before, text)
-            end = self._turn_end(msgs, tools, i, text)
-            while end > start and text[end - 1].isspace():
-                end -= 1
-            head = _head(msgs[i]["content"])
-            pos = text.find(head, start, end) if head else -1
-            spans.append((pos if pos >= 0 else start, end))
-        text, spans, appended = self._close_with_eos(text, spans)
-        return text, spans, {"eos_appended": appended, "tools_in_system": int(in_system)}
+        documents = ex.get("documents")
+        msgs, literals = self._mark_literals(msgs)
+        text = self._safe_render(loc, msgs, tools, documents)
+        self._check_rendered(loc, msgs, tools, documents)
+        wanted = self.trained_turns(msgs) if turns is None else list(turns)
+        regions: Dict[int, Optional[Span]] = {}
 
-    def _close_with_eos(self, text: str, spans: List[Span]) -> Tuple[str, List[Span], int]:
+        def region(j: int) -> Optional[Span]:
+            if j not in regions:
+                regions[j] = self.region(text, msgs, j, tools, documents) if 0 <= j < len(msgs) else None
+            return regions[j]
+
+        out: List[Turn] = []
+        empty = 0
+        for i in wanted:
+            here = region(i)
+            if here is None:
+                raise UserError(f"{loc}: the chat template does not write message #{i} (role {msgs[i]['role']}), so it "
+                                "cannot be trained; pick a template that renders this role or drop it from the data.")
+            if not text[here[0]:here[1]].strip():
+                empty += 1  # the template made nothing of the reply (reasoning stripped from an earlier turn)
+                continue
+            prev = region(i - 1) if i and msgs[i]["role"] == "assistant" else None  # other roles: their content on
+            start = self._start(text, msgs, i, tools, documents, prev, here[0])
+            end, closed = self._end(text, msgs, i, tools, documents, here, region(i + 1) if i + 1 < len(msgs) else None)
+            if out and start < out[-1].end:
+                start = out[-1].end
+            out.append(Turn(start, max(start, end), closed))
+        text, spans, appended = self._close_with_eos(text, out)
+        return text, spans, {"eos_appended": appended, "tools_in_system": int(in_system), "literal_markers": literals,
+                             "empty_replies": empty}
+
+    def _close_with_eos(self, text: str, turns: List[Turn]) -> Tuple[str, List[Span], int]:
         eos = self.tok.eos_token
-        if not eos:
-            return text, spans, 0
         out, shift, appended = [], 0, 0
-        for s, e in spans:
-            s, e = s + shift, e + shift
-            if not any(text[s:e].endswith(t) for t in self.special):
+        for t in turns:
+            s, e = t.start + shift, t.end + shift
+            if not t.closed and eos:
                 text = text[:e] + eos + text[e:]
                 e += len(eos)
                 shift += len(eos)
@@ -190,7 +370,7 @@ class Encoder:
         if ex["kind"] == "segments":
             return self.text_spans(ex)
         if ex["kind"] == "preference":  # supervised on the chosen reply (preference training comes later)
-            ex = {"messages": ex["messages"] + [{"role": "assistant", "content": ex["chosen"]}], "tools": ex["tools"]}
+            ex = {**ex, "messages": ex["messages"] + [{"role": "assistant", "content": ex["chosen"]}]}
             msgs = ex["messages"]
             return self.chat_spans(loc, ex, turns=None if self.d.train_on_inputs else [len(msgs) - 1])
         return self.chat_spans(loc, ex)
@@ -212,16 +392,87 @@ class Encoder:
             all_spans.append(sp)
             counters.append(c)
             errors.append(err)
-        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        plain = [i for i, t in enumerate(texts) if LIT_OPEN not in t and LIT_CLOSE not in t]
+        ids: List[list] = [[] for _ in texts]
+        offsets: List[list] = [[] for _ in texts]
+        if plain:
+            enc = self.tok([texts[i] for i in plain], add_special_tokens=False, return_offsets_mapping=True)
+            for i, x, o in zip(plain, enc["input_ids"], enc["offset_mapping"]):
+                ids[i], offsets[i] = x, o
+        for i in set(range(len(texts))) - set(plain):
+            try:
+                ids[i], offsets[i], all_spans[i] = self._encode_marked(locs[i], texts[i], all_spans[i])
+            except UserError as e:
+                if not skip_bad:
+                    raise
+                ids[i], offsets[i], all_spans[i], errors[i] = [], [], [], str(e)
         labels = []
-        for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], all_spans):
+        for x, o, sp in zip(ids, offsets, all_spans):
             if self.d.train_on_inputs:
-                labels.append(list(ids))
+                labels.append(list(x))
             else:
-                labels.append([t if any(s < b and a < e for s, e in sp) else IGNORE for t, (a, b) in zip(ids, offsets)])
-        return {"input_ids": enc["input_ids"], "labels": labels, "error": errors,
-                "eos_appended": [c.get("eos_appended", 0) for c in counters],
-                "tools_in_system": [c.get("tools_in_system", 0) for c in counters]}
+                labels.append([t if any(s < b and a < e for s, e in sp) else IGNORE for t, (a, b) in zip(x, o)])
+        return {"input_ids": ids, "labels": labels, "error": errors,
+                **{k: [c.get(k, 0) for c in counters] for k in ("eos_appended", "tools_in_system", "literal_markers",
+                                                                  "empty_replies")}}
+
+    def _encode_marked(self, loc: str, text: str, spans: List[Span]) -> Tuple[list, list, List[Span]]:
+        """Tokenize a text whose literal special-token text is marked: the marked pieces as ordinary characters, the
+        rest as usual (the template's own markers stay tokens). Offsets and spans come back in the unmarked text."""
+        pieces: List[Tuple[str, bool]] = []  # (text, as plain characters)
+        removed: List[Tuple[int, int]] = []  # (position in the marked text, marker characters removed up to there)
+        at, gone = 0, 0
+        for m in self.marked_re.finditer(text):
+            pieces.append((text[at:m.start()], False))
+            if m.group(1) is not None:
+                pieces.append((m.group(1), True))
+                removed += [(m.start() + 1, gone + 1), (m.end(), gone + 2)]
+                gone += 2
+            else:  # a lone marker left by a template's string operations: dropped, still a piece boundary
+                gone += 1
+                removed.append((m.end(), gone))
+            at = m.end()
+        pieces.append((text[at:], False))
+
+        def clean(p: int) -> int:
+            shift = 0
+            for pos, g in removed:
+                if pos <= p:
+                    shift = g
+            return p - shift
+
+        ids, offs, base = [], [], 0
+        for k, (piece, as_text) in enumerate(pieces):
+            if not piece:
+                continue
+            x, o = self._encode_piece(piece, as_text, first=base == 0)
+            if as_text and self.tok.convert_tokens_to_ids(piece) in x:
+                raise UserError(f"{loc}: the text {piece!r} in a message cannot be kept as plain text: this tokenizer "
+                                "makes the special token from its characters. Remove it from the data "
+                                "(or data.skip_bad_rows=true).")
+            ids += x
+            offs += [(a + base, b + base) for a, b in o]
+            base += len(piece)
+        return ids, offs, [(clean(s), clean(e)) for s, e in spans]
+
+    def _encode_piece(self, piece: str, as_text: bool, first: bool) -> Tuple[list, list]:
+        """Ids and offsets of one piece of a chat. Pieces after the first are encoded after a newline, which is then
+        removed, so a SentencePiece tokenizer does not add the space it adds at the start of a text."""
+        def enc(s):
+            out = self.tok(s, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=as_text)
+            return out["input_ids"], out["offset_mapping"]
+
+        if not first:
+            nl, _ = enc("\n")
+            x, o = enc("\n" + piece)
+            if x[: len(nl)] == nl:
+                return x[len(nl):], [(max(0, a - 1), max(0, b - 1)) for a, b in o[len(nl):]]
+        return enc(piece)
+
+
+def _alternation(tokens) -> Optional["re.Pattern"]:
+    tokens = sorted((t for t in tokens if t and not t.isspace()), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
 
 def auto_num_proc(rows: int, requested: int) -> int:
