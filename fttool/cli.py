@@ -52,20 +52,35 @@ def split_verb(argv: List[str]):
 
 
 def pop_samples(argv: List[str]):
-    """`--samples N` (the preview verb's one flag) taken out of argv before Hydra sees it."""
-    out, samples, i = [], None, 0
+    """The preview verb's own options taken out of argv before Hydra sees them: `--samples N` and
+    `output=FILE.jsonl` (also `--output FILE`). Returns (argv, samples or None, output or None)."""
+    out, samples, output, i = [], None, None, 0
     while i < len(argv):
         a = argv[i]
-        if a == "--samples" or a.startswith("--samples="):
-            value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
-            i += 1 if "=" in a else 2
+        for flag in ("--samples", "--output"):
+            if a == flag or a.startswith(flag + "="):
+                value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+                i += 1 if "=" in a else 2
+                break
+        else:
+            flag, value = (None, None)
+            if a.startswith("output="):
+                flag, value = "--output", a.split("=", 1)[1]
+                i += 1
+        if flag == "--samples":
             if not value.isdigit():
-                raise UserError(f"--samples expects a whole number of samples to show, got '{value}'.")
+                raise UserError(f"--samples expects a whole number of samples, got '{value}'.")
             samples = int(value)
+            continue
+        if flag == "--output":
+            if not value or not value.endswith(".jsonl"):
+                raise UserError(f"output={value}: the mask dump is JSON lines; name a file ending in .jsonl "
+                                "(fttool preview ... output=masks.jsonl).")
+            output = value
             continue
         out.append(a)
         i += 1
-    return out, samples
+    return out, samples, output
 
 
 def _overrides(argv: List[str]) -> List[str]:
@@ -99,9 +114,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                 return verbs.main(verb, rest)
             except KeyboardInterrupt:
                 fail(f"{verb} interrupted; nothing was left half-written.", 130)
-        rest, samples = pop_samples(rest)
-        if samples is not None and verb != "preview":
-            raise UserError("--samples belongs to the preview verb: fttool preview [overrides] --samples N.")
+        rest, samples, output = pop_samples(rest)
+        from fttool.compose import free_form_adds
+
+        rest = free_form_adds(rest)
+        if (samples is not None or output is not None) and verb != "preview":
+            raise UserError("--samples and output= belong to the preview verb: fttool preview [overrides] --samples N "
+                            "[output=FILE.jsonl].")
         from fttool import registry
 
         try:
@@ -121,10 +140,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             precheck(overrides, multirun=any(a in MULTIRUN_FLAGS for a in rest))
     except UserError as e:
         fail(str(e), e.exit_code)
-    _run_hydra(verb, rest, overrides, [_prog()] + argv, 3 if samples is None else samples)
+    _run_hydra(verb, rest, overrides, [_prog()] + argv, samples, output)
 
 
-def _run_hydra(verb: str, rest: List[str], overrides: List[str], argv: List[str], samples: int = 3) -> None:
+def _run_hydra(verb: str, rest: List[str], overrides: List[str], argv: List[str], samples: Optional[int] = None,
+               output: Optional[str] = None) -> None:
     import hydra
 
     from fttool import registry
@@ -132,7 +152,7 @@ def _run_hydra(verb: str, rest: List[str], overrides: List[str], argv: List[str]
 
     @hydra.main(config_path=str(registry.conf_dir()), config_name="config", version_base=None)
     def _app(cfg) -> None:
-        run_task(verb, cfg, overrides, argv, samples)
+        run_task(verb, cfg, overrides, argv, samples, output)
 
     if any(a in MULTIRUN_FLAGS for a in rest) and not any(o.startswith("hydra.sweep.dir=") for o in overrides):
         # one sweep folder name for every process and machine (a ${now:} would resolve anew in each job)

@@ -40,7 +40,7 @@ def left_padded(prompts: Sequence[List[int]], pad: int, device):
 
 
 def generate(model, tokenizer, conversations: Sequence[List[Dict]], max_new_tokens: int, batch_size: int = 16,
-             temperature: float = 0.0, top_p: float = 1.0) -> List[Tuple[str, bool]]:
+             temperature: float = 0.0, top_p: float = 1.0, template_kwargs: Optional[Dict] = None) -> List[Tuple[str, bool]]:
     """(reply, stopped) per conversation: batched, left-padded; greedy unless temperature > 0. `stopped` is True when
     the reply ended with an end-of-turn token rather than at max_new_tokens. The pad positions' attention rows are
     repaired (fttool/attention.py), so a reply does not depend on the other prompts of its batch, on CUDA too."""
@@ -56,7 +56,7 @@ def generate(model, tokenizer, conversations: Sequence[List[Dict]], max_new_toke
     out: List[Tuple[str, bool]] = []
     model.eval()
     for i in range(0, len(conversations), batch_size):
-        prompts = [prompt_ids(tokenizer, c) for c in conversations[i: i + batch_size]]
+        prompts = [prompt_ids(tokenizer, c, template_kwargs) for c in conversations[i: i + batch_size]]
         ids, mask = left_padded(prompts, pad, device)
         width = ids.shape[1]
         with torch.no_grad(), no_fully_masked_rows():
@@ -116,7 +116,8 @@ def score(model, tokenizer, spec, examples: List[Dict], encoded, scorers) -> Dic
     names = spec.data.metrics
     replies: List[Tuple[str, bool]] = []
     if scorers:
-        replies = generate(model, tokenizer, [e["messages"] for e in examples], spec.eval.max_new_tokens, spec.eval.batch_size)
+        replies = generate(model, tokenizer, [e["messages"] for e in examples], spec.eval.max_new_tokens, spec.eval.batch_size,
+                           template_kwargs=dict(spec.data.template_kwargs))
     per = [{n: fn(r, e["reference"]) for n, fn in scorers.items()} for (r, _), e in zip(replies, examples)] or [{} for _ in examples]
     metrics = {n: sum(p[n] for p in per) / len(per) for n in scorers}
     if "perplexity" in names:

@@ -13,8 +13,8 @@ from fttool.errors import UserError
 log = logging.getLogger("fttool")
 
 
-def load(own: Dict[str, str]) -> Tuple[object, object, str]:
-    """(model, tokenizer, what was loaded) from run= (with checkpoint=) or model=."""
+def load(own: Dict[str, str]) -> Tuple[object, object, str, Dict]:
+    """(model, tokenizer, what was loaded, the run's data.template_kwargs) from run= (with checkpoint=) or model=."""
     from fttool import model as model_lib
     from fttool.train import quiet_libraries
 
@@ -36,10 +36,10 @@ def load(own: Dict[str, str]) -> Tuple[object, object, str]:
         tok = model_lib.load_tokenizer(spec)
         data.training_template(spec, tok)
         model = model_lib.place(model_lib.load_trained(spec, model_lib.resolve_precision(spec), weights), spec)
-        return model, tok, str(weights)
+        return model, tok, str(weights), dict(spec.data.template_kwargs)
     if "checkpoint" in own:
         raise UserError("checkpoint= applies to run=; an exported model folder has one set of weights.")
-    return _load_folder(Path(own["model"]), device)
+    return (*_load_folder(Path(own["model"]), device), {})
 
 
 def _load_folder(path: Path, device):
@@ -113,7 +113,8 @@ def main(verb: str, own: Dict[str, str]) -> None:
     out_path = Path(own["output"]).expanduser() if own.get("output") else None
     if out_path is not None and prompts is None:
         raise UserError("output= is for the replies to input=FILE; with prompt= the reply is printed.")
-    model, tok, source = load(own)
+    model, tok, source, template_kwargs = load(own)
+    opts["template_kwargs"] = template_kwargs
     if verb == "chat":
         return chat(model, tok, _start(own), opts, source)
     if prompts is None:

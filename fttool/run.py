@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from fttool.errors import UserError, fail
 
@@ -20,7 +20,8 @@ def _hydra_context():
     return choices.get("recipe"), hc.job.num, choices, list(hc.overrides.task), Path(hc.sweep.dir).resolve()
 
 
-def run_task(verb: str, cfg, overrides: List[str], argv: List[str], samples: int = 3) -> None:
+def run_task(verb: str, cfg, overrides: List[str], argv: List[str], samples: Optional[int] = None,
+             output: Optional[str] = None) -> None:
     from fttool import compose, validation
 
     recipe, job_num, choices, job_overrides, sweep_dir = _hydra_context()
@@ -34,7 +35,7 @@ def run_task(verb: str, cfg, overrides: List[str], argv: List[str], samples: int
         if verb in ("preview", "preprocess"):
             from fttool.data import preview
 
-            preview.run(verb, spec, samples)
+            preview.run(verb, spec, samples, output=output)
             return
         from fttool.launch import launch
 

@@ -53,6 +53,7 @@ class DataSpec:
     mix: List[SourceSpec] = field(default_factory=list)  # several datasets with weights (instead of path)
     template: Optional[str] = None  # chat template: unset = the tokenizer's own; a name (chatml, llama-3, ...), a .jinja file or Jinja text
     allow_template_change: bool = False  # train with data.template although the tokenizer has a different one of its own
+    template_kwargs: Dict[str, Any] = field(default_factory=dict)  # variables for every render of the template, e.g. {enable_thinking: false}
     system_prompt: Optional[str] = None  # system message prepended to every conversation that has none
     roles: Dict[str, str] = field(default_factory=dict)  # extra role names -> user, assistant, system or tool (e.g. {bot: assistant})
     train_on_inputs: bool = False  # train on every token of the conversation (prompts too), not only on train_roles

@@ -258,6 +258,12 @@ def _check_data(d: DictConfig) -> None:
     for name in ("val", "test"):
         if d[f"{name}_path"] and d[f"{name}_ratio"]:
             raise UserError(f"data.{name}_path and data.{name}_ratio are both set; hold out by file or by ratio, not both.")
+    from fttool.data.tokenize import RESERVED_KWARGS
+
+    for name in d.template_kwargs:
+        if name in RESERVED_KWARGS:
+            raise UserError(f"data.template_kwargs.{name}: fttool sets '{name}' itself on every render; remove it "
+                            f"(data.template_kwargs holds the template's own variables, e.g. enable_thinking).")
     for role, target in d.roles.items():
         if target not in ("system", "user", "assistant", "tool"):
             raise UserError(f"data.roles.{role}={target}: map a role name to system, user, assistant or tool.")

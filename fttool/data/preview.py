@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import List, TextIO
+from typing import List, Optional, TextIO
 
 from fttool.data.stats import histogram_lines
 
@@ -39,12 +39,18 @@ def stats_lines(spec, prepared) -> List[str]:
              f"tokens        {st.tokens:,}, trained {st.trained_tokens:,} ({100 * frac:.1f}%)",
              f"length        max_length {d.max_length}, truncation={d.truncation}: truncated {st.truncated}, "
              f"dropped {st.dropped_too_long} over max_length, dropped {st.dropped_no_trained_tokens} with no trained tokens"]
+    for why, n in st.no_trained_why.items():
+        lines.append(f"              {n:,} with no trained tokens because {why}")
     if st.bad_rows_skipped or st.duplicates_removed:
         lines.append(f"rows          skipped {st.bad_rows_skipped} bad, removed {st.duplicates_removed} duplicates")
     if len(st.per_source) > 1:
         lines.append("mixture       " + ", ".join(f"{os.path.basename(k)}: {v:,}" for k, v in st.per_source.items()))
     if st.eos_appended:
         lines.append(f"end of turn   EOS appended to {st.eos_appended:,} replies (the template closes them with no special token)")
+    if st.literal_markers:
+        lines.append(f"literal text  {st.literal_markers:,} special-token texts inside messages kept as plain text (never the token)")
+    if st.empty_replies:
+        lines.append(f"empty replies {st.empty_replies:,} trained replies the template rendered empty (not trained)")
     if st.tools_in_system:
         lines.append(f"tools         schemas written into the system message of {st.tools_in_system:,} rows")
     pad = pack.padding_efficiency(lengths, spec.train.batch_size)
@@ -56,11 +62,27 @@ def stats_lines(spec, prepared) -> List[str]:
     return lines
 
 
-def run(verb: str, spec, samples: int = 3, out: TextIO = sys.stdout) -> None:
+def run(verb: str, spec, samples: Optional[int] = None, out: TextIO = sys.stdout, output: Optional[str] = None) -> None:
     try:
-        _run(verb, spec, samples, out)
+        if output is not None:
+            _dump(spec, samples, output, out)
+            return
+        _run(verb, spec, 3 if samples is None else samples, out)
     except BrokenPipeError:  # `fttool preview | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _dump(spec, samples: Optional[int], output: str, out: TextIO) -> None:
+    """`fttool preview ... output=FILE.jsonl`: the machine-readable mask of every row (see data.mask_dump)."""
+    from fttool import data
+    from fttool.model import load_tokenizer
+    from fttool.train import quiet_libraries
+
+    quiet_libraries()
+    counts = data.mask_dump(spec, load_tokenizer(spec), output, samples)
+    print(f"wrote {output}: {counts['samples']:,} samples ({counts['truncated']:,} truncated to data.max_length, "
+          f"{counts['dropped']:,} that training drops, marked \"dropped\") and {counts['errors']:,} refused rows "
+          "(with \"error\")", file=out)
 
 
 def _run(verb: str, spec, samples: int, out: TextIO) -> None:
