@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -137,9 +138,13 @@ def read_metrics(run_dir: Path) -> List[Dict]:
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop rows logged after `step` (a resumed run logs those steps again)."""
-    rows = [r for r in read_metrics(run_dir) if r["step"] <= step and "loss" in r]
-    (Path(run_dir) / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    """Drop rows logged after `step` (a resumed run logs those steps again); training and validation rows up to it
+    stay (the end-of-training summary row goes: the run is not over)."""
+    rows = [r for r in read_metrics(run_dir) if r["step"] <= step and ("loss" in r or "eval_loss" in r)]
+    path = Path(run_dir) / METRICS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
 
 
 def sparkline(values: List[float], width: int = 40) -> str:

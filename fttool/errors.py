@@ -11,6 +11,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+class Preempted(UserError):
+    """The run stopped on SIGTERM or SIGUSR1 after saving a checkpoint at its last step."""
+
+    exit_code = 143  # 128 + SIGTERM: a scheduler reads it as "terminated"; the checkpoint is complete
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> Optional[str]:
     """The closest choice to a misspelled word, or None."""
     matches = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
@@ -27,5 +33,5 @@ def fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
     """Print one error message to stderr and exit."""
     import sys
 
-    print(f"fttool: error: {message}", file=sys.stderr)
+    print(f"fttool: {'error: ' if code else ''}{message}", file=sys.stderr)
     raise SystemExit(code)

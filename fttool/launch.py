@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from fttool import distributed, rundir
-from fttool.errors import UserError
+from fttool.errors import Preempted, UserError
 from fttool.spec import RunSpec
 
 ERRORS = "errors"  # <run_dir>/errors/rank-N.txt: what a failed worker said
@@ -21,13 +21,19 @@ STOP_GRACE_S = 60  # after Ctrl-C, how long workers get to stop on their own
 def launch(spec: RunSpec, argv: List[str], choices: Dict) -> None:
     from fttool.model import check_device, resolve_precision
 
-    if distributed.unresolved_slurm(spec.hardware):
-        raise UserError("hardware.machine_rank=-1, num_machines=0 or main_address=slurm are filled in by a SLURM job, "
-                        "and this is not one: submit it with -m hydra/launcher=slurm (see README, Scaling out), or give "
-                        "hardware.machine_rank, hardware.num_machines and hardware.main_address yourself.")
+    distributed.check_resolved(spec.hardware)
     check_device(spec)  # before anything is written
     run_dir, created = rundir.prepare(spec, argv, choices)
     print(f"fttool: run folder {run_dir}", flush=True)
+    try:
+        _run(spec, run_dir, created)
+    finally:
+        rundir.unlock(run_dir)
+
+
+def _run(spec: RunSpec, run_dir: Path, created: bool) -> None:
+    from fttool.model import resolve_precision
+
     try:
         if distributed.is_distributed(spec.hardware):
             config = distributed.write_configs(spec, run_dir, resolve_precision(spec))
@@ -36,7 +42,7 @@ def launch(spec: RunSpec, argv: List[str], choices: Dict) -> None:
             from fttool.train import train
 
             train(run_dir)
-    except Exception:  # a UserError (bad data, bad model path, a failed worker) or a crash before the first step
+    except BaseException:  # a UserError, a crash or Ctrl-C (say, while the data is tokenized) before the first step
         if created and not training_began(run_dir):
             rundir.discard(run_dir)  # failed before training began: leave nothing half-written
         raise
@@ -61,18 +67,37 @@ def run_workers(spec: RunSpec, run_dir: Path, config: Path) -> None:
     if hw.device == "cpu":
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // hw.num_processes)))
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would warn that it found no GPU
-    proc = subprocess.Popen(cmd, env=env)
+    # SIGUSR1 (SLURM's early warning) would end torch's launcher by default: it and the workers inherit "ignore",
+    # and the workers install their own handler (safe_trainer.Preemption)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+    previous = {sig: signal.signal(sig, lambda *_: _forward_stop(proc)) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         rc = proc.wait()
     except KeyboardInterrupt:  # the workers got the same Ctrl-C; give them time to stop at a clean point
         rc = _stop(proc)
         raise SystemExit(130) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if rc != 0:
         first = hw.machine_rank * hw.num_processes
         ranks = list(range(first, first + hw.num_processes))
-        err = UserError(failure_report(run_dir, rc, ranks))
-        err.exit_code = reported_exit_code(run_dir, ranks)
+        code = reported_exit_code(run_dir, ranks)
+        if code == Preempted.exit_code:  # every rank saved and stopped: say so as rank 0 did
+            said = (run_dir / ERRORS / f"rank-{first}.txt")
+            err = UserError(said.read_text().strip().replace("fttool: error: ", "", 1) if said.is_file() else
+                            f"stopped by a signal; continue with resume=auto run_name={spec.run_name}")
+        else:
+            err = UserError(failure_report(run_dir, rc, ranks))
+        err.exit_code = code
         raise err
+
+
+def _forward_stop(proc: subprocess.Popen) -> None:
+    """SIGTERM or SIGUSR1 to this launcher: the workers are told (through torch's launcher, which gives them 30 s)
+    to save a checkpoint at the end of their step and stop."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
 
 
 def _stop(proc: subprocess.Popen) -> int:

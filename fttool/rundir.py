@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -34,7 +34,7 @@ FINAL = "final"  # the trained adapter or model
 PACKAGES = ("fttool", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed",
             "hydra-core", "omegaconf", "wandb", "tokenizers", "safetensors")
 # keys that may differ between a run and its resumption, or between the machines of one run
-RESUMABLE_DIFFS = {"resume", "hardware.machine_rank", "hardware.main_address", "hardware.main_port", "hardware.join_timeout_s"}
+RESUMABLE_DIFFS = {"resume", "resume_data", "hardware.machine_rank", "hardware.main_address", "hardware.main_port", "hardware.join_timeout_s"}
 
 
 def spec_to_yaml(spec: RunSpec) -> str:
@@ -100,35 +100,109 @@ def environment() -> Dict[str, Any]:
 
 
 def prepare(spec: RunSpec, argv: List[str], choices: Dict[str, Any]) -> tuple:
-    """Create (or, with resume=auto, reopen) the run folder. Returns (run_dir, created_now)."""
+    """Create (or, with resume=auto, reopen) the run folder and take its lock (see `lock`). Returns (run_dir,
+    created_now). Two launches of one run at once: one gets the lock, the other is refused."""
     run_dir = run_dir_of(spec)
     if spec.hardware.num_machines > 1 and spec.hardware.machine_rank > 0:
         return join(spec, run_dir, argv), False
-    if run_dir.exists():
-        if spec.resume != "auto":
-            raise UserError(
-                f"run folder {run_dir} already exists; continue that run with resume=auto run_name={spec.run_name}, "
-                "or choose another run_name=NAME."
-            )
-        diffs = spec_diff(load_spec(run_dir), spec)
-        if diffs:
-            raise UserError(
-                f"resume=auto: the spec differs from the one {run_dir} was started with ({'; '.join(diffs)}). "
-                "Resume with the same settings, or start a new run_name."
-            )
-        _append(run_dir / "command.txt", _command_line(argv))
-        return run_dir, False
-    run_dir.mkdir(parents=True)
+    had_spec = (run_dir / SPEC_FILE).is_file()
+    if had_spec and spec.resume != "auto":
+        raise UserError(
+            f"run folder {run_dir} already exists; continue that run with resume=auto run_name={spec.run_name}, "
+            "or choose another run_name=NAME."
+        )
+    existed = run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock(run_dir)
     try:
+        if had_spec:
+            if (run_dir / "result.json").is_file():
+                raise RunFinished(f"run {run_dir} has finished (result.json is there); there is nothing to resume. "
+                                  "Start a new run_name to train again.")
+            diffs = spec_diff(load_spec(run_dir), spec)
+            if diffs:
+                raise UserError(
+                    f"resume=auto: the spec differs from the one {run_dir} was started with ({'; '.join(diffs)}). "
+                    "Resume with the same settings, or start a new run_name."
+                )
+            old = load_spec(run_dir)
+            if old.resume_data != spec.resume_data:  # the workers read spec.yaml: this resume's choice goes there
+                (run_dir / SPEC_FILE).write_text(spec_to_yaml(replace(old, resume_data=spec.resume_data)))
+            _append(run_dir / "command.txt", _command_line(argv))
+            return run_dir, False
+        if existed and any(p.name != LOCK for p in run_dir.iterdir()) and spec.resume != "auto":
+            raise UserError(f"{run_dir} exists and is not an fttool run folder (no {SPEC_FILE}); choose another "
+                            "run_name=NAME or output_dir=DIR.")
         (run_dir / SPEC_FILE).write_text(spec_to_yaml(spec))
         (run_dir / "command.txt").write_text(_command_line(argv))
         env = environment()
         env["choices"] = {k: v for k, v in choices.items() if not str(k).startswith("hydra")}
         (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        unlock(run_dir)
+        if not existed:
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    return run_dir, True
+    return run_dir, not existed
+
+
+class RunFinished(UserError):
+    """resume=auto on a run that already finished: nothing to do, and not a failure."""
+
+    exit_code = 0
+
+
+LOCK = ".fttool.lock"  # who trains in this run folder now: {"pid", "host", "started"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def lock(run_dir: Path) -> None:
+    """Take the run folder for this process: a lock file created atomically. Held by a live process (or by one on
+    another machine): refused, naming the holder. Held by a process of this machine that is gone: taken over."""
+    path = run_dir / LOCK
+    mine = {"pid": os.getpid(), "host": platform.node(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            same_host = holder.get("host") == platform.node()
+            if same_host and holder.get("pid") == os.getpid():
+                return  # this process holds it already
+            if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                print(f"fttool: warning: {path} was left by process {holder['pid']}, which is gone; taking the run over",
+                      file=sys.stderr)
+                path.unlink(missing_ok=True)
+                continue
+            raise UserError(f"run folder {run_dir} is in use: process {holder.get('pid', '?')} on "
+                            f"{holder.get('host', '?')} has trained in it since {holder.get('started', '?')} (a second "
+                            f"launch of the same run?). Wait for it to finish, or, if that process is gone, delete {path}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(mine) + "\n")
+        return
+    raise UserError(f"could not take {path}; delete it if no fttool process is training in {run_dir}.")
+
+
+def unlock(run_dir: Path) -> None:
+    """Give the run folder up (only this process's own lock)."""
+    path = Path(run_dir) / LOCK
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 def join(spec: RunSpec, run_dir: Path, argv: List[str]) -> Path:
@@ -177,9 +251,10 @@ def open_run(path: str, key: str = "run") -> Path:
 
 
 def checkpoints(run_dir: Path) -> List[Path]:
-    """Complete checkpoints (their trainer_state.json was written), oldest first."""
-    found = sorted((Path(run_dir) / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return [c for c in found if (c / "trainer_state.json").is_file()]
+    """Complete checkpoints (their manifest is there and the sizes agree: see checkpoint.py), oldest first."""
+    from fttool.checkpoint import complete
+
+    return complete(run_dir)
 
 
 def weights_dir(run_dir: Path, spec: RunSpec, checkpoint: str = FINAL) -> Path:

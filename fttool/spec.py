@@ -193,6 +193,7 @@ class RunSpec:
     output_dir: str = "runs"  # folder that holds run folders
     run_name: Optional[str] = None  # this run's folder name; unset = <model>-<method>-<timestamp>
     resume: str = "never"  # never (fail if the run folder exists) or auto (continue from its newest checkpoint)
+    resume_data: str = "same"  # on resume: same (refuse if the data changed since the run began) or changed (continue on the new data, recorded in data.json)
     seed: int = 42  # seed for data order, initialisation and dropout
 
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Optional, Tuple
@@ -59,10 +60,14 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
-def last_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint (one whose trainer_state.json was written)."""
-    done = rundir.checkpoints(run_dir)
-    return done[-1] if done else None
+def last_checkpoint(run_dir: Path, say: bool = False) -> Optional[Path]:
+    """The newest checkpoint whose manifest verifies in full; with `say`, newer ones skipped are logged with why."""
+    from fttool.checkpoint import newest_trusted
+
+    found, skipped = newest_trusted(run_dir)
+    for path, why in skipped if say else ():
+        log.warning(f"skipping {path.name}: {why}; it cannot be resumed from")
+    return found
 
 
 def validates(spec) -> bool:
@@ -94,13 +99,39 @@ def training_args(spec, run_dir: Path, precision: str):
         per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
         gradient_checkpointing=t.gradient_checkpointing, logging_steps=t.logging_steps, logging_first_step=True,
-        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=None,  # rotation: safe_trainer.RunTrainer
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=spec.hardware.device == "cpu",
         dataloader_num_workers=t.dataloader_workers, report_to=["wandb"] if spec.logging.backend == "wandb" else [],
         run_name=spec.run_name, disable_tqdm=True, include_num_input_tokens_seen="non_padding",
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (the Trainer would log the average so far, or 0)
         remove_unused_columns=False, save_only_model=False, **validation_args(spec), **distributed.training_kwargs(spec, run_dir),
     )
+
+
+def _read_record(run_dir: Path) -> Optional[dict]:
+    path = run_dir / "data.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _data_history(spec, run_dir: Path, before: dict, prepared) -> list:
+    """On resume the data must be what the run trained on; resume_data=changed continues on new data, and
+    data.json keeps what each earlier part of the run used."""
+    from fttool import data
+
+    changes = data.drift(before.get("key", {}), prepared.key, spec)
+    history = before.get("history", [])
+    if not changes:
+        return history
+    if spec.resume_data != "changed":
+        raise UserError(f"resume: the data differs from what {run_dir} trained on: {'; '.join(changes)}. Restore it, "
+                        f"or continue on the new data with resume_data=changed (recorded in data.json; validation "
+                        "losses before and after are then not comparable).")
+    log.warning(f"resume_data=changed: continuing on new data ({'; '.join(changes)})")
+    return history + [{"key": before.get("key"), "stats": before.get("stats"), "changed": changes,
+                       "replaced_at": time.strftime("%Y-%m-%d %H:%M:%S")}]
 
 
 def log_data(prepared) -> None:
@@ -148,7 +179,9 @@ def train(run_dir: Path) -> dict:
 
     from fttool import callbacks, data, distributed, model as model_lib, tracking
     from fttool.data import pack
-    from fttool.guard import GuardedTrainer, NonFiniteGuard, NonFiniteStep, TrainingDiverged, diverged_message
+    from fttool.guard import NonFiniteGuard, NonFiniteStep, TrainingDiverged, diverged_message
+    from fttool.errors import Preempted
+    from fttool.safe_trainer import Preemption, RunTrainer
 
     if spec.hardware.strategy == "fsdp2" and spec.hardware.device == "cpu":
         distributed.enable_cpu_fsdp()
@@ -157,8 +190,12 @@ def train(run_dir: Path) -> dict:
     args = training_args(spec, run_dir, precision)  # also starts the process group when there are several processes
     distributed.after_process_group(spec)
     tok = model_lib.load_tokenizer(spec)
+    before = _read_record(run_dir)  # read before process 0 rewrites it: what the run trained on so far
     with args.main_process_first(local=True, desc="data"):  # one process per machine tokenizes; the rest read its cache
         prepared = data.build(spec, tok)  # bad data fails here, before any model is loaded
+    record = prepared.record()
+    if before is not None:
+        record["history"] = _data_history(spec, run_dir, before, prepared)
     if validates(spec) and not (prepared.validation is not None and len(prepared.validation)):
         d = spec.data
         source = f"data.val_path={d.val_path}" if d.val_path else f"data.val_ratio={d.val_ratio} of {prepared.stats.rows} rows"
@@ -166,7 +203,7 @@ def train(run_dir: Path) -> dict:
     if main:
         log_data(prepared)
         log_format_notes(spec)
-        (run_dir / "data.json").write_text(json.dumps(prepared.record(), indent=1, default=str) + "\n")
+        (run_dir / "data.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     model, precision = model_lib.load_model(spec)
     model_lib.check_cpu_4bit_shapes(spec, model)
     if spec.data.packing != "none":
@@ -181,23 +218,28 @@ def train(run_dir: Path) -> dict:
         extra.append(callbacks.EarlyStopping(spec.train.early_stopping_patience, spec.train.early_stopping_threshold))
     guard = NonFiniteGuard(tolerance=spec.train.nonfinite_tolerance, fp16=precision == "fp16")
     metrics_cb = callbacks.MetricsCallback(run_dir, guard)
-    trainer = GuardedTrainer(
+    preempt = Preemption()
+    trainer = RunTrainer(
         model=model, args=args, train_dataset=as_batches(spec, prepared.train, tok),
         eval_dataset=as_batches(spec, prepared.validation, tok) if prepared.validation is not None else None,
         data_collator=pack.collator(spec.data.packing, tok), processing_class=tok,
-        callbacks=[metrics_cb, callbacks.LayoutCallback(), *extra], guard=guard,
+        callbacks=[metrics_cb, callbacks.LayoutCallback(), preempt, *extra], guard=guard,
     )
+    trainer.keep_checkpoints = spec.train.save_total_limit
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line per logging step
     # the launcher only hands a run folder with checkpoints to a worker when resume=auto asked for it
-    resume_from = last_checkpoint(run_dir)
+    resume_from = last_checkpoint(run_dir, say=main)
     step = int(resume_from.name.split("-")[-1]) if resume_from else 0
     if main:
         callbacks.truncate_metrics(run_dir, step)  # rows logged after the checkpoint are logged again
     if resume_from:
         log.info(f"resuming from {resume_from} (step {step})")
     log.info(f"training: run folder {run_dir}")
+    preempt.install()
     try:
         out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if preempt.stopped:  # the checkpoint of this step is saved; nothing after training runs
+            raise Preempted(preempt.message(run_dir, spec.run_name, trainer.state.global_step))
         best = mark_best(run_dir, trainer.state) if main else None
         # every process takes part; a non-finite loss here stops the run before final/ is written
         eval_loss = trainer.evaluate()["eval_loss"] if prepared.validation is not None else None
@@ -211,6 +253,7 @@ def train(run_dir: Path) -> dict:
             tracking.finish(run_dir)
         raise TrainingDiverged(diverged_message(e, spec, run_dir, last_checkpoint(run_dir), precision)) from None
     finally:
+        preempt.restore()
         if main:
             _plot(run_dir, trainer)
     final = run_dir / FINAL

@@ -32,6 +32,7 @@ CHOICES = {
     "logging.mode": ("online", "offline", "disabled"),
     "train.lr_scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"),
     "resume": ("never", "auto"),
+    "resume_data": ("same", "changed"),
 }
 
 # key -> (predicate, what is expected)

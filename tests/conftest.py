@@ -46,7 +46,10 @@ def train_run(overrides, tmp_path, name="run"):
 
     spec = make_spec(list(overrides) + [f"run_name={name}"], tmp_path)
     run_dir, _ = rundir.prepare(spec, ["pytest"], {})
-    return run_dir, train(run_dir)
+    try:
+        return run_dir, train(run_dir)
+    finally:
+        rundir.unlock(run_dir)  # as the launcher does
 
 
 FAST = ["train.max_steps=6", "train.logging_steps=1", "train.batch_size=4", "train.grad_accum=1",
