@@ -103,8 +103,16 @@ def _prog() -> str:
     return "python -m fttool" if prog in ("__main__.py", "-m", "-c") else prog
 
 
+def cpu_threads_env() -> None:
+    """OpenMP threads that sleep while they wait instead of spinning: a run sharing its cores with another busy
+    process then slows in proportion, not 50x (spinning threads fight the other process for the core a peer needs).
+    Set before torch loads OpenMP; the worker processes inherit it. A user's own setting wins."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    cpu_threads_env()
     try:
         verb, rest = split_verb(argv)
         if verb in RUN_VERBS:
@@ -115,9 +123,6 @@ def main(argv: Optional[List[str]] = None) -> None:
             except KeyboardInterrupt:
                 fail(f"{verb} interrupted; nothing was left half-written.", 130)
         rest, samples, output = pop_samples(rest)
-        from fttool.compose import free_form_adds
-
-        rest = free_form_adds(rest)
         if (samples is not None or output is not None) and verb != "preview":
             raise UserError("--samples and output= belong to the preview verb: fttool preview [overrides] --samples N "
                             "[output=FILE.jsonl].")
@@ -125,6 +130,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         try:
             registry.register()
+        except UserError:
+            raise
         except Exception as e:  # a malformed recipe file
             raise UserError(f"could not read a recipe file: {e}".replace("\n", " "))
         info_only = any(a in HYDRA_INFO_FLAGS for a in rest)
@@ -159,7 +166,11 @@ def _run_hydra(verb: str, rest: List[str], overrides: List[str], argv: List[str]
         at = rest.index(overrides[0]) if overrides else len(rest)  # next to the other overrides: argparse wants them together
         rest = rest[:at] + [f"hydra.sweep.dir=${{output_dir}}/sweep-{time.strftime('%Y%m%d-%H%M%S')}"] + rest[at:]
     sys.argv = [_prog()] + rest
-    _app()
+    try:
+        _app()
+    except KeyboardInterrupt:  # tokenizing, loading, training in this process: the run folder is already tidied
+        fail(f"{verb} interrupted (Ctrl-C); nothing was left half-written. A run that had begun keeps its "
+             "checkpoints: continue with resume=auto run_name=NAME.", 130)
     from fttool import sweep
 
     if sweep.FAILED:

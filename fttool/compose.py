@@ -79,27 +79,11 @@ def _known_keys(node) -> List[str]:
     return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
 
 
-# mappings whose keys are the user's own (template variables, role and column names)
-FREE_FORM = ("data.template_kwargs", "data.roles", "data.columns")
-
-
-def free_form_adds(overrides: List[str]) -> List[str]:
-    """`data.template_kwargs.enable_thinking=false` (or `data.template_kwargs={...}`) adds keys to a mapping whose
-    keys are the user's own; Hydra wants `++` for that (the key may or may not exist already), so it is added."""
-    out = []
-    for o in overrides:
-        key = o.split("=", 1)[0]
-        if "=" in o and not key.startswith(("+", "~")) and any(key == k or key.startswith(f"{k}.") for k in FREE_FORM):
-            o = f"++{o}"
-        out.append(o)
-    return out
-
-
 def _check_key(cfg: DictConfig, key: str) -> None:
     node = cfg
     parts = key.split(".")
     for i, part in enumerate(parts):
-        if ".".join(parts[:i]) in FREE_FORM:
+        if ".".join(parts[:i]) in registry.OPEN_DICTS:
             return
         if not isinstance(node, DictConfig):
             raise UserError(f"'{'.'.join(parts[:i])}' is a value, not a section; '{key}' does not exist.")
@@ -173,7 +157,7 @@ def compose(overrides: List[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(registry.conf_dir()), version_base=None):
-            return hydra_compose("config", overrides=free_form_adds(list(overrides)))
+            return hydra_compose("config", overrides=list(overrides))
     except (ConfigCompositionException, HydraException) as e:
         text = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
         described = _describe_validation(e, text)
@@ -207,6 +191,11 @@ def precheck(overrides: List[str], multirun: bool = False) -> List[Tuple[List[st
         raise UserError(f"{registry.RECIPE_PATH_ENV} names a folder that does not exist: {bad[0]}. Fix the path or remove it.")
     # Hydra's own settings (hydra.*, hydra/launcher=...) are Hydra's to check
     overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    chosen = recipe_of(overrides)
+    for name in re.split(r"[,\s]+", chosen or ""):
+        problem = registry.recipe_problem(name) if name else None
+        if problem:
+            raise UserError(problem)
     parsed = parse(overrides)
     for ov in parsed:
         if ov.is_sweep_override() and not multirun:

@@ -154,6 +154,14 @@ def unresolved_slurm(hw) -> bool:
     return hw.machine_rank == -1 or hw.num_machines == 0 or hw.main_address == "slurm"
 
 
+def check_resolved(hw) -> None:
+    """`train` and `check` alike: the SLURM placeholders need a SLURM job to fill them in."""
+    if unresolved_slurm(hw):
+        raise UserError("hardware.machine_rank=-1, num_machines=0 or main_address=slurm are filled in by a SLURM job, "
+                        "and this is not one: submit it with -m hydra/launcher=slurm (see README, Scaling out), or give "
+                        "hardware.machine_rank, hardware.num_machines and hardware.main_address yourself.")
+
+
 def resolve_slurm(hw) -> None:
     """Fill machine rank, machine count and main address from the SLURM job this runs in (values -1, 0, "slurm")."""
     if not unresolved_slurm(hw):

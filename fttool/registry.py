@@ -5,8 +5,9 @@ Nothing here runs at import time; :func:`register` is called once by the CLI bef
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 
@@ -49,6 +50,57 @@ def recipe_files() -> Dict[str, Path]:
     return found
 
 
+RESOLVER = re.compile(r"\$\{\s*[\w.-]+\s*:")  # ${oc.env:X}, ${now:...}: a resolver call, not a reference to a key
+
+
+def check_recipe(path: Path, node) -> None:
+    """A recipe may set fttool keys and choose group options, nothing else: Hydra's own settings (hydra.callbacks,
+    hydra.launcher, logging handlers), `_target_` (which Hydra instantiates) and resolver interpolations would let a
+    recipe shared by another team run code or read the environment."""
+    from fttool.errors import UserError
+
+    tree = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+
+    def refuse(key: str, why: str):
+        raise UserError(f"recipe {path}: {key}: {why}. Recipes may set fttool keys and group options only "
+                        "(Hydra settings belong on the command line); remove it from the recipe.")
+
+    def walk(value, where: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                key = f"{where}.{k}" if where else str(k)
+                if str(k) == "_target_":
+                    refuse(key, "a recipe cannot name a Python object to call")
+                if not where and str(k) == "hydra":
+                    refuse(key, "a recipe cannot change Hydra's settings (callbacks, launcher, logging)")
+                walk(v, key)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(value, str) and RESOLVER.search(value):
+            refuse(where, f"the value {value!r} calls an interpolation resolver")
+
+    for i, entry in enumerate((tree or {}).get("defaults") or [] if isinstance(tree, dict) else []):
+        text = entry if isinstance(entry, str) else " ".join(map(str, entry)) if isinstance(entry, dict) else ""
+        if "hydra" in text.replace("hydra_", ""):
+            refuse(f"defaults[{i}]", f"'{text}' chooses one of Hydra's own groups")
+    walk({k: v for k, v in tree.items() if k != "defaults"} if isinstance(tree, dict) else tree, "")
+
+
+def recipe_problem(name: str) -> Optional[str]:
+    """Why the recipe NAME may not be used (see check_recipe), or None."""
+    from fttool.errors import UserError
+
+    path = recipe_files().get(name)
+    if path is None:
+        return None
+    try:
+        check_recipe(path, OmegaConf.load(path))
+    except UserError as e:
+        return str(e)
+    return None
+
+
 def group_options(group: str) -> List[str]:
     """The options of a config group, or the recipe names for group `recipe`."""
     if group == "recipe":
@@ -60,7 +112,8 @@ def bad_recipe_path_entries() -> List[str]:
     return [p for p in os.environ.get(RECIPE_PATH_ENV, "").split(os.pathsep) if p and not Path(p).expanduser().is_dir()]
 
 
-OPEN_DICTS = ("data.columns", "data.roles", "eval.gate")  # free-form mappings: `data.columns={a: b}` adds keys
+# free-form mappings whose keys are the user's own: `data.columns={a: b}`, `data.template_kwargs.enable_thinking=false`
+OPEN_DICTS = ("data.columns", "data.roles", "data.template_kwargs", "eval.gate")
 
 
 def schema_node():
@@ -81,6 +134,8 @@ def register() -> None:
         cs.store(group="schema/method", name=name, node=schema)
     for name, path in recipe_files().items():
         node = OmegaConf.load(path)
+        if recipe_problem(name) is not None:
+            continue  # never composable; choosing it names the problem (recipe_problem)
         cs.store(group="recipe", name=name, node=node, package="_global_", provider=str(path))
 
 

@@ -75,7 +75,9 @@ def _run_trial(cfg, overrides, argv, recipe, job_num, choices, job_overrides, sw
 
 
 def _print_check(spec) -> None:
-    from fttool import plan, rundir
+    from fttool import distributed, plan, rundir
+
+    distributed.check_resolved(spec.hardware)  # as train would refuse it
 
     print("# resolved spec")
     print(rundir.spec_to_yaml(spec), end="")

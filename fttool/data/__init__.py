@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +87,10 @@ def build(spec, tokenizer, use_cache: bool = True) -> Prepared:
                       [[fingerprint(s.path, s.split, s.key), s.format, s.split, s.columns, s.weight] for s in srcs]
                       + [[k, fingerprint(p, "train", k)] for k, p in extra])
     where = cache.folder(d, parts)
+    paths = [s.path for s in srcs] + [p for _, p in extra]
     if use_cache and cache.is_complete(where):
         splits, stats = cache.read(where)
+        splits = cache.relabel(splits, where, paths)
         return Prepared(splits["train"], splits["validation"], DataStats.from_dict(stats), where, True,
                         time.perf_counter() - t0, parts)
     train_rows, val_rows, _, stats = _rows(spec, srcs)
@@ -94,7 +98,7 @@ def build(spec, tokenizer, use_cache: bool = True) -> Prepared:
     train_ds = _encode(encoder, train_rows, d, stats, count=True)
     val_ds = _encode(encoder, val_rows, d, DataStats(), count=False) if val_rows else None
     if use_cache:
-        cache.write(where, parts, {"train": train_ds, "validation": val_ds}, stats.to_dict())
+        cache.write(where, parts, {"train": train_ds, "validation": val_ds}, stats.to_dict(), paths)
     return Prepared(train_ds, val_ds, stats, where, False, time.perf_counter() - t0, parts)
 
 
@@ -190,6 +194,8 @@ def _test_example(loc: str, ex: Dict) -> Optional[Dict]:
 # -- tokens -----------------------------------------------------------------------------------------------
 def _encode_fn(encoder: Encoder, skip: bool) -> Callable:
     def fn(batch):
+        if multiprocessing.current_process().name != "MainProcess":
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (no traceback per worker)
         return encoder.encode_batch(batch["loc"], [json.loads(x) for x in batch["example"]], skip_bad=skip)
 
     return fn
@@ -269,6 +275,22 @@ def _length_policy(enc, d, stats: DataStats, count: bool):
                                   "labels": datasets.Sequence(datasets.Value("int32")), "length": datasets.Value("int32"),
                                   "loc": datasets.Value("string")})
     return datasets.Dataset.from_dict(keep, features=features)
+
+
+def drift(old: Dict, new: Dict, spec) -> List[str]:
+    """What differs in the data between a run and its resumption (their cache keys): a source file's content, the
+    tokenizer, the template, fttool's tokenization. Empty when nothing does."""
+    d = spec.data
+    names = [f"{s.key}={s.path}" for s in sources_of(d)]
+    names += [f"{k}={p}" for k, p in (("data.val_path", d.val_path), ("data.test_path", d.test_path)) if p]
+    out = [f"{name} (its content changed)" for name, a, b in zip(names, old.get("sources", []), new["sources"]) if a != b]
+    if len(old.get("sources", [])) != len(new["sources"]):
+        out.append("the list of sources")
+    for part, what in (("tokenizer", "the tokenizer"), ("template", "the chat template"),
+                       ("version", "fttool's tokenization (a newer fttool)"), ("data", "the data keys"), ("seed", "seed")):
+        if old.get(part) != new.get(part):
+            out.append(what)
+    return out
 
 
 def _counters(enc):
@@ -374,4 +396,4 @@ def eval_example(loc: str, ex: Dict) -> Optional[Dict]:
     return t
 
 
-__all__ = ["build", "prompt_ids", "mask_dump", "fate", "NO_TRAINED_WHY", "test_rows", "eval_example", "DataStats", "Prepared", "IGNORE", "sources_of"]
+__all__ = ["build", "drift", "prompt_ids", "mask_dump", "fate", "NO_TRAINED_WHY", "test_rows", "eval_example", "DataStats", "Prepared", "IGNORE", "sources_of"]

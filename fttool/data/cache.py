@@ -55,7 +55,7 @@ def is_complete(path: Path) -> bool:
     return (path / "meta.json").is_file()
 
 
-def write(path: Path, parts: Dict[str, Any], splits: Dict[str, Any], stats: dict) -> None:
+def write(path: Path, parts: Dict[str, Any], splits: Dict[str, Any], stats: dict, paths: Optional[list] = None) -> None:
     """Write a complete cache folder atomically (a temporary folder renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -66,7 +66,8 @@ def write(path: Path, parts: Dict[str, Any], splits: Dict[str, Any], stats: dict
             if ds is not None:
                 ds.save_to_disk(str(tmp / name))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
-        (tmp / "meta.json").write_text(json.dumps(parts, indent=1, sort_keys=True, default=str))
+        # the source paths are not part of the key (same content, same tokens) but name the samples' rows
+        (tmp / "meta.json").write_text(json.dumps({**parts, "paths": paths or []}, indent=1, sort_keys=True, default=str))
         try:
             os.rename(tmp, path)
         except OSError:  # another process finished the same key first: theirs is as good as ours
@@ -74,6 +75,23 @@ def write(path: Path, parts: Dict[str, Any], splits: Dict[str, Any], stats: dict
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def relabel(splits: Dict[str, Any], path: Path, paths: list) -> Dict[str, Any]:
+    """A cache hit made from files at other paths (same content): the samples' `loc` names the files given now."""
+    old = json.loads((path / "meta.json").read_text()).get("paths") or []
+    moves = {a: b for a, b in zip(old, paths) if a != b}
+    if not moves:
+        return splits
+
+    def fix(loc: str) -> str:
+        for a, b in moves.items():
+            if loc.startswith(a) and loc[len(a):len(a) + 1] in (":", " "):
+                return b + loc[len(a):]
+        return loc
+
+    return {k: ds.map(lambda r: {"loc": fix(r["loc"])}, load_from_cache_file=False) if ds is not None else None
+            for k, ds in splits.items()}
 
 
 def read(path: Path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
@@ -77,9 +78,25 @@ def _read_file(path: Path) -> Iterator[Row]:
         yield from _read_table(path)
 
 
+def not_utf8(path: Path, data: bytes, e: UnicodeDecodeError, first_line: int = 1) -> UserError:
+    """A decoding error named by file:line and column, with the bad byte and the fix."""
+    line = first_line + data.count(b"\n", 0, e.start)
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    return UserError(f"{path}:{line}: byte 0x{data[e.start]:02x} at column {column} is not UTF-8 ({e.reason}); data files "
+                     f"must be UTF-8: convert it, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}.")
+
+
+def _text(path: Path, data: bytes, first_line: int = 1) -> str:
+    try:
+        return data.decode("utf-8-sig" if first_line == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, data, e, first_line) from None
+
+
 def _read_jsonl(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _text(path, raw, lineno)
             if not line.strip():
                 continue
             try:
@@ -93,7 +110,7 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
 
 def _read_json(path: Path) -> Iterator[Row]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(_text(path, path.read_bytes()))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); expected an array of objects "
                         "(for one object per line, name the file .jsonl).")
@@ -116,9 +133,10 @@ def _read_table(path: Path) -> Iterator[Row]:
             import pyarrow.csv as pcsv
 
             # every CSV column is text: a number-looking reply must stay the string it was
-            with open(path, encoding="utf-8-sig", newline="") as f:
-                names = next(csv.reader(f), [])
+            names = next(csv.reader(io.StringIO(_text(path, path.read_bytes()), newline="")), [])
             table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(column_types={n: "string" for n in names}))
+    except UserError:
+        raise
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
         raise UserError(f"{path}: could not read it as {path.suffix[1:]}: {str(e).splitlines()[0]}")
     for i, rec in enumerate(table.to_pylist()):

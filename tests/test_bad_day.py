@@ -1,0 +1,299 @@
+"""A bad day loses nothing: preemption, broken checkpoints, a full disk, two launches, changed data, Ctrl-C while
+tokenizing, bad bytes, hostile recipes, and the small inconsistencies found beside them."""
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import FAST, make_spec, run_cli, train_run
+from fttool import rundir
+from fttool.errors import UserError
+
+TINY = ["method=lora", "method.dropout=0", "train.logging_steps=1", "train.batch_size=4", "train.grad_accum=1",
+        "data.max_samples=64", "eval.after_training=false"]
+
+
+def metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def adapter(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+
+
+def _wait_for_step(run_dir, step, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.is_file() and any(r.get("step", 0) >= step and "loss" in r for r in metrics(run_dir)):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.3)
+    raise AssertionError(f"the run never reached step {step}")
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_the_uninterrupted_one(tmp_path):
+    """SIGTERM (preemption) mid-run: the step in progress finishes, a checkpoint is saved, exit 143 with the resume
+    command; resume=auto then ends exactly where an uninterrupted run ends."""
+    args = [*TINY, "train.max_steps=30", "train.save_steps=1000", f"output_dir={tmp_path}"]
+    ref = run_cli(*args, "run_name=whole", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, "-m", "fttool", *args, "run_name=cut"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "cut"
+    _wait_for_step(run_dir, 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out[-1500:] + err[-1500:]
+    assert "stopped by SIGTERM at step" in err and "resume=auto run_name=cut" in err, err[-1500:]
+    (ckpt,) = (run_dir / "checkpoints").glob("checkpoint-*")
+    assert (ckpt / "fttool-manifest.json").is_file() and not (run_dir / "final").exists()
+    step = int(ckpt.name.split("-")[1])
+    assert 4 <= step < 30
+    resumed = run_cli(*args, "run_name=cut", "resume=auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = adapter(tmp_path / "whole"), adapter(run_dir)
+    assert all((a[k] - b[k]).abs().max().item() < 1e-6 for k in a)
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, 31))
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_rank_of_a_two_process_run(tmp_path):
+    pytest.importorskip("deepspeed")
+    from test_distributed import free_port
+
+    args = [*TINY, "hardware=ddp", "hardware.device=cpu", "train.max_steps=400", "train.save_steps=1000",
+            f"hardware.main_port={free_port()}", f"output_dir={tmp_path}", "run_name=pre"]
+    proc = subprocess.Popen([sys.executable, "-m", "fttool", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "pre"
+    _wait_for_step(run_dir, 3, proc)
+    proc.send_signal(signal.SIGTERM)  # to the launcher only: it tells the workers
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out[-1500:] + err[-1500:]
+    assert "stopped by SIGTERM" in err and "resume=auto run_name=pre" in err, err[-1500:]
+    (ckpt,) = (run_dir / "checkpoints").glob("checkpoint-*")
+    assert (ckpt / "fttool-manifest.json").is_file()
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(tmp_path):
+    from fttool.checkpoint import newest_trusted
+
+    run_dir, _ = train_run([*FAST, "train.max_steps=6", "train.save_steps=3", "train.save_total_limit=3"], tmp_path)
+    newest = run_dir / "checkpoints" / "checkpoint-6"
+    weights = newest / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a killed copy, a full disk
+    found, skipped = newest_trusted(run_dir)
+    assert found.name == "checkpoint-3" and skipped[0][0] == newest and "adapter_model.safetensors has" in skipped[0][1]
+    assert [p.name for p in rundir.checkpoints(run_dir)] == ["checkpoint-3"]
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "result.json").unlink()
+    spec = make_spec([*FAST, "train.max_steps=6", "train.save_steps=3", "train.save_total_limit=3", "run_name=run",
+                      "resume=auto"], tmp_path)
+    rundir.prepare(spec, ["pytest"], {})
+    from fttool.train import train
+
+    train(run_dir)
+    log = (run_dir / "train.log").read_text()
+    assert "skipping checkpoint-6: adapter_model.safetensors has" in log and "resuming from" in log
+    assert "checkpoint-3 (step 3)" in log.split("resuming from")[-1]
+    # a checkpoint whose file changed after it was written is caught by its hash
+    ckpt = rundir.checkpoints(run_dir)[-1]
+    (ckpt / "trainer_state.json").write_text((ckpt / "trainer_state.json").read_text().replace("{", "{ ", 1)[:-1])
+    from fttool.checkpoint import problem
+
+    assert "changed after it was written" in problem(ckpt)
+
+
+def test_disk_full_while_saving_names_the_folder_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    from fttool import checkpoint, safe_trainer
+
+    real, calls = checkpoint.write_manifest, []
+
+    def failing(folder):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(folder)
+
+    monkeypatch.setattr(safe_trainer, "write_manifest", failing)
+    with pytest.raises(UserError, match=r"could not write checkpoint .*checkpoint-6 \(No space left on device\).*GiB "
+                                        r"free.*earlier checkpoints are intact.*resume=auto"):
+        train_run([*FAST, "train.max_steps=8", "train.save_steps=3"], tmp_path)
+    run_dir = tmp_path / "run"
+    assert [p.name for p in rundir.checkpoints(run_dir)] == ["checkpoint-3"]
+    assert not (run_dir / "checkpoints" / "checkpoint-6").exists()
+
+
+def test_one_owner_per_run_folder(tmp_path, capsys):
+    spec = make_spec(["run_name=owned"], tmp_path)
+    run_dir, _ = rundir.prepare(spec, ["pytest"], {})
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / rundir.LOCK).write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename,
+                                                       "started": "2026-11-26 10:00:00"}))
+        again = make_spec(["run_name=owned", "resume=auto"], tmp_path)
+        with pytest.raises(UserError, match=rf"is in use: process {sleeper.pid} on .* since 2026-11-26 10:00:00"):
+            rundir.prepare(again, ["pytest"], {})
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    rundir.prepare(again, ["pytest"], {})  # the holder is gone: taken over
+    assert f"left by process {sleeper.pid}, which is gone" in capsys.readouterr().err
+    assert json.loads((run_dir / rundir.LOCK).read_text())["pid"] == os.getpid()
+    rundir.unlock(run_dir)
+    assert not (run_dir / rundir.LOCK).exists()
+
+
+def test_a_second_launch_of_a_running_run_is_refused(tmp_path):
+    args = [*TINY, "train.max_steps=400", "train.save_steps=1000", f"output_dir={tmp_path}", "run_name=busy"]
+    proc = subprocess.Popen([sys.executable, "-m", "fttool", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(tmp_path / "busy", 1, proc)
+        second = run_cli(*args, "resume=auto", cwd=tmp_path)
+        assert second.returncode == 2 and f"is in use: process {proc.pid}" in second.stderr, second.stderr
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_changed_data_on_resume_is_refused_unless_asked_for(tmp_path):
+    from fttool.train import train
+
+    data = tmp_path / "d.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i} said"}]}
+            for i in range(32)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps = [*FAST, "train.max_steps=6", "train.save_steps=3", "data=chat", f"data.path={data}"]
+    run_dir, _ = train_run(steps, tmp_path)
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "result.json").unlink()
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))  # the same rows, another order
+    rundir.prepare(make_spec(steps + ["run_name=run", "resume=auto"], tmp_path), ["pytest"], {})
+    with pytest.raises(UserError, match=rf"the data differs from what .* trained on: data.path={data} \(its content "
+                                        r"changed\).*resume_data=changed"):
+        train(run_dir)
+    rundir.prepare(make_spec(steps + ["run_name=run", "resume=auto", "resume_data=changed"], tmp_path), ["pytest"], {})
+    train(run_dir)
+    record = json.loads((run_dir / "data.json").read_text())
+    assert record["history"][0]["changed"] == [f"data.path={data} (its content changed)"]
+
+
+def test_ctrl_c_before_training_leaves_no_run_folder(tmp_path, monkeypatch):
+    """Ctrl-C while the data is tokenized (or the model loads): no half-made run folder blocks the same command."""
+    from fttool import launch as launch_mod
+    from fttool import train as train_mod
+
+    def interrupted(run_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    spec = make_spec(["run_name=ctrlc"], tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        launch_mod.launch(spec, ["pytest"], {})
+    assert not (tmp_path / "ctrlc").exists()
+
+
+def test_tokenizing_workers_leave_ctrl_c_to_the_parent():
+    """datasets' worker processes ignore SIGINT (the parent stops them): no traceback per worker."""
+    import multiprocessing
+
+    from fttool.data import _encode_fn
+
+    class Enc:
+        def encode_batch(self, *a, **k):
+            return {"handler": [str(signal.getsignal(signal.SIGINT))]}
+
+    ctx = multiprocessing.get_context("fork")
+    fn, queue = _encode_fn(Enc(), False), ctx.Queue()
+    child = ctx.Process(target=lambda: queue.put(fn({"loc": [], "example": []})["handler"]))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join()
+    assert got == [str(signal.SIG_IGN)]
+    assert fn({"loc": [], "example": []})["handler"] != [str(signal.SIG_IGN)]  # the parent keeps its handler
+
+
+@pytest.mark.parametrize("suffix,content,where", [
+    (".jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', ":2: byte 0xe9 at column 14"),
+    (".json", b'[\n{"text": "ok"},\n{"text": "caf\xe9"}]', ":3: byte 0xe9 at column 14"),
+    (".csv", b"text\nok\ncaf\xe9\n", ":3: byte 0xe9 at column 4"),
+])
+def test_a_bad_byte_is_named_by_file_and_line(tmp_path, suffix, content, where):
+    from fttool.data.sources import read_rows
+
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=rf"{path}{where} is not UTF-8.*iconv"):
+        read_rows(str(path))
+
+
+@pytest.mark.parametrize("name,body,key", [
+    ("callbacks", "hydra:\n  callbacks:\n    x:\n      _target_: shutil.copyfile\n      src: {src}\n      dst: {dst}\n",
+     "hydra"),
+    ("launcher", "defaults:\n  - override /hydra/launcher: basic\n", "defaults\\[0\\]"),
+    ("logging", "hydra:\n  job_logging:\n    handlers:\n      f:\n        class: logging.FileHandler\n"
+                "        filename: {dst}\n", "hydra"),
+    ("target", "data:\n  template_kwargs:\n    x:\n      _target_: shutil.copyfile\n", "data.template_kwargs.x._target_"),
+    ("resolver", "run_name: ${{oc.env:HOME}}\n", "run_name"),
+])
+def test_recipes_run_no_code(tmp_path, name, body, key):
+    team = tmp_path / "team"
+    team.mkdir()
+    dst = tmp_path / "pwned"
+    (team / f"{name}.yaml").write_text("# @package _global_\n" + body.format(src=team / f"{name}.yaml", dst=dst))
+    (team / "fine.yaml").write_text("# @package _global_\nrun_name: fine-${seed}\n")
+    for verb in ("check", "train"):
+        r = run_cli(verb, f"+recipe={name}", cwd=tmp_path, env={"FTTOOL_RECIPE_PATH": str(team)})
+        assert r.returncode == 2 and f"recipe {team / name}.yaml: " in r.stderr, r.stderr
+        assert key.replace("\\", "") in r.stderr and not dst.exists()
+    ok = run_cli("check", "+recipe=fine", cwd=tmp_path, env={"FTTOOL_RECIPE_PATH": str(team)})
+    assert ok.returncode == 0 and "fine-42" in ok.stdout, ok.stderr
+
+
+def test_check_refuses_slurm_placeholders_outside_slurm_as_train_does(tmp_path):
+    for verb in ("check", "train"):
+        r = run_cli(verb, "hardware.machine_rank=-1", cwd=tmp_path)
+        assert r.returncode == 2 and "filled in by a SLURM job" in r.stderr, (verb, r.stderr)
+
+
+def test_resume_keeps_earlier_validation_rows_and_a_finished_run_is_not_trained_again(tmp_path):
+    from fttool.callbacks import truncate_metrics
+
+    steps = [*FAST, "train.max_steps=6", "train.save_steps=2", "train.eval_steps=2", "data.val_ratio=0.2"]
+    run_dir, _ = train_run(steps, tmp_path)
+    before = [r for r in metrics(run_dir) if "eval_loss" in r]
+    truncate_metrics(run_dir, 4)
+    kept = metrics(run_dir)
+    assert [r["step"] for r in kept if "eval_loss" in r] == [r["step"] for r in before if r["step"] <= 4] == [2, 4]
+    r = run_cli(*steps, "run_name=run", f"output_dir={tmp_path}", "resume=auto", cwd=tmp_path)
+    assert r.returncode == 0 and "has finished (result.json is there); there is nothing to resume" in r.stderr
+    assert "error" not in r.stderr
+
+
+def test_a_cache_hit_names_the_file_given(tmp_path):
+    """Two files with the same content share a cache entry; the samples name the file of this run."""
+    from fttool import data
+    from fttool import model as model_lib
+
+    rows = "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+                   + "\n" for i in range(8))
+    first, second = tmp_path / "a" / "train.jsonl", tmp_path / "b" / "train.jsonl"
+    for p in (first, second):
+        p.parent.mkdir()
+    first.write_text(rows)
+    second.write_text(rows)
+    for path, hit in ((first, False), (second, True)):
+        spec = make_spec(["data=chat", f"data.path={path}", f"data.cache_dir={tmp_path / 'cache'}"], tmp_path)
+        prepared = data.build(spec, model_lib.load_tokenizer(spec))
+        assert prepared.from_cache == hit
+        assert prepared.train[0]["loc"] == f"{path}:1"
