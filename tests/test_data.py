@@ -446,7 +446,7 @@ def test_preprocess_then_train_uses_the_cache(tmp_path):
 
 def test_samples_flag_belongs_to_preview(tmp_path):
     r = run_cli("check", "--samples", "2", cwd=tmp_path)
-    assert r.returncode == 2 and "--samples belongs to the preview verb" in r.stderr
+    assert r.returncode == 2 and "--samples and output= belong to the preview verb" in r.stderr
 
 
 def test_length_histogram_covers_every_sample():

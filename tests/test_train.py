@@ -82,6 +82,7 @@ def test_resume_matches_uninterrupted(tmp_path):
     shutil.copytree(full_dir, crashed)
     shutil.rmtree(crashed / "checkpoints" / "checkpoint-8")
     shutil.rmtree(crashed / "final")
+    (crashed / "result.json").unlink()  # written only when a run finishes
     lines = [l for l in (crashed / "metrics.jsonl").read_text().splitlines() if json.loads(l)["step"] <= 6]
     (crashed / "metrics.jsonl").write_text("\n".join(lines) + "\n")  # steps 5-6 were logged but never checkpointed
     (crashed / "spec.yaml").write_text((crashed / "spec.yaml").read_text().replace("run_name: uninterrupted", "run_name: crashed"))
