@@ -16,6 +16,10 @@ class Preempted(UserError):
 
     exit_code = 143  # 128 + SIGTERM: a scheduler reads it as "terminated"; the checkpoint is complete
 
+    def __init__(self, message: str, signum: Optional[int] = None):
+        super().__init__(message)
+        self.signum = signum  # the signal that stopped the run, when this process received it
+
 
 def did_you_mean(word: str, choices: Iterable[str]) -> Optional[str]:
     """The closest choice to a misspelled word, or None."""

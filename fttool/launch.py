@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from fttool import distributed, rundir
+from fttool import distributed, preemption, rundir
 from fttool.errors import Preempted, UserError
 from fttool.spec import RunSpec
 
@@ -23,10 +23,19 @@ def launch(spec: RunSpec, argv: List[str], choices: Dict) -> None:
 
     distributed.check_resolved(spec.hardware)
     check_device(spec)  # before anything is written
+    requeue = preemption.requeue_handler()  # submitit's, before fttool's own handlers replace it
     run_dir, created = rundir.prepare(spec, argv, choices)
     print(f"fttool: run folder {run_dir}", flush=True)
     try:
         _run(spec, run_dir, created)
+    except Preempted as e:
+        if requeue is None or e.signum != preemption.submitit_signal():
+            raise
+        rundir.unlock(run_dir)
+        print(f"fttool: {e}\nfttool: SLURM job {preemption.slurm_job()} is requeued; it continues this run folder "
+              "from that checkpoint.", flush=True)
+        requeue(e.signum, None)  # submitit: `scontrol requeue`, then it ends this process
+        raise
     finally:
         rundir.unlock(run_dir)
 
@@ -67,10 +76,17 @@ def run_workers(spec: RunSpec, run_dir: Path, config: Path) -> None:
     if hw.device == "cpu":
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // hw.num_processes)))
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would warn that it found no GPU
-    # SIGUSR1 (SLURM's early warning) would end torch's launcher by default: it and the workers inherit "ignore",
-    # and the workers install their own handler (safe_trainer.Preemption)
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
-    previous = {sig: signal.signal(sig, lambda *_: _forward_stop(proc)) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    # SIGUSR1 (SLURM's early warning) or submitit's SIGUSR2 would end torch's launcher by default: it and the workers
+    # inherit "ignore", and the workers install their own handler (safe_trainer.Preemption)
+    quiet = [s for s in preemption.stop_signals() if s != signal.SIGTERM]
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: [signal.signal(s, signal.SIG_IGN) for s in quiet])
+    received: List[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        _forward_stop(proc)
+
+    previous = {sig: signal.signal(sig, forward) for sig in preemption.stop_signals()}
     try:
         rc = proc.wait()
     except KeyboardInterrupt:  # the workers got the same Ctrl-C; give them time to stop at a clean point
@@ -85,8 +101,9 @@ def run_workers(spec: RunSpec, run_dir: Path, config: Path) -> None:
         code = reported_exit_code(run_dir, ranks)
         if code == Preempted.exit_code:  # every rank saved and stopped: say so as rank 0 did
             said = (run_dir / ERRORS / f"rank-{first}.txt")
-            err = UserError(said.read_text().strip().replace("fttool: error: ", "", 1) if said.is_file() else
-                            f"stopped by a signal; continue with resume=auto run_name={spec.run_name}")
+            err = Preempted(said.read_text().strip().replace("fttool: error: ", "", 1) if said.is_file() else
+                            f"stopped by a signal; continue with resume=auto run_name={spec.run_name}",
+                            received[0] if received else None)
         else:
             err = UserError(failure_report(run_dir, rc, ranks))
         err.exit_code = code
@@ -94,7 +111,7 @@ def run_workers(spec: RunSpec, run_dir: Path, config: Path) -> None:
 
 
 def _forward_stop(proc: subprocess.Popen) -> None:
-    """SIGTERM or SIGUSR1 to this launcher: the workers are told (through torch's launcher, which gives them 30 s)
+    """A stop signal to this launcher: the workers are told (through torch's launcher, which gives them 30 s)
     to save a checkpoint at the end of their step and stop."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

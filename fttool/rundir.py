@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
+from fttool import preemption
 from fttool.errors import UserError
 from fttool.spec import RunSpec
 
@@ -96,7 +97,18 @@ def environment() -> Dict[str, Any]:
         "hostname": platform.node(),
         "packages": package_versions(),
         "git": git_revision(Path.cwd()),
+        "slurm_job": preemption.slurm_job(),
     }
+
+
+def _requeued_here(run_dir: Path) -> bool:
+    """This is a requeued SLURM job, and the job that created run_dir: it continues the run (as resume=auto)."""
+    if not preemption.requeued():
+        return False
+    try:
+        return json.loads((run_dir / "env.json").read_text()).get("slurm_job") == preemption.slurm_job()
+    except (OSError, ValueError):
+        return False
 
 
 def prepare(spec: RunSpec, argv: List[str], choices: Dict[str, Any]) -> tuple:
@@ -106,7 +118,10 @@ def prepare(spec: RunSpec, argv: List[str], choices: Dict[str, Any]) -> tuple:
     if spec.hardware.num_machines > 1 and spec.hardware.machine_rank > 0:
         return join(spec, run_dir, argv), False
     had_spec = (run_dir / SPEC_FILE).is_file()
-    if had_spec and spec.resume != "auto":
+    if had_spec and spec.resume != "auto" and _requeued_here(run_dir):
+        print(f"fttool: SLURM job {preemption.slurm_job()} was requeued (restart "
+              f"{os.environ.get('SLURM_RESTART_COUNT')}): continuing {run_dir} from its newest checkpoint", flush=True)
+    elif had_spec and spec.resume != "auto":
         raise UserError(
             f"run folder {run_dir} already exists; continue that run with resume=auto run_name={spec.run_name}, "
             "or choose another run_name=NAME."
@@ -152,7 +167,7 @@ class RunFinished(UserError):
     exit_code = 0
 
 
-LOCK = ".fttool.lock"  # who trains in this run folder now: {"pid", "host", "started"}
+LOCK = ".fttool.lock"  # who trains in this run folder now: {"pid", "host", "started", "slurm_job"}
 
 
 def _alive(pid: int) -> bool:
@@ -167,9 +182,11 @@ def _alive(pid: int) -> bool:
 
 def lock(run_dir: Path) -> None:
     """Take the run folder for this process: a lock file created atomically. Held by a live process (or by one on
-    another machine): refused, naming the holder. Held by a process of this machine that is gone: taken over."""
+    another machine): refused, naming the holder. Held by a process of this machine that is gone, or by an earlier
+    start of this requeued SLURM job: taken over."""
     path = run_dir / LOCK
-    mine = {"pid": os.getpid(), "host": platform.node(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    mine = {"pid": os.getpid(), "host": platform.node(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "slurm_job": preemption.slurm_job()}
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -181,8 +198,11 @@ def lock(run_dir: Path) -> None:
             same_host = holder.get("host") == platform.node()
             if same_host and holder.get("pid") == os.getpid():
                 return  # this process holds it already
-            if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
-                print(f"fttool: warning: {path} was left by process {holder['pid']}, which is gone; taking the run over",
+            gone = same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"])
+            earlier_start = preemption.requeued() and holder.get("slurm_job") == preemption.slurm_job()
+            if gone or earlier_start:
+                why = "which is gone" if gone else f"an earlier start of SLURM job {preemption.slurm_job()}"
+                print(f"fttool: warning: {path} was left by process {holder.get('pid')} ({why}); taking the run over",
                       file=sys.stderr)
                 path.unlink(missing_ok=True)
                 continue

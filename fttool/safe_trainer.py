@@ -1,8 +1,9 @@
 """The Trainer pieces that keep a run's work safe: checkpoints with a manifest written before older ones are
 rotated out (checkpoint.py), save errors that name the folder, and a clean stop on preemption.
 
-SIGTERM (what SLURM and Kubernetes send before preemption) and SIGUSR1 (SLURM's early warning) make every process
-save a checkpoint at the end of the current step and stop; the run then exits 143 with the resume command.
+SIGTERM (what SLURM and Kubernetes send before preemption), SIGUSR1 (SLURM's early warning) and, in a submitit job,
+submitit's signal (preemption.py) make every process save a checkpoint at the end of the current step and stop; the
+run then exits 143 with the resume command, or its SLURM job requeues itself.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from transformers import Trainer, TrainerCallback
 from fttool.checkpoint import disk_full_message, rotate, write_manifest
 from fttool.errors import UserError
 from fttool.guard import GuardedTrainer
+from fttool.preemption import stop_signals
 
 log = logging.getLogger("fttool")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class TrustedCheckpoints(Trainer):
@@ -46,7 +47,7 @@ class TrustedCheckpoints(Trainer):
 
 
 class Preemption(TrainerCallback):
-    """On SIGTERM or SIGUSR1: finish the current step, save a checkpoint, stop. Every process stops at the same
+    """On a stop signal (preemption.stop_signals): finish the current step, save a checkpoint, stop. Every process stops at the same
     step: the flag is all-reduced each step when there are several processes."""
 
     def __init__(self):
@@ -54,7 +55,7 @@ class Preemption(TrainerCallback):
         self._previous = {}
 
     def install(self) -> None:
-        for sig in STOP_SIGNALS:
+        for sig in stop_signals():
             self._previous[sig] = signal.signal(sig, self._note)
 
     def restore(self) -> None:

@@ -239,7 +239,7 @@ def train(run_dir: Path) -> dict:
     try:
         out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if preempt.stopped:  # the checkpoint of this step is saved; nothing after training runs
-            raise Preempted(preempt.message(run_dir, spec.run_name, trainer.state.global_step))
+            raise Preempted(preempt.message(run_dir, spec.run_name, trainer.state.global_step), preempt.signal)
         best = mark_best(run_dir, trainer.state) if main else None
         # every process takes part; a non-finite loss here stops the run before final/ is written
         eval_loss = trainer.evaluate()["eval_loss"] if prepared.validation is not None else None

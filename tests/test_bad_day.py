@@ -66,22 +66,73 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_the_uninterrupted
 
 
 @pytest.mark.slow
-def test_sigterm_stops_every_rank_of_a_two_process_run(tmp_path):
+def test_sigterm_to_a_two_process_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """2 processes (DDP): SIGTERM mid-run, resume=auto, and the adapter equals an uninterrupted 2-process run's."""
     pytest.importorskip("deepspeed")
     from test_distributed import free_port
 
-    args = [*TINY, "hardware=ddp", "hardware.device=cpu", "train.max_steps=400", "train.save_steps=1000",
-            f"hardware.main_port={free_port()}", f"output_dir={tmp_path}", "run_name=pre"]
-    proc = subprocess.Popen([sys.executable, "-m", "fttool", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    run_dir = tmp_path / "pre"
+    args = [*TINY, "hardware=ddp", "hardware.device=cpu", "train.max_steps=40", "train.save_steps=1000",
+            f"output_dir={tmp_path}"]
+    ref = run_cli(*args, f"hardware.main_port={free_port()}", "run_name=whole", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    port = f"hardware.main_port={free_port()}"
+    proc = subprocess.Popen([sys.executable, "-m", "fttool", *args, port, "run_name=cut"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "cut"
     _wait_for_step(run_dir, 3, proc)
     proc.send_signal(signal.SIGTERM)  # to the launcher only: it tells the workers
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, out[-1500:] + err[-1500:]
-    assert "stopped by SIGTERM" in err and "resume=auto run_name=pre" in err, err[-1500:]
+    assert "stopped by SIGTERM" in err and "resume=auto run_name=cut" in err, err[-1500:]
     (ckpt,) = (run_dir / "checkpoints").glob("checkpoint-*")
-    assert (ckpt / "fttool-manifest.json").is_file()
+    assert (ckpt / "fttool-manifest.json").is_file() and int(ckpt.name.split("-")[1]) < 40
+    resumed = run_cli(*args, port, "run_name=cut", "resume=auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = adapter(tmp_path / "whole"), adapter(run_dir)
+    assert all((a[k] - b[k]).abs().max().item() < 1e-5 for k in a)
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, 41))
+
+
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_preempted_slurm_job_requeues_itself_and_finishes_the_run(tmp_path, processes):
+    """hydra/launcher=slurm on the stand-in SLURM (tests/fake_slurm): submitit's preemption signal (SIGUSR2) to the
+    job's tasks saves a checkpoint, the job requeues itself (scontrol requeue), and its second start continues the
+    same run folder to the result of an uninterrupted run."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from test_distributed import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    state = tmp_path / "slurm"
+    state.mkdir()
+    env = dict(os.environ, FAKE_SLURM_DIR=str(state),
+               PATH=os.pathsep.join([os.path.join(root, "tests", "fake_slurm"), os.path.dirname(sys.executable),
+                                     os.environ["PATH"]]))
+    args = [*TINY, "train.max_steps=30", "train.save_steps=1000", f"output_dir={tmp_path}"]
+    ref = run_cli(*args, "run_name=whole", "train.grad_accum=2" if processes == 2 else "train.grad_accum=1",
+                  cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    hardware = (["hardware.strategy=none", "hardware.num_processes=1"] if processes == 1 else
+                ["hardware.strategy=ddp", "hardware.num_processes=2", f"hardware.main_port={free_port()}"])
+    proc = subprocess.Popen([sys.executable, "-m", "fttool", "-m", "hydra/launcher=slurm", "hardware=slurm",
+                             "hardware.device=cpu", "hardware.num_machines=1", *hardware, *args], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("sweep-*/trial-00/metrics.jsonl")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.3)
+    (run_dir,) = tmp_path.glob("sweep-*/trial-00")
+    _wait_for_step(run_dir, 4, proc)
+    for pid in (state / "job-1000.tasks").read_text().split():
+        os.kill(int(pid), signal.SIGUSR2)  # SLURM's --signal goes to the job's tasks (submitit asks for USR2)
+    out, err = proc.communicate(timeout=400)
+    job_out = "".join(p.read_text(errors="replace") for p in sorted(tmp_path.rglob("*_log.*")) + sorted(state.glob("*.out")))
+    assert proc.returncode == 0, out[-2000:] + err[-2000:] + job_out[-4000:]
+    assert (state / "requeued").read_text().split() == ["1000"], job_out[-3000:]
+    assert "is requeued; it continues this run folder" in job_out and "was requeued (restart 1)" in job_out, job_out[-3000:]
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, 31))
+    a, b = adapter(tmp_path / "whole"), adapter(run_dir)
+    assert all((a[k] - b[k]).abs().max().item() < (1e-6 if processes == 1 else 1e-4) for k in a)
+    assert not (run_dir / rundir.LOCK).exists()
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(tmp_path):
@@ -147,10 +198,32 @@ def test_one_owner_per_run_folder(tmp_path, capsys):
         sleeper.kill()
         sleeper.wait()
     rundir.prepare(again, ["pytest"], {})  # the holder is gone: taken over
-    assert f"left by process {sleeper.pid}, which is gone" in capsys.readouterr().err
+    assert f"left by process {sleeper.pid} (which is gone)" in capsys.readouterr().err
     assert json.loads((run_dir / rundir.LOCK).read_text())["pid"] == os.getpid()
     rundir.unlock(run_dir)
     assert not (run_dir / rundir.LOCK).exists()
+
+
+def test_a_requeued_slurm_job_takes_its_run_folder_back(tmp_path, monkeypatch, capsys):
+    """The second start of a SLURM job continues the folder its first start created (no resume=auto needed), even
+    when that start was killed holding the lock on another node; another job with the same command is refused."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    spec = make_spec(["run_name=job"], tmp_path)
+    run_dir, created = rundir.prepare(spec, ["pytest"], {})
+    assert created and json.loads((run_dir / "env.json").read_text())["slurm_job"] == "77"
+    (run_dir / rundir.LOCK).write_text(json.dumps({"pid": 1, "host": "node-a", "started": "x", "slurm_job": "77"}))
+    with pytest.raises(UserError, match="already exists"):
+        rundir.prepare(spec, ["pytest"], {})  # not a requeue: a second launch
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    again, created = rundir.prepare(spec, ["pytest"], {})
+    assert again == run_dir and not created
+    err = capsys.readouterr()
+    assert "was requeued (restart 1): continuing" in err.out and "earlier start of SLURM job 77" in err.err
+    rundir.unlock(run_dir)
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    with pytest.raises(UserError, match="already exists"):
+        rundir.prepare(spec, ["pytest"], {})
 
 
 def test_a_second_launch_of_a_running_run_is_refused(tmp_path):
