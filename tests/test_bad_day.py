@@ -40,6 +40,7 @@ def _wait_for_step(run_dir, step, proc, timeout=300):
     raise AssertionError(f"the run never reached step {step}")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_the_uninterrupted_one(tmp_path):
     """SIGTERM (preemption) mid-run: the step in progress finishes, a checkpoint is saved, exit 143 with the resume
     command; resume=auto then ends exactly where an uninterrupted run ends."""
@@ -93,6 +94,7 @@ def test_sigterm_to_a_two_process_run_resumes_to_the_uninterrupted_result(tmp_pa
     assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, 41))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_preempted_slurm_job_requeues_itself_and_finishes_the_run(tmp_path, processes):
     """hydra/launcher=slurm on the stand-in SLURM (tests/fake_slurm): submitit's preemption signal (SIGUSR2) to the
@@ -135,6 +137,7 @@ def test_a_preempted_slurm_job_requeues_itself_and_finishes_the_run(tmp_path, pr
     assert not (run_dir / rundir.LOCK).exists()
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(tmp_path):
     from fttool.checkpoint import newest_trusted
 
@@ -226,6 +229,7 @@ def test_a_requeued_slurm_job_takes_its_run_folder_back(tmp_path, monkeypatch, c
         rundir.prepare(spec, ["pytest"], {})
 
 
+@pytest.mark.slow
 def test_a_second_launch_of_a_running_run_is_refused(tmp_path):
     args = [*TINY, "train.max_steps=400", "train.save_steps=1000", f"output_dir={tmp_path}", "run_name=busy"]
     proc = subprocess.Popen([sys.executable, "-m", "fttool", *args], cwd=tmp_path, stdout=subprocess.PIPE,
@@ -339,6 +343,7 @@ def test_check_refuses_slurm_placeholders_outside_slurm_as_train_does(tmp_path):
         assert r.returncode == 2 and "filled in by a SLURM job" in r.stderr, (verb, r.stderr)
 
 
+@pytest.mark.slow
 def test_resume_keeps_earlier_validation_rows_and_a_finished_run_is_not_trained_again(tmp_path):
     from fttool.callbacks import truncate_metrics
 

@@ -424,6 +424,7 @@ def test_bad_data_config(overrides, message, tmp_path):
 
 
 # -- verbs ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_preview_marks_trained_tokens_and_prints_stats(tmp_path):
     r = run_cli("preview", "data.max_samples=50", "--samples", "2", f"data.cache_dir={tmp_path / 'c'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -433,6 +434,7 @@ def test_preview_marks_trained_tokens_and_prints_stats(tmp_path):
     assert not (tmp_path / "runs").exists()  # preview writes no run folder
 
 
+@pytest.mark.slow
 def test_preprocess_then_train_uses_the_cache(tmp_path):
     args = ["data.max_samples=64", f"data.cache_dir={tmp_path / 'c'}"]
     r = run_cli("preprocess", *args, cwd=tmp_path)

@@ -67,6 +67,7 @@ LAYOUT = {"ddp": "replicated on each of 2 processes", "zero2": "replicated on ea
 
 @pytest.mark.parametrize("strategy,method", [(s, m) for s in ("ddp", "fsdp2", "zero2", "zero3") for m in ("full", "lora")]
                          + [("zero3_offload", "full")])
+@pytest.mark.slow
 def test_two_processes_match_one(strategy, method, one_process, tmp_path):
     run_dir, r = two_processes(tmp_path, strategy, method)
     log = (run_dir / "train.log").read_text()
@@ -88,6 +89,7 @@ def test_two_processes_match_one(strategy, method, one_process, tmp_path):
         assert all(got[k].abs().max() > 0 for k in got if "lora_B" in k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero2", "zero3"])
 def test_resume_from_a_two_process_checkpoint(strategy, tmp_path):
     run_dir, _ = two_processes(tmp_path, strategy, "lora")
@@ -99,6 +101,7 @@ def test_resume_from_a_two_process_checkpoint(strategy, tmp_path):
     assert losses(run_dir) == pytest.approx(before, abs=TOL)
 
 
+@pytest.mark.slow
 def test_two_machines_over_loopback(one_process, tmp_path):
     port = free_port()
     common = ["hardware=multi_node", "hardware.device=cpu", "hardware.num_processes=1", "hardware.num_machines=2",
@@ -115,6 +118,7 @@ def test_two_machines_over_loopback(one_process, tmp_path):
     assert losses(run_dir) == pytest.approx(losses(one_process["lora"]), abs=TOL)
 
 
+@pytest.mark.slow
 def test_bad_data_in_a_worker_fails_the_launch_with_file_line(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [}\n')
@@ -149,6 +153,7 @@ def _worker_pids(run_dir):
     return [int(p) for p in out if int(p) != os.getpid()]
 
 
+@pytest.mark.slow
 def test_a_killed_worker_ends_the_launch(tmp_path):
     proc = _start(tmp_path, "killed")
     run_dir = tmp_path / "killed"
@@ -165,6 +170,7 @@ def test_a_killed_worker_ends_the_launch(tmp_path):
     assert re.search(r"\branks? \d", line), line
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_rank_and_leaves_a_checkpoint_to_resume(tmp_path):
     proc = _start(tmp_path, "stopped")
     run_dir = tmp_path / "stopped"
@@ -201,6 +207,7 @@ def test_topology_this_machine_cannot_provide(tmp_path):
     assert r.returncode == 2 and "hardware.machine_rank is not set" in r.stderr
 
 
+@pytest.mark.slow
 def test_slurm_through_hydras_submitit_launcher(one_process, tmp_path):
     """hydra/launcher=slurm on a stand-in SLURM (tests/fake_slurm: sbatch runs the job here, srun starts one task
     per node): the generated submission asks for 2 nodes, each node's fttool takes its rank from SLURM, machine 1

@@ -141,6 +141,7 @@ def test_bad_schema_file_names_the_line(tmp_path):
 # -- training: validation at an interval, early stopping, the best checkpoint, loss.png ------------------
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_and_marks_the_best_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
@@ -181,6 +182,7 @@ def trained(tmp_path_factory):
     return out / "tiny"
 
 
+@pytest.mark.slow
 def test_eval_writes_the_comparison_and_the_verdict(trained, tmp_path):
     r = run_cli("eval", f"run={trained}", "eval.samples=12", cwd=tmp_path)
     assert r.returncode in (0, 3), r.stderr[-3000:]
@@ -200,6 +202,7 @@ def test_eval_writes_the_comparison_and_the_verdict(trained, tmp_path):
     assert "held-out evaluation, 12 examples" in r.stdout and "verdict:" in r.stdout
 
 
+@pytest.mark.slow
 def test_eval_gate_decides_the_exit_code(trained, tmp_path):
     r = run_cli("eval", f"run={trained}", "eval.samples=8", "data.metrics=[perplexity,token_f1]", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]  # perplexity is the gate (first metric): the fine-tune beats the base
@@ -211,6 +214,7 @@ def test_eval_gate_decides_the_exit_code(trained, tmp_path):
     assert result["verdict"] == "fail" and "NOT met" in result["reasons"][0]
 
 
+@pytest.mark.slow
 def test_eval_json_metrics_and_schema(trained, tmp_path):
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps({"type": "object", "required": ["words"]}))
@@ -226,6 +230,7 @@ def test_eval_json_metrics_and_schema(trained, tmp_path):
     assert result["finetuned"] == {"json_valid": 0.0, "json_schema": 0.0}  # it learned to reverse words, not JSON
 
 
+@pytest.mark.slow
 def test_eval_bad_input(trained, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -261,6 +266,7 @@ def test_run_folder_without_final_or_adapter(trained, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_eval_of_a_run_without_a_test_split(tmp_path):
     run_dir, summary = train_run(["+recipe=tiny_cpu", *FAST, "data.test_path=null", "eval.after_training=true"], tmp_path)
     assert "eval" not in summary  # nothing to evaluate after training, and no complaint
@@ -271,6 +277,7 @@ def test_eval_of_a_run_without_a_test_split(tmp_path):
 # -- export ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_reloads_with_plain_transformers_and_matches_base_plus_adapter(trained, tmp_path):
     import torch
     from peft import PeftModel
@@ -314,6 +321,7 @@ def test_export_reloads_with_plain_transformers_and_matches_base_plus_adapter(tr
     assert again.returncode == 2 and "already exists" in again.stderr and "overwrite=true" in again.stderr
 
 
+@pytest.mark.slow
 def test_export_of_qlora_never_saves_the_quantized_base(tmp_path):
     import torch
     from peft import PeftModel
@@ -343,6 +351,7 @@ def test_export_of_qlora_never_saves_the_quantized_base(tmp_path):
 # -- generate and chat -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_generate_stops_at_end_of_turn(trained, tmp_path):
     from fttool import data, model as model_lib, rundir
     from fttool.evaluate import generate
@@ -369,6 +378,7 @@ def test_generate_stops_at_end_of_turn(trained, tmp_path):
     assert rows[0]["loc"] == f"{prompts}:1" and rows[1]["loc"] == f"{prompts}:3"
 
 
+@pytest.mark.slow
 def test_chat_keeps_the_conversation_and_resets(trained, tmp_path):
     import subprocess
     import sys
@@ -382,6 +392,7 @@ def test_chat_keeps_the_conversation_and_resets(trained, tmp_path):
     assert "conversation cleared" in r.stderr
 
 
+@pytest.mark.slow
 def test_generate_bad_input(trained, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + '{"promt": "typo"}\n')
@@ -412,6 +423,7 @@ def test_help_lists_the_run_verbs(tmp_path):
     assert r.returncode == 2 and "Did you mean eval" in r.stderr
 
 
+@pytest.mark.slow
 def test_full_fine_tune_eval_and_export_with_a_ratio_split(tmp_path):
     """method=full: the base is reloaded for the comparison; the export is the trained model itself. A test split
     cut by ratio is re-cut identically, and a warning says so when the sources changed since training."""
@@ -442,6 +454,7 @@ def test_full_fine_tune_eval_and_export_with_a_ratio_split(tmp_path):
     assert "method: **full**" in (tmp_path / "full-export" / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_gpu_run_on_a_machine_without_one_says_how_to_use_the_cpu(trained, tmp_path):
     import torch
 

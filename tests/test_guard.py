@@ -42,6 +42,7 @@ def _finite_adapter(path):
     return all(v.isfinite().all() for v in load_file(path / "adapter_model.safetensors").values())
 
 
+@pytest.mark.slow
 def test_a_nan_step_stops_the_run_before_its_update_and_the_run_resumes(nan_loss_at, tmp_path):
     from fttool.guard import TrainingDiverged
     from fttool.train import train
@@ -122,6 +123,7 @@ def test_fp16_gradient_overflow_is_left_to_the_loss_scaler():
         guard.check(torch.nn.Linear(1, 1), torch.tensor(1.0), step=2)
 
 
+@pytest.mark.slow
 def test_a_diverging_run_from_the_cli_exits_4_with_the_causes(tmp_path):
     r = run_cli("method=full", "train.lr=1e9", "train.max_grad_norm=1e9", "train.warmup_ratio=0", "train.max_steps=8",
                 "train.logging_steps=1", "train.batch_size=4", "train.grad_accum=1", "data.max_samples=32",
@@ -150,6 +152,7 @@ def test_tolerance_is_refused_where_an_update_cannot_be_dropped(tmp_path):
         make_spec(["train.nonfinite_tolerance=-1"], tmp_path)
 
 
+@pytest.mark.slow
 def test_weights_with_nan_are_named_when_loaded(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -169,6 +172,7 @@ def test_weights_with_nan_are_named_when_loaded(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
 def test_a_diverging_two_process_run_stops_every_rank_and_exits_4(strategy, tmp_path):
     from test_distributed import free_port

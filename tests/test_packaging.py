@@ -41,6 +41,7 @@ def test_wheel_finds_configs_and_recipes_elsewhere(wheel_target, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_wheel_trains_evaluates_exports_and_generates(wheel_target, tmp_path):
     """The installed package end to end, from an unrelated directory: bundled model, demo data and test file."""
     tiny = ["+recipe=tiny_cpu", "train.max_steps=4", "train.save_steps=2", "train.logging_steps=2", "data.max_samples=32",

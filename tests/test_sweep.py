@@ -16,6 +16,7 @@ def sweep_dir_of(out):
     return folder
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_trial_and_summarises(tmp_path):
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
@@ -42,6 +43,7 @@ def test_sweep_runs_every_trial_and_summarises(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.slow
 def test_a_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     r = run_cli("-m", *TINY, "model.name_or_path=fttool:tiny-chat,/nonexistent/model", f"output_dir={tmp_path}", cwd=tmp_path)
     assert r.returncode == 1
@@ -50,6 +52,7 @@ def test_a_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert [row["status"] for row in rows] == ["ok", "failed"] and "could not load" in rows[1]["error"]
 
 
+@pytest.mark.slow
 def test_wandb_offline_two_processes(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     pytest.importorskip("deepspeed")

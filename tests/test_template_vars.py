@@ -127,6 +127,7 @@ def test_why_a_sample_has_nothing_to_train(tmp_path):
     assert truncated and len(ids) == 8 and why == NO_TRAINED_WHY["truncated"]
 
 
+@pytest.mark.slow
 def test_mask_dump_from_the_command_line(cli, tmp_path):
     """`fttool preview ... output=FILE.jsonl`: one object per row in file order, labels aligned with input_ids
     (-100 = not trained), refused rows with their error, truncation and drops marked; --samples limits it."""

@@ -45,6 +45,7 @@ def test_method_trains_and_loss_falls(method, tmp_path):
 
 @pytest.mark.parametrize("fmt,packing", [("chat", "bins"), ("sharegpt", "padding_free"), ("alpaca", "none"),
                                          ("completion", "padding_free"), ("segments", "none"), ("preference", "none")])
+@pytest.mark.slow
 def test_every_format_trains_from_the_cli(fmt, packing, tmp_path):
     from test_data import FORMAT_ROWS, write_jsonl
 
@@ -122,6 +123,7 @@ def test_run_folder_record(tmp_path):
     assert rundir.load_spec(run_dir) == spec
 
 
+@pytest.mark.slow
 def test_cli_train_end_to_end_from_another_directory(tmp_path):
     r = run_cli("+recipe=tiny_cpu", "train.max_steps=4", "train.logging_steps=2", "train.save_steps=2", "data.max_samples=32",
                 "eval.samples=4", "run_name=e2e", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
@@ -136,6 +138,7 @@ def test_cli_train_end_to_end_from_another_directory(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+@pytest.mark.slow
 def test_bad_data_row_fails_with_file_line_and_leaves_nothing(tmp_path):
     data = tmp_path / "chats.jsonl"
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
@@ -189,6 +192,7 @@ def test_embedded_default_beats_the_base_model(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "pink elk cat ape", r.stdout + r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_qlora_on_the_cpu_refuses_layer_sizes_its_4bit_kernel_cannot_take(tmp_path):
     """bitsandbytes' CPU kernel asserts 'N must be divisible by block_n' at the first forward without gradients
     (validation, eval) on CPUs with AVX512-BF16: say so before training, on every CPU."""
