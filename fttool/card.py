@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from fttool import rundir
+from fttool import methods, rundir
 
 
 def _json(path: Path) -> Optional[Dict]:
@@ -21,12 +21,7 @@ def _method_lines(spec) -> List[str]:
     m = asdict(spec.method)
     m.pop("default_lr", None)
     lines = [f"- method: **{m.pop('name')}**" + "".join(f", {k} {v}" for k, v in m.items())]
-    if spec.method.name == "qlora":
-        lines.append("- the adapter was trained against the quantized base and merged here into a full-precision reload "
-                     "of the base (the quantized base is never saved); expect small differences from the 4-bit model.")
-    elif spec.method.name == "lora":
-        lines.append("- the adapter is merged into the base weights: this folder needs no peft to load.")
-    return lines
+    return lines + methods.of(spec).card_lines(spec.method)
 
 
 def _data_lines(spec, data: Optional[Dict]) -> List[str]:

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 
 from fttool import registry
 from fttool.errors import UserError, suggestion
-from fttool.spec import GROUPS, METHOD_SCHEMAS
+from fttool.methods import SCHEMAS as METHOD_SCHEMAS
+from fttool.spec import GROUPS
 
 GROUP_KEYS = set(GROUPS) | {"recipe"}
 TYPE_WORDS = {"Float": "a number, e.g. 2e-4", "Integer": "an integer", "Boolean": "true or false", "String": "a string"}

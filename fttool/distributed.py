@@ -15,68 +15,30 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
+from fttool import strategies
 from fttool.errors import UserError
+from fttool.spec import world_size
 
 ACCELERATE_CONFIG = "accelerate_config.yaml"
-DEEPSPEED_CONFIG = "deepspeed.json"
-
-
-def world_size(hw) -> int:
-    return hw.num_processes * hw.num_machines
+DEEPSPEED_CONFIG = strategies.DEEPSPEED_CONFIG
 
 
 def is_distributed(hw) -> bool:
-    return hw.strategy != "none"
-
-
-def deepspeed_config(hw) -> Dict:
-    """ZeRO-2/3 settings; "auto" values are filled by the Trainer from the spec's batch, lr and precision."""
-    zero: Dict = {"stage": 2 if hw.strategy == "zero2" else 3, "overlap_comm": hw.device == "cuda",
-                  "contiguous_gradients": True}
-    if hw.strategy == "zero3":
-        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_prefetch_bucket_size="auto",
-                    stage3_param_persistence_threshold="auto", reduce_bucket_size="auto")
-        if hw.offload:
-            zero.update(offload_param={"device": "cpu", "pin_memory": hw.device == "cuda"},
-                        offload_optimizer={"device": "cpu", "pin_memory": hw.device == "cuda"})
-    return {
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-        "gradient_clipping": "auto", "zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
-        "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
-    }
-
-
-def fsdp_config(hw) -> Dict:
-    """FSDP2: full shard, wrapped per decoder layer (the model's _no_split_modules), full state dict on save
-    (a sharded one makes Trainer.save_model write nothing)."""
-    return {"version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT",
-            "cpu_offload": hw.offload, "activation_checkpointing": hw.activation_checkpointing,
-            "cpu_ram_efficient_loading": False, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}
+    return strategies.of(hw).distributed
 
 
 def accelerate_config(hw, run_dir: Path, precision: str = "fp32") -> Dict:
     """What `accelerate launch --config_file` reads. num_processes there is the total over all machines."""
-    kind = {"ddp": "MULTI_GPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}[hw.strategy]
-    if hw.device == "cpu" and kind == "FSDP":
-        kind = "MULTI_GPU"  # accelerate would start FSDP on CPU as one process; the worker turns FSDP on itself
+    strategy = strategies.of(hw)
     cfg: Dict = {
-        "compute_environment": "LOCAL_MACHINE", "distributed_type": kind, "num_processes": world_size(hw),
-        "num_machines": hw.num_machines, "machine_rank": hw.machine_rank, "main_process_ip": hw.main_address,
-        "main_process_port": hw.main_port, "rdzv_backend": "static", "same_network": True, "use_cpu": False,
-        "mixed_precision": {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no"), "main_training_function": "main",
-        "debug": False,
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": strategy.accelerate_type,
+        "num_processes": world_size(hw), "num_machines": hw.num_machines, "machine_rank": hw.machine_rank,
+        "main_process_ip": hw.main_address, "main_process_port": hw.main_port, "rdzv_backend": "static",
+        "same_network": True, "use_cpu": False, "mixed_precision": {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no"),
+        "main_training_function": "main", "debug": False,
     }
-    if kind == "DEEPSPEED":
-        del cfg["mixed_precision"]  # precision is in the DeepSpeed JSON ("auto" = the Trainer's); accelerate refuses both
-        cfg["deepspeed_config"] = {"deepspeed_config_file": str(run_dir / DEEPSPEED_CONFIG), "zero3_init_flag": False,
-                                   "deepspeed_multinode_launcher": "standard"}
-    if hw.strategy == "fsdp2" and hw.device == "cuda":
-        c = fsdp_config(hw)
-        cfg["fsdp_config"] = {"fsdp_version": 2, "fsdp_auto_wrap_policy": c["auto_wrap_policy"],
-                              "fsdp_offload_params": c["cpu_offload"], "fsdp_state_dict_type": c["state_dict_type"],
-                              "fsdp_reshard_after_forward": True, "fsdp_activation_checkpointing": c["activation_checkpointing"],
-                              "fsdp_cpu_ram_efficient_loading": False}
-    return cfg
+    cfg.update(strategy.accelerate_extra(hw, run_dir))
+    return {k: v for k, v in cfg.items() if v is not None}
 
 
 def accelerate_config_path(spec, run_dir: Path) -> Path:
@@ -93,30 +55,17 @@ def write_configs(spec, run_dir: Path, precision: str) -> Path:
     hw = spec.hardware
     path = accelerate_config_path(spec, run_dir)
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(accelerate_config(hw, run_dir, precision))))
-    if hw.strategy in ("zero2", "zero3"):
-        (run_dir / DEEPSPEED_CONFIG).write_text(json.dumps(deepspeed_config(hw), indent=2) + "\n")
+    strategies.of(hw).write_engine_config(hw, run_dir)
     return path
 
 
 def training_kwargs(spec, run_dir: Path) -> Dict:
     """The TrainingArguments that make the Trainer use the same strategy as the generated configs."""
-    hw = spec.hardware
-    if hw.strategy == "fsdp2":
-        return {"fsdp": "full_shard auto_wrap" + (" offload" if hw.offload else ""), "fsdp_config": fsdp_config(hw)}
-    if hw.strategy in ("zero2", "zero3"):
-        return {"deepspeed": str(run_dir / DEEPSPEED_CONFIG)}
-    if hw.strategy == "ddp":
-        return {"ddp_find_unused_parameters": False, "ddp_backend": "gloo" if hw.device == "cpu" else None}
-    return {}
+    return strategies.of(spec).training_kwargs(spec.hardware, run_dir)
 
 
 def after_process_group(spec) -> None:
-    """ZeRO-3 loads the model already partitioned (deepspeed.zero.Init), which needs DeepSpeed's own view of the
-    process group; on CPU (use_cpu) the Trainer never starts it, so the worker does, over the existing group."""
-    if spec.hardware.strategy == "zero3":
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo" if spec.hardware.device == "cpu" else "nccl")
+    strategies.of(spec).after_process_group(spec.hardware)
 
 
 def launch_command(config_file: Path, run_dir: Path) -> List[str]:

@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from fttool import methods
 from fttool.errors import UserError
 
 log = logging.getLogger("fttool")
@@ -193,7 +194,7 @@ def model_loaders(spec, weights: Path, precision: str, own=None):
         return model_lib.place(m, spec)
 
     def base():
-        if spec.method.name != "full":
+        if methods.of(spec).adapter:  # the tuned model gives the base with its adapter disabled
             return None
         m = model_lib.load_base(spec, precision)
         m.config.use_cache = True

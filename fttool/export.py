@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fttool import rundir
+from fttool import methods, rundir
 from fttool.errors import UserError
 
 log = logging.getLogger("fttool")
@@ -43,16 +43,16 @@ def merged_model(spec, weights: Path, dtype: str):
     """The fine-tuned model in plain transformers form, full precision, adapter merged into the weights."""
     from transformers import AutoModelForCausalLM
 
-    from fttool import assets
     from fttool.model import _torch_dtype, check_finite_weights
 
-    source = str(weights) if spec.method.name == "full" else assets.resolve(spec.model.name_or_path)
+    method = methods.of(spec)
+    source = method.export_source(spec, weights)
     try:  # never with the run's quantization_config: the base is reloaded at full precision
-        model = AutoModelForCausalLM.from_pretrained(source, revision=None if spec.method.name == "full" else spec.model.revision,
+        model = AutoModelForCausalLM.from_pretrained(source, revision=spec.model.revision if method.adapter else None,
                                                      dtype=_torch_dtype(dtype), trust_remote_code=spec.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load {source} to export: {str(e).splitlines()[0]}")
-    if spec.method.name == "full":
+    if not method.adapter:
         check_finite_weights(model, str(weights))
         return model
     from peft import PeftModel

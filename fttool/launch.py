@@ -12,7 +12,7 @@ from typing import Dict, List
 
 from fttool import distributed, preemption, rundir
 from fttool.errors import Preempted, UserError
-from fttool.spec import RunSpec
+from fttool.spec import RunSpec, world_size
 
 ERRORS = "errors"  # <run_dir>/errors/rank-N.txt: what a failed worker said
 STOP_GRACE_S = 60  # after Ctrl-C, how long workers get to stop on their own
@@ -70,7 +70,7 @@ def run_workers(spec: RunSpec, run_dir: Path, config: Path) -> None:
     hw = spec.hardware
     shutil.rmtree(run_dir / ERRORS, ignore_errors=True)  # reports of an earlier attempt
     cmd = distributed.launch_command(config, run_dir)
-    print(f"fttool: {distributed.world_size(hw)} processes ({hw.strategy}, {hw.num_processes} on this machine, "
+    print(f"fttool: {world_size(hw)} processes ({hw.strategy}, {hw.num_processes} on this machine, "
           f"machine {hw.machine_rank} of {hw.num_machines}): {' '.join(cmd[1:])}", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if hw.device == "cpu":

@@ -1,11 +1,11 @@
-"""Tokenizer and model from the spec: load (hub id or folder), quantize (bitsandbytes), add adapters (peft)."""
+"""Tokenizer and model from the spec: load (hub id or folder), quantize and prepare as the method says (methods.py)."""
 from __future__ import annotations
 
 import logging
 import os
 from typing import Tuple
 
-from fttool import assets
+from fttool import assets, methods
 from fttool.errors import UserError
 
 log = logging.getLogger("fttool")
@@ -49,9 +49,7 @@ def weight_dtype(spec, precision: str) -> str:
     """Weights in fp32 for full fine-tunes (fp32 master weights); in the compute dtype for frozen bases."""
     if spec.model.dtype != "auto":
         return spec.model.dtype
-    if spec.method.name == "full":
-        return "float32"
-    return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    return methods.of(spec).weight_dtype(precision)
 
 
 def load_tokenizer(spec):
@@ -69,15 +67,8 @@ def load_tokenizer(spec):
 
 def quantization_config(spec, precision: str):
     m = spec.method
-    if m.name != "qlora":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if m.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    compute = m.compute_dtype if m.compute_dtype != "auto" else weight_dtype(spec, precision)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=m.quant_type, bnb_4bit_use_double_quant=m.double_quant,
-                              bnb_4bit_compute_dtype=_torch_dtype(compute))
+    compute = getattr(m, "compute_dtype", "auto")
+    return methods.of(spec).quantization_config(m, compute if compute != "auto" else weight_dtype(spec, precision))
 
 
 def load_base(spec, precision: str):
@@ -104,7 +95,7 @@ def load_trained(spec, precision: str, final):
     """The trained model as saved in final/: the base with its adapter, or the fine-tuned model (full)."""
     from pathlib import Path
 
-    if spec.method.name == "full":
+    if not methods.of(spec).adapter:
         from dataclasses import replace
 
         model = load_base(replace(spec, model=replace(spec.model, name_or_path=str(Path(final)))), precision)
@@ -134,31 +125,11 @@ def place(model, spec):
     return model
 
 
-def add_adapters(spec, model):
-    m = spec.method
-    if m.name == "full":
-        return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if m.name == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.train.gradient_checkpointing)
-    elif spec.train.gradient_checkpointing:
-        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input with grad
-    names = {n.split(".")[-1] for n, mod in model.named_modules() if type(mod).__name__.startswith("Linear")}
-    missing = [t for t in m.target_modules if t not in names]
-    if missing:
-        raise UserError(f"method.target_modules: {', '.join(missing)} not found in {spec.model.name_or_path}; "
-                        f"its linear layers are: {', '.join(sorted(names))}.")
-    cfg = LoraConfig(r=m.rank, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=list(m.target_modules),
-                     use_rslora=m.use_rslora, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
-
-
 def load_model(spec) -> Tuple[object, str]:
     """(model ready to train, precision)."""
     check_device(spec)
     precision = resolve_precision(spec)
-    return add_adapters(spec, load_base(spec, precision)), precision
+    return methods.of(spec).prepare(spec, load_base(spec, precision)), precision
 
 
 CPU_4BIT_OUT, CPU_4BIT_IN = 32, 64  # bitsandbytes' CPU 4-bit kernel: output rows in blocks of 32, input in blocks of 64
@@ -169,7 +140,7 @@ def check_cpu_4bit_shapes(spec, model) -> None:
     without gradients (validation, evaluation, generation, on CPUs with AVX512-BF16), and asserts that the layer's
     output size divides by 32 and its input size by 64. Say so before training, not as an assertion at the first
     validation (or only on some machines)."""
-    if spec.hardware.device != "cpu" or spec.method.name != "qlora" or spec.method.bits != 4:
+    if spec.hardware.device != "cpu" or not methods.of(spec).quantized or spec.method.bits != 4:
         return
     bad = sorted({(type(m).__name__, m.in_features, m.out_features) for m in model.modules()
                   if type(m).__name__ == "Linear4bit" and (m.out_features % CPU_4BIT_OUT or m.in_features % CPU_4BIT_IN)})

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from fttool import assets
-from fttool.spec import RunSpec
+from fttool import assets, methods, strategies
+from fttool.spec import RunSpec, world_size
 
 
 def param_counts(spec: RunSpec) -> Optional[Dict[str, int]]:
@@ -29,12 +29,10 @@ def param_counts(spec: RunSpec) -> Optional[Dict[str, int]]:
               "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
     per_layer = sum(i * o for i, o in shapes.values()) + 2 * h
     emb = vocab * h * (1 if c.get("tie_word_embeddings") else 2)
-    total = n * per_layer + emb + h
-    if spec.method.name == "full":
-        return {"total": total, "trainable": total}
-    r = spec.method.rank
-    lora = n * sum(r * (shapes[m][0] + shapes[m][1]) for m in spec.method.target_modules if m in shapes)
-    return {"total": total + lora, "trainable": lora}
+    base = n * per_layer + emb + h
+    method = methods.of(spec)
+    trainable = method.trainable(spec.method, base, n, shapes)
+    return {"total": base + trainable if method.adapter else base, "trainable": trainable}
 
 
 def local_rows(path: str) -> Optional[int]:
@@ -113,22 +111,17 @@ def describe(spec: RunSpec) -> List[str]:
     hw, tr, m = spec.hardware, spec.train, spec.method
     precision = hw.precision if hw.precision != "auto" else ("fp32" if hw.device == "cpu" else "bf16 (fp16 if the GPU lacks bf16)")
     machines = hw.num_machines or 0
-    world = hw.num_processes * max(machines, 1)
+    world = world_size(hw)
     global_batch = tr.batch_size * tr.grad_accum * world
     where = (f"{hw.num_processes} per machine x {machines if machines else 'SLURM_NNODES'} machines"
              if machines != 1 else f"{hw.num_processes}")
-    strategy = {"none": "in the fttool process", "ddp": "DDP", "fsdp2": "FSDP2 full shard",
-                "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}[hw.strategy]
+    strategy = strategies.of(hw).about
     offload = ", offload to CPU" if hw.offload else ""
     lines = [
         f"processes   {where} on {hw.device}, {strategy}{offload} (hardware={hw.name}), precision {precision}",
         f"model       {spec.model.name_or_path} (dtype {spec.model.dtype}, attention {spec.model.attn_implementation})",
     ]
-    if m.name == "full":
-        lines.append("method      full fine-tune")
-    else:
-        quant = f", base quantized to {m.bits}-bit {m.quant_type if m.bits == 4 else 'int8'}" if m.name == "qlora" else ""
-        lines.append(f"method      {m.name}: rank {m.rank}, alpha {m.alpha:g}, dropout {m.dropout:g} on {', '.join(m.target_modules)}{quant}")
+    lines.append(f"method      {methods.of(spec).describe(m)}")
     counts = param_counts(spec)
     if counts:
         lines.append(f"parameters  {counts['trainable']:,} trainable of {counts['total']:,} ({100 * counts['trainable'] / counts['total']:.2f}%)")

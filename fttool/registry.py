@@ -11,7 +11,8 @@ from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from fttool.spec import GROUPS, METHOD_SCHEMAS, RunSpec
+from fttool.methods import SCHEMAS as METHOD_SCHEMAS
+from fttool.spec import GROUPS, RunSpec
 
 RECIPE_PATH_ENV = "FTTOOL_RECIPE_PATH"
 _PKG_DIR = Path(__file__).resolve().parent

@@ -304,11 +304,11 @@ def weights_dir(run_dir: Path, spec: RunSpec, checkpoint: str = FINAL) -> Path:
     else:
         raise UserError(f"checkpoint={checkpoint}: expected final, best, last or a step number.")
     path = path.resolve()
-    if spec.method.name == "full":
-        if not (path / "config.json").is_file() or not (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
-            raise UserError(f"{path} holds no model (config.json and *.safetensors expected for method=full); it may be "
-                            "incomplete: use another checkpoint=.")
-    elif not (path / "adapter_config.json").is_file():
-        raise UserError(f"{path} holds no adapter (adapter_config.json missing) although the run trained method="
-                        f"{spec.method.name}; it may be incomplete or copied without its files: use another checkpoint=.")
+    from fttool import methods
+
+    method = methods.of(spec)
+    problem = method.weights_problem(path)
+    if problem:
+        raise UserError(f"{path} holds no {method.holds} ({problem}) although the run trained method={spec.method.name}; "
+                        "it may be incomplete or copied without its files: use another checkpoint=.")
     return path

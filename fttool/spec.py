@@ -10,7 +10,6 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -107,7 +106,6 @@ class QloraSpec(LoraSpec):
     compute_dtype: str = "auto"  # dtype of the 4-bit matmuls: auto follows precision (bfloat16|float16|float32)
 
 
-STRATEGIES = ("none", "ddp", "fsdp2", "zero2", "zero3")
 
 
 @dataclass
@@ -197,6 +195,10 @@ class RunSpec:
     seed: int = 42  # seed for data order, initialisation and dropout
 
 
-METHOD_SCHEMAS = {"full": FullSpec, "lora": LoraSpec, "qlora": QloraSpec}
+def world_size(hw: HardwareSpec) -> int:
+    """Processes over all machines (num_machines 0, from SLURM, counts as 1 until the job fills it in)."""
+    return hw.num_processes * max(hw.num_machines, 1)
+
+
 GROUP_SCHEMAS = {"model": ModelSpec, "data": DataSpec, "hardware": HardwareSpec, "logging": LoggingSpec}
 GROUPS = ("model", "data", "method", "hardware", "logging")

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Tuple
 
-from fttool import memory, rundir
+from fttool import memory, methods, rundir, strategies
 from fttool.errors import UserError
 from fttool.rundir import CHECKPOINTS, FINAL
 
@@ -183,8 +183,7 @@ def train(run_dir: Path) -> dict:
     from fttool.errors import Preempted
     from fttool.safe_trainer import Preemption, RunTrainer
 
-    if spec.hardware.strategy == "fsdp2" and spec.hardware.device == "cpu":
-        distributed.enable_cpu_fsdp()
+    strategies.of(spec).before_worker(spec.hardware)
     set_seed(spec.seed)
     precision = model_lib.resolve_precision(spec)
     args = training_args(spec, run_dir, precision)  # also starts the process group when there are several processes
@@ -276,7 +275,7 @@ def train(run_dir: Path) -> dict:
         summary["eval"] = _evaluate(spec, run_dir, final, model if args.world_size == 1 else None, tok)
     (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     tracking.log_eval(summary.get("eval"))
-    log.info(f"done: {'adapter' if spec.method.name != 'full' else 'model'} saved to {final}")
+    log.info(f"done: {methods.of(spec).holds} saved to {final}")
     log.info(f"next: fttool eval run={run_dir} | fttool export run={run_dir} output=DIR | fttool chat run={run_dir}")
     tracking.finish(run_dir)
     return summary

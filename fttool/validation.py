@@ -13,7 +13,8 @@ from typing import Any, Callable, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from fttool.errors import UserError, suggestion
-from fttool.spec import DTYPES, FORMATS, METHODS, PACKING, PRECISIONS, STRATEGIES, RunSpec
+from fttool import methods, strategies
+from fttool.spec import DTYPES, FORMATS, PACKING, PRECISIONS, RunSpec, world_size
 
 CHOICES = {
     "model.dtype": DTYPES,
@@ -22,12 +23,12 @@ CHOICES = {
     "data.truncation": ("truncate", "drop"),
     "data.train_turns": ("all", "last"),
     "data.packing": PACKING,
-    "method.name": METHODS,
+    "method.name": methods.METHODS,  # the tables themselves: a row added is a choice
     "method.quant_type": ("nf4", "fp4"),
     "method.compute_dtype": DTYPES,
     "hardware.device": ("cpu", "cuda"),
     "hardware.precision": PRECISIONS,
-    "hardware.strategy": STRATEGIES,
+    "hardware.strategy": strategies.STRATEGIES,
     "logging.backend": ("none", "wandb"),
     "logging.mode": ("online", "offline", "disabled"),
     "train.lr_scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"),
@@ -144,8 +145,7 @@ def _check_combinations(cfg: DictConfig, user_keys: set) -> None:
             "hardware.precision=fp16 needs a CUDA GPU, but hardware.device=cpu; "
             "on the CPU use hardware.precision=fp32 (or bf16), or pick hardware=single_gpu."
         )
-    if cfg.method.name == "qlora" and cfg.method.bits == 8 and cfg.method.quant_type != "nf4":
-        raise UserError("method.quant_type applies to 4-bit only; with method.bits=8 leave it at nf4.")
+    methods.of(cfg).check(cfg.method)
     _check_data(cfg.data)
     check_eval(cfg)
     _check_topology(cfg)
@@ -168,33 +168,23 @@ def _check_topology(cfg: DictConfig) -> None:
     if not hw.main_address:
         raise UserError("hardware.main_address is not set; give machine 0's address, reachable from every machine: "
                         "hardware.main_address=10.0.0.1 (slurm under SLURM).")
-    total = hw.num_processes * max(hw.num_machines, 1)
-    if hw.strategy == "none" and total > 1:
+    total = world_size(hw)
+    strategy = strategies.of(hw)
+    if not strategy.distributed and total > 1:
         raise UserError(f"hardware.num_processes={hw.num_processes} x num_machines={hw.num_machines} needs a strategy that "
                         "spreads the work: hardware=ddp (or fsdp2, zero2, zero3, multi_node).")
-    if hw.strategy != "none" and total == 1 and hw.num_machines != 0:
+    if strategy.distributed and total == 1 and hw.num_machines != 0:
         raise UserError(f"hardware.strategy={hw.strategy} with 1 process has nothing to spread over; set "
                         "hardware.num_processes=N (N >= 2), or use hardware=single_gpu / hardware=cpu for one process.")
     if hw.machine_rank >= max(hw.num_machines, 1) and hw.num_machines != 0:
         raise UserError(f"hardware.machine_rank={hw.machine_rank} with num_machines={hw.num_machines}: ranks go from 0 "
                         f"to {hw.num_machines - 1}.")
-    if cfg.method.name == "qlora" and hw.strategy in ("fsdp2", "zero3"):
-        raise UserError(f"method=qlora with hardware.strategy={hw.strategy}: sharding 4-bit base weights is not supported "
-                        "yet; use hardware=ddp or hardware=zero2 (each process holds the quantized base).")
-    if hw.offload and hw.strategy not in ("fsdp2", "zero3"):
-        raise UserError(f"hardware.offload=true applies to fsdp2 and zero3, not strategy={hw.strategy}.")
-    if hw.offload and hw.strategy == "fsdp2" and hw.device == "cpu":
-        raise UserError("hardware.offload=true moves FSDP2 parameters from the GPUs to CPU memory; with hardware.device=cpu "
-                        "they are there already: remove hardware.offload.")
-    if cfg.train.nonfinite_tolerance and hw.strategy in ("zero2", "zero3"):
-        raise UserError(f"train.nonfinite_tolerance={cfg.train.nonfinite_tolerance} with hardware.strategy={hw.strategy}: "
-                        "DeepSpeed applies each update inside its backward pass, so a bad step cannot be dropped; use "
-                        "train.nonfinite_tolerance=0 (the run stops at the first non-finite step), or hardware=ddp / fsdp2.")
-    if hw.activation_checkpointing and hw.strategy != "fsdp2":
-        raise UserError("hardware.activation_checkpointing applies to fsdp2; elsewhere use train.gradient_checkpointing=true.")
-    if hw.strategy == "fsdp2" and cfg.train.gradient_checkpointing:
-        raise UserError("with hardware.strategy=fsdp2 use hardware.activation_checkpointing=true (FSDP's own) instead of "
-                        "train.gradient_checkpointing=true, which adds a redundant all-gather in backward.")
+    if not methods.of(cfg).shardable_base and strategy.shards_parameters:
+        unsharded = " or ".join(f"hardware={n}" for n, s in strategies.STRATEGIES.items()
+                                if s.distributed and not s.shards_parameters)
+        raise UserError(f"method={cfg.method.name} with hardware.strategy={hw.strategy}: sharding 4-bit base weights is "
+                        f"not supported yet; use {unsharded} (each process holds the quantized base).")
+    strategy.check(cfg)
 
 
 def check_eval(cfg: DictConfig) -> None:
@@ -329,11 +319,9 @@ def _absolute(path: Optional[str]) -> Optional[str]:
 
 def to_spec(cfg: Any) -> RunSpec:
     """A plain config tree (as read back from spec.yaml) -> typed RunSpec."""
-    from fttool.spec import METHOD_SCHEMAS
-
     schema = OmegaConf.structured(RunSpec)
     tree = OmegaConf.create(OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else cfg)
     method_tree = tree.pop("method")
     merged = OmegaConf.merge(schema, tree)
-    merged.method = OmegaConf.merge(OmegaConf.structured(METHOD_SCHEMAS[method_tree["name"]]), method_tree)
+    merged.method = OmegaConf.merge(OmegaConf.structured(methods.schema(method_tree["name"])), method_tree)
     return OmegaConf.to_object(merged)

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -114,7 +115,7 @@ BAD = [
     (["method.rank=0"], "method.rank=0 is out of range"),
     (["train.lr=abc"], "train.lr=abc: expected a number"),
     (["hardware.precision=fp16"], "fp16 needs a CUDA GPU"),
-    (["method=full", "method.rank=8"], "'method.rank' belongs to method=lora / method=qlora"),
+    (["method=full", "method.rank=8"], "'method.rank' belongs to method=lora / method=dora / method=qlora"),
     (["data=chat"], "data.path is not set"),
     (["model.dtype=float33"], "Did you mean float32?"),
     (["method.rank=8,16"], "add -m to run a sweep"),
@@ -178,7 +179,7 @@ def test_hydra_flags_still_work(tmp_path):
     assert r.returncode == 0, r.stderr
     assert OmegaConf.create(r.stdout).method.name == "lora"
     r = run_cli("--help", cwd=tmp_path)
-    assert r.returncode == 0 and "check" in r.stdout and "method: full, lora, qlora" in r.stdout
+    assert r.returncode == 0 and "check" in r.stdout and "method: dora, full, lora, qlora" in r.stdout
 
 
 def test_local_paths_are_recorded_absolute(tmp_path, monkeypatch):
@@ -187,3 +188,38 @@ def test_local_paths_are_recorded_absolute(tmp_path, monkeypatch):
     spec = make_spec(["data=chat", "data.path=chats.jsonl"], tmp_path)
     assert spec.data.path == str(tmp_path / "chats.jsonl")
     assert make_spec(["+recipe=qlora_7b"], tmp_path).model.name_or_path == "Qwen/Qwen2.5-7B-Instruct"
+
+
+def test_a_new_strategy_is_one_row_of_the_table(monkeypatch, tmp_path):
+    """README "Adding a method / a strategy": ZeRO-1 as one row of strategies.STRATEGIES (a conf/hardware file picks
+    it): validation accepts it, applies its rules, `check` describes it, and its engine config is written."""
+    import json
+
+    from fttool import distributed, plan, strategies
+
+    zero1 = strategies.Zero("zero1", "DeepSpeed ZeRO-1 (optimizer state partitioned)", "DEEPSPEED", shards="optimizer",
+                            drops_steps=False, stage=1)
+    monkeypatch.setitem(strategies.STRATEGIES, "zero1", zero1)
+    spec = make_spec(["hardware=zero2", "hardware.device=cpu", "hardware.strategy=zero1"], tmp_path)
+    assert any("DeepSpeed ZeRO-1 (optimizer state partitioned)" in line for line in plan.describe(spec))
+    distributed.write_configs(spec, tmp_path, "fp32")
+    assert json.loads((tmp_path / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 1
+    with pytest.raises(UserError, match="nonfinite_tolerance=1 with hardware.strategy=zero1"):
+        make_spec(["hardware=zero2", "hardware.device=cpu", "hardware.strategy=zero1", "train.nonfinite_tolerance=1"],
+                  tmp_path)
+    with pytest.raises(UserError, match="hardware.offload=true applies to fsdp2, zero3, not strategy=zero1"):
+        make_spec(["hardware=zero2", "hardware.device=cpu", "hardware.strategy=zero1", "hardware.offload=true"], tmp_path)
+    monkeypatch.delitem(strategies.STRATEGIES, "zero1")
+    with pytest.raises(UserError, match="hardware.strategy=zero1 is not allowed"):
+        make_spec(["hardware=zero2", "hardware.strategy=zero1"], tmp_path)
+
+
+def test_no_name_switches_on_methods_or_strategies():
+    """Behaviour lives on the method and strategy objects: no module compares a method or strategy name."""
+    import re
+
+    pattern = re.compile(r"(method\.name|\.strategy)\s*(==|!=|in\s*\(|not in)|startswith\(\"zero")
+    root = Path(__file__).resolve().parent.parent / "fttool"
+    hits = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
+            if pattern.search(line)]
+    assert not hits, hits

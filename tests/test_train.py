@@ -16,7 +16,7 @@ def _losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("method", ["full", "lora", "dora", "qlora"])
 def test_method_trains_and_loss_falls(method, tmp_path):
     run_dir, summary = train_run([f"method={method}", *FAST, *STEPS], tmp_path)
     losses = _losses(run_dir)
@@ -32,6 +32,7 @@ def test_method_trains_and_loss_falls(method, tmp_path):
         weights = load_file(final / "adapter_model.safetensors")
         lora_b = [v for k, v in weights.items() if "lora_B" in k]
         assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
+        assert any("lora_magnitude_vector" in k for k in weights) == (method == "dora")  # DoRA's magnitudes saved
         assert summary["trainable_params"] < summary["total_params"] / 5
     assert (final / "tokenizer.json").is_file() and (final / "chat_template.jinja").is_file()
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
