@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-from typing import List, Optional
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional, Tuple
 
 from fttool.errors import UserError, fail, suggestion
 
@@ -144,17 +145,75 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(USAGE.format(verbs="\n".join(f"  {k:<11}{v}" for k, v in VERBS.items()),
                                run_verbs="\n".join(f"  {k:<11}{v.about}" for k, v in RUN.items())))
         overrides = _overrides(rest)
+        multirun = any(a in MULTIRUN_FLAGS for a in rest)
+        checked = []
         if not info_only:
             from fttool.compose import precheck
 
-            precheck(overrides, multirun=any(a in MULTIRUN_FLAGS for a in rest))
+            checked = precheck(overrides, multirun=multirun)  # composed and validated here, once
+            if multirun and verb == "train":
+                rest, sweep_dir = _fixed_sweep_dir(rest, overrides, checked[0].spec)
     except UserError as e:
         fail(str(e), e.exit_code)
-    _run_hydra(verb, rest, overrides, [_prog()] + argv, samples, output)
+    argv = [_prog()] + argv
+    if not info_only and not multirun and not _needs_hydra(rest, overrides):
+        from fttool.run import run_checked
+
+        with _ctrl_c(verb):  # one run needs nothing of Hydra's beyond the compose it had
+            run_checked(verb, checked[0].spec, checked[0].choices, argv, samples, output)
+        return
+    _run_hydra(verb, rest, overrides, argv, samples, output, checked)
+    if not info_only and multirun and verb == "train":
+        from fttool import sweep
+
+        from fttool.compose import MAX_CHECKED_TRIALS
+
+        failed = sweep.failures(sweep_dir, expected=len(checked) if len(checked) < MAX_CHECKED_TRIALS else None)
+        if failed:
+            fail(f"{len(failed)} sweep trial(s) failed: " + "; ".join(failed), 1)
 
 
-def _run_hydra(verb: str, rest: List[str], overrides: List[str], argv: List[str], samples: Optional[int] = None,
-               output: Optional[str] = None) -> None:
+def _needs_hydra(rest: List[str], overrides: List[str]) -> bool:
+    """Hydra's own flags (--cfg, --info ...) or settings (hydra.*, hydra/launcher=...) are Hydra's to carry out."""
+    return any(a.startswith("-") for a in rest) or any(o.lstrip("+~").startswith(("hydra.", "hydra/")) for o in overrides)
+
+
+@contextmanager
+def _ctrl_c(verb: str):
+    try:
+        yield
+    except KeyboardInterrupt:  # tokenizing, loading, training in this process: the run folder is already tidied
+        fail(f"{verb} interrupted (Ctrl-C); nothing was left half-written. A run that had begun keeps its "
+             "checkpoints: continue with resume=auto run_name=NAME.", 130)
+
+
+def _fixed_sweep_dir(rest: List[str], overrides: List[str], spec) -> Tuple[List[str], Path]:
+    """The sweep folder as one absolute path, decided here: every trial, process and machine uses it (a ${now:}
+    would resolve anew in each job), and the sweep's outcome is read from it when the trials end."""
+    from dataclasses import asdict
+    from datetime import datetime
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    given = [o for o in overrides if o.startswith("hydra.sweep.dir=")]
+    value = given[-1].split("=", 1)[1] if given else "${output_dir}/sweep-${now:%Y%m%d-%H%M%S}"
+    if not OmegaConf.has_resolver("now"):
+        OmegaConf.register_new_resolver("now", lambda pattern: datetime.now().strftime(pattern))
+    try:
+        resolved = OmegaConf.create({**asdict(spec), "sweep_dir__": value.strip("'\"")}).sweep_dir__
+    except OmegaConfBaseException as e:
+        raise UserError(f"hydra.sweep.dir={value}: {str(e).splitlines()[0]}; it may refer to fttool keys "
+                        "(${output_dir}) and ${now:FORMAT} only.")
+    path = Path(str(resolved)).expanduser().resolve()
+    rest = [a for a in rest if not a.startswith("hydra.sweep.dir=")]
+    at = next((i for i, a in enumerate(rest) if a in overrides), len(rest))  # argparse wants overrides together
+    quote = "'" if "'" not in str(path) else '"'
+    return rest[:at] + [f"hydra.sweep.dir={quote}{path}{quote}"] + rest[at:], path
+
+
+def _run_hydra(verb: str, rest: List[str], overrides: List[str], argv: List[str], samples: Optional[int],
+               output: Optional[str], checked: list) -> None:
     import hydra
 
     from fttool import registry
@@ -162,19 +221,8 @@ def _run_hydra(verb: str, rest: List[str], overrides: List[str], argv: List[str]
 
     @hydra.main(config_path=str(registry.conf_dir()), config_name="config", version_base=None)
     def _app(cfg) -> None:
-        run_task(verb, cfg, overrides, argv, samples, output)
+        run_task(verb, cfg, overrides, argv, samples, output, checked)
 
-    if any(a in MULTIRUN_FLAGS for a in rest) and not any(o.startswith("hydra.sweep.dir=") for o in overrides):
-        # one sweep folder name for every process and machine (a ${now:} would resolve anew in each job)
-        at = rest.index(overrides[0]) if overrides else len(rest)  # next to the other overrides: argparse wants them together
-        rest = rest[:at] + [f"hydra.sweep.dir=${{output_dir}}/sweep-{time.strftime('%Y%m%d-%H%M%S')}"] + rest[at:]
     sys.argv = [_prog()] + rest
-    try:
+    with _ctrl_c(verb):
         _app()
-    except KeyboardInterrupt:  # tokenizing, loading, training in this process: the run folder is already tidied
-        fail(f"{verb} interrupted (Ctrl-C); nothing was left half-written. A run that had begun keeps its "
-             "checkpoints: continue with resume=auto run_name=NAME.", 130)
-    from fttool import sweep
-
-    if sweep.FAILED:
-        fail(f"{len(sweep.FAILED)} sweep trial(s) failed: " + "; ".join(sweep.FAILED), 1)

@@ -148,23 +148,30 @@ def trials(parsed) -> Iterator[List[str]]:
     return itertools.islice(itertools.product(*pools), MAX_CHECKED_TRIALS)
 
 
-def compose(overrides: List[str]) -> DictConfig:
-    """Compose with Hydra's compose API, mapping its exceptions to UserError."""
+def compose(overrides: List[str], choices: Optional[Dict] = None) -> DictConfig:
+    """Compose with Hydra's compose API, mapping its exceptions to UserError. `choices`, when given, receives the
+    group options the defaults list chose (what Hydra's runtime.choices holds)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import ConfigCompositionException, HydraException
+    from omegaconf import open_dict
 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(registry.conf_dir()), version_base=None):
-            return hydra_compose("config", overrides=list(overrides))
+            cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=choices is not None)
     except (ConfigCompositionException, HydraException) as e:
         text = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
         described = _describe_validation(e, text)
         raise UserError(described or " ".join(str(e).split("\n")[:2]))
     finally:
         GlobalHydra.instance().clear()
+    if choices is not None:
+        choices.update({k: v for k, v in cfg.hydra.runtime.choices.items() if not str(k).startswith("hydra")})
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return cfg
 
 
 def user_keys(overrides: List[str]) -> set:
@@ -183,8 +190,16 @@ def recipe_of(overrides: List[str]) -> Optional[str]:
     return None
 
 
-def precheck(overrides: List[str], multirun: bool = False) -> List[Tuple[List[str], object]]:
-    """Check every override (and every sweep trial); return (overrides, RunSpec) per checked trial."""
+class Checked:
+    """One run (or sweep trial) composed and validated once: its overrides, group choices and RunSpec, handed on to
+    the run so that nothing composes or validates it again."""
+
+    def __init__(self, overrides: List[str], choices: Dict, spec):
+        self.overrides, self.choices, self.spec = overrides, choices, spec
+
+
+def precheck(overrides: List[str], multirun: bool = False) -> List[Checked]:
+    """Check every override (and every sweep trial, the first 64); return each one checked."""
     from fttool import validation
 
     bad = registry.bad_recipe_path_entries()
@@ -205,16 +220,28 @@ def precheck(overrides: List[str], multirun: bool = False) -> List[Tuple[List[st
             _check_group(ov)
     checked = []
     for combo in trials(parsed):
-        groups = [o for o in combo if o.split("=", 1)[0].lstrip("+~") in GROUP_KEYS]
-        base = compose(groups)
-        for o in combo:
-            key = o.split("=", 1)[0]
-            if key.lstrip("+~") in GROUP_KEYS or key.startswith(("hydra.", "+hydra.", "~hydra.")):
-                continue
-            _check_key(base, key.lstrip("+~"))
-        cfg = compose(list(combo))
-        checked.append((list(combo), validation.build(cfg, user_keys(list(combo)), recipe_of(list(combo)))))
+        combo = list(combo)
+        added = [o for o in combo if o.startswith("+") and o.split("=", 1)[0].lstrip("+~") not in GROUP_KEYS]
+        choices: Dict = {}
+        try:
+            cfg = compose(combo, choices)
+        except UserError:
+            _check_keys(combo)  # a clearer message for a key that does not exist, when that is the cause
+            raise
+        if added:  # Hydra adds a key given with '+'; fttool's schema has no room for it
+            _check_keys(combo)
+        checked.append(Checked(combo, choices, validation.build(cfg, user_keys(combo), recipe_of(combo))))
     return checked
+
+
+def _check_keys(combo: List[str]) -> None:
+    """Every key of these overrides exists in the config their group choices compose (else UserError naming it)."""
+    base = compose([o for o in combo if o.split("=", 1)[0].lstrip("+~") in GROUP_KEYS])
+    for o in combo:
+        key = o.split("=", 1)[0]
+        if key.lstrip("+~") in GROUP_KEYS or key.startswith(("hydra.", "+hydra.", "~hydra.")):
+            continue
+        _check_key(base, key.lstrip("+~"))
 
 
 __all__ = ["compose", "precheck", "trials", "user_keys", "recipe_of"]

@@ -1,4 +1,5 @@
-"""The Hydra task: one composed config -> a validated spec -> `check` output or a launched run."""
+"""A checked spec -> `check` output, a data preview or a launched run; and the Hydra task that does the same for
+each trial of a sweep (or a run given Hydra's own flags), with the spec the command line already checked."""
 from __future__ import annotations
 
 import sys
@@ -21,14 +22,24 @@ def _hydra_context():
 
 
 def run_task(verb: str, cfg, overrides: List[str], argv: List[str], samples: Optional[int] = None,
-             output: Optional[str] = None) -> None:
+             output: Optional[str] = None, checked: Optional[list] = None) -> None:
     from fttool import compose, validation
 
     recipe, job_num, choices, job_overrides, sweep_dir = _hydra_context()
     if sweep_dir is not None and verb == "train":
-        return _run_trial(cfg, overrides, argv, recipe, job_num, choices, job_overrides, sweep_dir)
+        return _run_trial(cfg, overrides, argv, recipe, job_num, choices, job_overrides, sweep_dir, checked)
     try:
-        spec = validation.build(cfg, compose.user_keys(overrides), recipe, job_num)
+        one = checked[0] if checked and job_num is None else None
+        spec = one.spec if one else validation.build(cfg, compose.user_keys(overrides), recipe, job_num)
+    except UserError as e:
+        fail(str(e), e.exit_code)
+    run_checked(verb, spec, choices, argv, samples, output)
+
+
+def run_checked(verb: str, spec, choices, argv: List[str], samples: Optional[int] = None,
+                output: Optional[str] = None) -> None:
+    """What a verb does with a validated spec."""
+    try:
         if verb == "check":
             _print_check(spec)
             return
@@ -44,7 +55,24 @@ def run_task(verb: str, cfg, overrides: List[str], argv: List[str], samples: Opt
         fail(str(e), e.exit_code)
 
 
-def _run_trial(cfg, overrides, argv, recipe, job_num, choices, job_overrides, sweep_dir: Path) -> None:
+def _checked_trial(checked: Optional[list], job_num: int, job_overrides: List[str]):
+    """The spec the command line checked for this trial, when it is the same trial (same overrides) and has nothing
+    left for the job to fill in (SLURM placeholders); else None and the trial validates its own config."""
+    from fttool.distributed import unresolved_slurm
+
+    if not checked or job_num is None or job_num >= len(checked):
+        return None
+    mine = checked[job_num]
+    def plain(overrides):
+        return sorted(o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/")))
+
+    if plain(mine.overrides) != plain(job_overrides) or unresolved_slurm(mine.spec.hardware):
+        return None
+    return mine.spec
+
+
+def _run_trial(cfg, overrides, argv, recipe, job_num, choices, job_overrides, sweep_dir: Path,
+               checked: Optional[list] = None) -> None:
     """One trial of a sweep: an ordinary run whose folder is in the sweep folder. A failed trial is recorded and
     the sweep goes on; the summary shows it and the command exits non-zero at the end."""
     from dataclasses import replace
@@ -56,7 +84,8 @@ def _run_trial(cfg, overrides, argv, recipe, job_num, choices, job_overrides, sw
     varied = compose.swept_keys(overrides)
     shown = [o for o in job_overrides if o.split("=", 1)[0].lstrip("+~") in varied]  # what this trial varies
     try:
-        spec = validation.build(cfg, compose.user_keys(overrides), recipe, job_num)
+        spec = _checked_trial(checked, job_num, job_overrides) or validation.build(cfg, compose.user_keys(overrides),
+                                                                                  recipe, job_num)
         name = spec.run_name if "run_name" in compose.user_keys(job_overrides) else sweep.trial_name(job_num, shown)
         spec = replace(spec, output_dir=str(sweep_dir), run_name=name,
                        logging=replace(spec.logging, group=spec.logging.group or sweep_dir.name))

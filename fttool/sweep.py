@@ -21,7 +21,6 @@ from typing import Any, Dict, List, Optional
 from hydra.experimental.callback import Callback
 
 TRIALS = "trials.jsonl"
-FAILED: List[str] = []  # trials of this process's sweep that failed; the CLI exits non-zero when any did
 
 
 def trial_name(num: int, overrides: List[str]) -> str:
@@ -36,8 +35,18 @@ def record_trial(sweep_dir: Path, num: int, overrides: List[str], run_dir: Optio
            "error": error}
     with open(sweep_dir / TRIALS, "a") as f:
         f.write(json.dumps(row) + "\n")
-    if status != "ok":
-        FAILED.append(f"trial {num} ({' '.join(overrides)}): {error}")
+
+
+def failures(sweep_dir: Path, expected: Optional[int] = None) -> List[str]:
+    """The sweep's outcome, read from its trial records wherever the trials ran (this process, SLURM jobs): one
+    line per failed trial, and per expected trial that left no record (its job ended without reporting)."""
+    rows = _read_jsonl(Path(sweep_dir) / TRIALS)
+    out = [f"trial {r['trial']} ({' '.join(r['overrides'])}): {r['error']}" for r in rows if r["status"] != "ok"]
+    if expected is not None:
+        seen = {r["trial"] for r in rows}
+        out += [f"trial {n}: no record in {Path(sweep_dir) / TRIALS} (its job ended without reporting; see its log)"
+                for n in range(expected) if n not in seen]
+    return out
 
 
 def _read_jsonl(path: Path) -> List[Dict[str, Any]]:

@@ -21,13 +21,12 @@ def start(spec, run_dir: Path) -> None:
         return
     import wandb
 
-    os.environ.setdefault("WANDB_MODE", lg.mode)
     id_file = run_dir / WANDB_ID
     run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
     id_file.write_text(run_id + "\n")
     wandb.init(project=lg.project or os.environ.get("WANDB_PROJECT") or "fttool", entity=lg.entity, name=spec.run_name,
                group=lg.group, tags=list(lg.tags) or None, dir=str(run_dir), id=run_id, resume="allow",
-               config=json.loads(json.dumps(asdict(spec), default=str)), mode=os.environ["WANDB_MODE"])
+               config=json.loads(json.dumps(asdict(spec), default=str)), mode=lg.mode)  # the spec's mode, not the environment's
     wandb.run.summary["run_dir"] = str(run_dir)
 
 

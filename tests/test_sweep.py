@@ -83,3 +83,62 @@ def test_wandb_offline_two_processes(tmp_path, monkeypatch):
     for root, _, files in os.walk(tmp_path):  # the API key lands in no file
         for name in files:
             assert secret.encode() not in open(os.path.join(root, name), "rb").read(), os.path.join(root, name)
+
+
+def test_the_sweep_outcome_is_read_from_its_trial_records(tmp_path):
+    """Wherever the trials ran (this process or SLURM jobs), the submitting process decides the exit code from the
+    sweep folder's records: failed trials, and expected trials that left no record."""
+    from fttool import sweep
+
+    sweep.record_trial(tmp_path, 0, ["method.rank=8"], tmp_path / "t0", "ok")
+    sweep.record_trial(tmp_path, 1, ["method.rank=16"], None, "failed", "boom")
+    assert sweep.failures(tmp_path) == ["trial 1 (method.rank=16): boom"]
+    missing = sweep.failures(tmp_path, expected=3)
+    assert len(missing) == 2 and missing[1].startswith("trial 2: no record in")
+    assert sweep.failures(tmp_path / "empty", expected=1)[0].startswith("trial 0: no record")
+
+
+def test_one_compose_and_one_validation_per_run(monkeypatch, tmp_path, capsys):
+    """A run is composed and validated once on its way from the command line to `check` (or training)."""
+    from fttool import cli, compose, validation
+
+    calls = {"compose": 0, "build": 0}
+    real_compose, real_build = compose.compose, validation.build
+
+    def counted_compose(*a, **k):
+        calls["compose"] += 1
+        return real_compose(*a, **k)
+
+    def counted_build(*a, **k):
+        calls["build"] += 1
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(compose, "compose", counted_compose)
+    monkeypatch.setattr(validation, "build", counted_build)
+    cli.main(["check", "method.rank=8", f"output_dir={tmp_path}"])
+    assert "ok: the spec is valid" in capsys.readouterr().err
+    assert calls == {"compose": 1, "build": 1}
+
+
+def test_the_wandb_mode_is_the_specs(monkeypatch, tmp_path):
+    """logging.mode in the spec decides, not a WANDB_MODE left in the environment."""
+    wandb = pytest.importorskip("wandb")
+    from conftest import make_spec
+    from fttool import tracking
+
+    seen = {}
+
+    class Run:
+        summary = {}
+
+    def init(**kwargs):
+        seen.update(kwargs)
+        wandb.run = Run()
+        return wandb.run
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setattr(wandb, "run", None, raising=False)
+    spec = make_spec(["logging=wandb", "logging.mode=offline"], tmp_path)
+    tracking.start(spec, tmp_path)
+    assert seen["mode"] == "offline"
