@@ -49,7 +49,7 @@ def small_model(folder: Path) -> Path:
 
 def preprocessing(model_dir: Path, work: Path, rows: int):
     from fttool import data
-    from fttool.model import load_tokenizer
+    from fttool.data.tokenizer import load_tokenizer
 
     base = [f"model.name_or_path={model_dir}", "data=alpaca", f"data.path={GSM8K}", "data.max_length=1024",
             f"data.max_samples={rows}"]
@@ -95,7 +95,7 @@ def main() -> None:
     try:
         import logging
 
-        from fttool.train import quiet_libraries
+        from fttool.logs import quiet_libraries
 
         quiet_libraries()
         model_dir = small_model(work / "model")

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Dict, List
 
 from transformers import EarlyStoppingCallback, TrainerCallback
 
-from fttool import memory
+from fttool import memory, runfiles
+from fttool.runfiles import read_jsonl, write_atomic
 
 log = logging.getLogger("fttool")
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = runfiles.METRICS
 
 
 def _hms(seconds: float) -> str:
@@ -131,20 +131,14 @@ def describe_layout(model, world_size: int) -> str:
 
 
 def read_metrics(run_dir: Path) -> List[Dict]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(Path(run_dir) / METRICS_FILE)
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop rows logged after `step` (a resumed run logs those steps again); training and validation rows up to it
     stay (the end-of-training summary row goes: the run is not over)."""
     rows = [r for r in read_metrics(run_dir) if r["step"] <= step and ("loss" in r or "eval_loss" in r)]
-    path = Path(run_dir) / METRICS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_atomic(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def sparkline(values: List[float], width: int = 40) -> str:

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from fttool import methods, rundir
+from fttool import methods, rundir, runfiles
 
 
 def _json(path: Path) -> Optional[Dict]:
@@ -74,11 +74,11 @@ def _eval_lines(run_dir: Path, spec) -> List[str]:
 
 
 def model_card(run_dir: Path, spec, weights: Path, dtype: str, n_params: int, name: str) -> str:
-    env = _json(run_dir / "env.json") or {}
-    result = _json(run_dir / "result.json")
-    data = _json(run_dir / "data.json")
+    env = _json(run_dir / runfiles.ENV) or {}
+    result = _json(run_dir / runfiles.RESULT)
+    data = _json(run_dir / runfiles.DATA)
     git = env.get("git") or {}
-    command = (run_dir / "command.txt").read_text().strip() if (run_dir / "command.txt").is_file() else "n/a"
+    command = (run_dir / runfiles.COMMAND).read_text().strip() if (run_dir / runfiles.COMMAND).is_file() else "n/a"
     t = spec.train
     base = spec.model.name_or_path
     front = ["---", f"base_model: {base}", "library_name: transformers", "tags:", "- fttool", f"- {spec.method.name}", "---", ""]
@@ -106,7 +106,7 @@ def model_card(run_dir: Path, spec, weights: Path, dtype: str, n_params: int, na
         "## Data", "", *_data_lines(spec, data), "",
         "## Evaluation against the base model", "", *_eval_lines(run_dir, spec), "",
         "## Reproduce", "",
-        f"The run was started with:", "", "```", command, "```", "",
+        "The run was started with:", "", "```", command, "```", "",
         f"fttool {env.get('packages', {}).get('fttool', 'n/a')}, git revision of the working directory: "
         + (f"`{git.get('commit')}`" + (" (with uncommitted changes)" if git.get("dirty") else "") if git else "none (not a git checkout)")
         + f"; python {env.get('python', 'n/a')} on {env.get('platform', 'n/a')}.", "",

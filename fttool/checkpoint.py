@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import List, Optional, Tuple
+
+from fttool.runfiles import CHECKPOINTS, write_json
 
 log = logging.getLogger("fttool")
 MANIFEST = "fttool-manifest.json"
@@ -36,9 +37,7 @@ def _files(folder: Path) -> List[Path]:
 def write_manifest(folder: Path) -> None:
     """Each file's size and hash, written to a temporary name and renamed: the manifest exists only complete."""
     entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"files": entries}, indent=1) + "\n")
-    os.replace(tmp, folder / MANIFEST)
+    write_json(folder / MANIFEST, {"files": entries}, indent=1)
 
 
 def problem(folder: Path, hashes: bool = True) -> Optional[str]:
@@ -62,8 +61,6 @@ def problem(folder: Path, hashes: bool = True) -> Optional[str]:
 
 
 def _numbered(run_dir: Path) -> List[Path]:
-    from fttool.rundir import CHECKPOINTS
-
     found = [p for p in (Path(run_dir) / CHECKPOINTS).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
@@ -117,3 +114,11 @@ def disk_full_message(run_dir: Path, folder: Path, e: OSError) -> str:
     return (f"could not write checkpoint {folder} ({e.strerror or e}): {free:.2f} GiB free where {need} is needed. "
             f"The earlier checkpoints are intact; free space (or lower train.save_total_limit) and continue with "
             f"resume=auto.")
+
+
+def last_checkpoint(run_dir: Path, say: bool = False) -> Optional[Path]:
+    """The newest checkpoint whose manifest verifies in full; with `say`, newer ones skipped are logged with why."""
+    found, skipped = newest_trusted(run_dir)
+    for path, why in skipped if say else ():
+        log.warning(f"skipping {path.name}: {why}; it cannot be resumed from")
+    return found

@@ -4,11 +4,10 @@ spec into the run folder, the `accelerate launch` command, and what the Trainer 
 On CPU-only machines (tests, laptops) several processes talk over gloo. Three traps are handled here
 (../CPU_STACK.md): `accelerate launch --cpu` starts one process, so CPU runs are launched as MULTI_GPU and
 the worker asks for the CPU itself (use_cpu); DeepSpeed on the CPU needs use_cpu too; and accelerate never
-turns FSDP on for MULTI_CPU, which `enable_cpu_fsdp` corrects.
+turns FSDP on for MULTI_CPU, which strategies.FSDP2 corrects (`enable_cpu_fsdp`).
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -71,31 +70,6 @@ def after_process_group(spec) -> None:
 def launch_command(config_file: Path, run_dir: Path) -> List[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
             "-m", "fttool.train", str(run_dir)]
-
-
-def enable_cpu_fsdp() -> None:
-    """Make accelerate shard with FSDP on CPU processes (gloo) instead of silently running plain DDP.
-
-    accelerate's AcceleratorState turns FSDP on only for GPU-like distributed types; on MULTI_CPU it drops the
-    plugin. This wraps __init__ so that, on MULTI_CPU with an FSDP plugin, the state says FSDP, exactly as it
-    would on GPUs. Only called by CPU workers with strategy fsdp2; tests assert the parameters are sharded.
-    """
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    if getattr(AcceleratorState.__init__, "_fttool_cpu_fsdp", False):
-        return
-    original = AcceleratorState.__init__
-
-    def __init__(self, *args, fsdp_plugin=None, **kwargs):
-        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-    __init__._fttool_cpu_fsdp = True
-    AcceleratorState.__init__ = __init__
 
 
 # -- SLURM ------------------------------------------------------------------------------------------------

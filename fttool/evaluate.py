@@ -13,7 +13,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from fttool import methods
+from fttool import methods, runfiles
+from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
 
 log = logging.getLogger("fttool")
@@ -210,7 +211,7 @@ def warn_if_data_changed(spec, run_dir: Path) -> None:
     from fttool.data import sources_of
     from fttool.data.sources import fingerprint
 
-    record = run_dir / "data.json"
+    record = run_dir / runfiles.DATA
     if spec.data.test_path or not spec.data.test_ratio or not record.is_file():
         return
     trained = [s[0] for s in json.loads(record.read_text()).get("key", {}).get("sources", []) if len(s) > 2]
@@ -228,7 +229,7 @@ def run_eval(spec, run_dir: Path, weights: Path, own=None, tokenizer=None) -> Di
     warn_if_data_changed(spec, run_dir)
     precision = model_lib.resolve_precision(spec)
     if tokenizer is None:
-        tokenizer = model_lib.load_tokenizer(spec)
+        tokenizer = load_tokenizer(spec)
         data.training_template(spec, tokenizer)
     tuned, base = model_loaders(spec, weights, precision, own)
     result = evaluate(spec, tokenizer, tuned, base, where=f"run={run_dir}", checkpoint=str(weights))

@@ -8,17 +8,17 @@ config that stops at the end-of-turn token, a model card (README.md) and the run
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from pathlib import Path
 
-from fttool import methods, rundir
+from fttool import methods, rundir, runfiles
+from fttool.data.tokenizer import with_pad
 from fttool.errors import UserError
 
 log = logging.getLogger("fttool")
-RECORD = ("spec.yaml", "command.txt", "env.json", "data.json", "result.json", "eval.json", "eval.md", "loss.png")
+RECORD = (runfiles.SPEC, runfiles.COMMAND, runfiles.ENV, runfiles.DATA, runfiles.RESULT, "eval.json", "eval.md", "loss.png")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -43,13 +43,14 @@ def merged_model(spec, weights: Path, dtype: str):
     """The fine-tuned model in plain transformers form, full precision, adapter merged into the weights."""
     from transformers import AutoModelForCausalLM
 
-    from fttool.model import _torch_dtype, check_finite_weights
+    from fttool.methods import torch_dtype
+    from fttool.model import check_finite_weights
 
     method = methods.of(spec)
     source = method.export_source(spec, weights)
     try:  # never with the run's quantization_config: the base is reloaded at full precision
         model = AutoModelForCausalLM.from_pretrained(source, revision=spec.model.revision if method.adapter else None,
-                                                     dtype=_torch_dtype(dtype), trust_remote_code=spec.model.trust_remote_code)
+                                                     dtype=torch_dtype(dtype), trust_remote_code=spec.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load {source} to export: {str(e).splitlines()[0]}")
     if not method.adapter:
@@ -74,7 +75,7 @@ def generation_config(model, tokenizer):
 
 def export(run_dir: Path, spec, output: Path, checkpoint: str = rundir.FINAL, dtype: str = "auto", overwrite: bool = False) -> Path:
     from fttool import card
-    from fttool.train import setup_logging
+    from fttool.logs import setup_logging
 
     if dtype not in DTYPES:
         raise UserError(f"dtype={dtype}: expected one of {', '.join(DTYPES)}.")
@@ -92,8 +93,7 @@ def export(run_dir: Path, spec, output: Path, checkpoint: str = rundir.FINAL, dt
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(weights))  # saved with the training chat template
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    with_pad(tok)
     model.generation_config = generation_config(model, tok)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial")

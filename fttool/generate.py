@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+from fttool import runfiles
+from fttool.data.tokenizer import load_tokenizer, with_pad
 from fttool.errors import UserError
 
 log = logging.getLogger("fttool")
@@ -16,7 +18,7 @@ log = logging.getLogger("fttool")
 def load(own: Dict[str, str]) -> Tuple[object, object, str, Dict]:
     """(model, tokenizer, what was loaded, the run's data.template_kwargs) from run= (with checkpoint=) or model=."""
     from fttool import model as model_lib
-    from fttool.train import quiet_libraries
+    from fttool.logs import quiet_libraries
 
     quiet_libraries()
     device = own.get("device")
@@ -33,7 +35,7 @@ def load(own: Dict[str, str]) -> Tuple[object, object, str, Dict]:
             spec = replace(spec, hardware=replace(spec.hardware, device=device))
         model_lib.check_inference_device(spec, "device")
         weights = rundir.weights_dir(run_dir, spec, own.get("checkpoint", rundir.FINAL))
-        tok = model_lib.load_tokenizer(spec)
+        tok = load_tokenizer(spec)
         data.training_template(spec, tok)
         model = model_lib.place(model_lib.load_trained(spec, model_lib.resolve_precision(spec), weights), spec)
         return model, tok, str(weights), dict(spec.data.template_kwargs)
@@ -48,7 +50,7 @@ def _load_folder(path: Path, device):
 
     path = path.expanduser().resolve()
     if not (path / "config.json").is_file():
-        hint = " It is a run folder: use run=PATH." if (path / "spec.yaml").is_file() else ""
+        hint = " It is a run folder: use run=PATH." if (path / runfiles.SPEC).is_file() else ""
         raise UserError(f"model={path}: no config.json there; give a model folder (fttool export output).{hint}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -56,14 +58,13 @@ def _load_folder(path: Path, device):
     tok = AutoTokenizer.from_pretrained(str(path))
     if not tok.chat_template:
         raise UserError(f"model={path}: its tokenizer has no chat template; export it from a run with fttool export.")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    with_pad(tok)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto").to(device)
     return model, tok, str(path)
 
 
 def _options(own: Dict[str, str]) -> Dict:
-    from fttool.verbs import number
+    from fttool.args import number
 
     temperature = number(own, "temperature", 0.0, low=0)
     top_p = number(own, "top_p", 1.0, low=0)

@@ -10,16 +10,16 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from fttool import distributed, preemption, rundir
+from fttool import distributed, preemption, rundir, runfiles
 from fttool.errors import Preempted, UserError
 from fttool.spec import RunSpec, world_size
 
-ERRORS = "errors"  # <run_dir>/errors/rank-N.txt: what a failed worker said
+ERRORS = runfiles.ERRORS
 STOP_GRACE_S = 60  # after Ctrl-C, how long workers get to stop on their own
 
 
 def launch(spec: RunSpec, argv: List[str], choices: Dict) -> None:
-    from fttool.model import check_device, resolve_precision
+    from fttool.model import check_device
 
     distributed.check_resolved(spec.hardware)
     check_device(spec)  # before anything is written
@@ -59,9 +59,9 @@ def _run(spec: RunSpec, run_dir: Path, created: bool) -> None:
 
 def training_began(run_dir: Path) -> bool:
     """A step was logged or a checkpoint written: the folder then holds a record worth keeping."""
-    from fttool.train import last_checkpoint
+    from fttool.checkpoint import last_checkpoint
 
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / runfiles.METRICS
     return last_checkpoint(run_dir) is not None or (metrics.is_file() and metrics.stat().st_size > 0)
 
 

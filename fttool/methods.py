@@ -16,6 +16,12 @@ from fttool.spec import FullSpec, LoraSpec, QloraSpec
 ADAPTER_FILE = "adapter_config.json"
 
 
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 @dataclass(frozen=True)
 class Method:
     """Full fine-tune: every weight trained, in fp32 master weights."""
@@ -130,13 +136,11 @@ class QLora(Lora):
     def quantization_config(self, m, compute_dtype: str):
         from transformers import BitsAndBytesConfig
 
-        from fttool.model import _torch_dtype
-
         if m.bits == 8:
             return BitsAndBytesConfig(load_in_8bit=True)
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=m.quant_type,
                                   bnb_4bit_use_double_quant=m.double_quant,
-                                  bnb_4bit_compute_dtype=_torch_dtype(compute_dtype))
+                                  bnb_4bit_compute_dtype=torch_dtype(compute_dtype))
 
     def _ready(self, spec, model):
         from peft import prepare_model_for_kbit_training

@@ -6,6 +6,7 @@ import os
 from typing import Tuple
 
 from fttool import assets, methods
+from fttool.methods import torch_dtype
 from fttool.errors import UserError
 
 log = logging.getLogger("fttool")
@@ -39,30 +40,11 @@ def check_device(spec) -> None:
                         f"torch sees {found}; set hardware.num_processes={found} (or fewer).")
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def weight_dtype(spec, precision: str) -> str:
     """Weights in fp32 for full fine-tunes (fp32 master weights); in the compute dtype for frozen bases."""
     if spec.model.dtype != "auto":
         return spec.model.dtype
     return methods.of(spec).weight_dtype(precision)
-
-
-def load_tokenizer(spec):
-    from transformers import AutoTokenizer
-
-    path = assets.resolve(spec.model.name_or_path)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model.name_or_path={spec.model.name_or_path}: could not load its tokenizer: {str(e).splitlines()[0]}")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def quantization_config(spec, precision: str):
@@ -81,7 +63,7 @@ def load_base(spec, precision: str):
         extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}  # each process its own GPU (DDP, ZeRO-2)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, revision=spec.model.revision, dtype=_torch_dtype(weight_dtype(spec, precision)),
+            path, revision=spec.model.revision, dtype=torch_dtype(weight_dtype(spec, precision)),
             attn_implementation=spec.model.attn_implementation, trust_remote_code=spec.model.trust_remote_code,
             quantization_config=quant, **extra,
         )

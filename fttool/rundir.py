@@ -25,13 +25,11 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from fttool import preemption
+from fttool import preemption, runfiles
 from fttool.errors import UserError
 from fttool.spec import RunSpec
 
-SPEC_FILE = "spec.yaml"
-CHECKPOINTS = "checkpoints"  # checkpoint-N folders, and `best` linking to the one with the lowest validation loss
-FINAL = "final"  # the trained adapter or model
+SPEC_FILE, CHECKPOINTS, FINAL, LOCK = runfiles.SPEC, runfiles.CHECKPOINTS, runfiles.FINAL, runfiles.LOCK
 PACKAGES = ("fttool", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed",
             "hydra-core", "omegaconf", "wandb", "tokenizers", "safetensors")
 # keys that may differ between a run and its resumption, or between the machines of one run
@@ -106,7 +104,7 @@ def _requeued_here(run_dir: Path) -> bool:
     if not preemption.requeued():
         return False
     try:
-        return json.loads((run_dir / "env.json").read_text()).get("slurm_job") == preemption.slurm_job()
+        return json.loads((run_dir / runfiles.ENV).read_text()).get("slurm_job") == preemption.slurm_job()
     except (OSError, ValueError):
         return False
 
@@ -131,7 +129,7 @@ def prepare(spec: RunSpec, argv: List[str], choices: Dict[str, Any]) -> tuple:
     lock(run_dir)
     try:
         if had_spec:
-            if (run_dir / "result.json").is_file():
+            if (run_dir / runfiles.RESULT).is_file():
                 raise RunFinished(f"run {run_dir} has finished (result.json is there); there is nothing to resume. "
                                   "Start a new run_name to train again.")
             diffs = spec_diff(load_spec(run_dir), spec)
@@ -143,16 +141,16 @@ def prepare(spec: RunSpec, argv: List[str], choices: Dict[str, Any]) -> tuple:
             old = load_spec(run_dir)
             if old.resume_data != spec.resume_data:  # the workers read spec.yaml: this resume's choice goes there
                 (run_dir / SPEC_FILE).write_text(spec_to_yaml(replace(old, resume_data=spec.resume_data)))
-            _append(run_dir / "command.txt", _command_line(argv))
+            _append(run_dir / runfiles.COMMAND, _command_line(argv))
             return run_dir, False
         if existed and any(p.name != LOCK for p in run_dir.iterdir()) and spec.resume != "auto":
             raise UserError(f"{run_dir} exists and is not an fttool run folder (no {SPEC_FILE}); choose another "
                             "run_name=NAME or output_dir=DIR.")
         (run_dir / SPEC_FILE).write_text(spec_to_yaml(spec))
-        (run_dir / "command.txt").write_text(_command_line(argv))
+        (run_dir / runfiles.COMMAND).write_text(_command_line(argv))
         env = environment()
         env["choices"] = {k: v for k, v in choices.items() if not str(k).startswith("hydra")}
-        (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+        (run_dir / runfiles.ENV).write_text(json.dumps(env, indent=2) + "\n")
     except BaseException:
         unlock(run_dir)
         if not existed:
@@ -167,7 +165,7 @@ class RunFinished(UserError):
     exit_code = 0
 
 
-LOCK = ".fttool.lock"  # who trains in this run folder now: {"pid", "host", "started", "slurm_job"}
+# the lock holds {"pid", "host", "started", "slurm_job"}
 
 
 def _alive(pid: int) -> bool:
@@ -240,7 +238,7 @@ def join(spec: RunSpec, run_dir: Path, argv: List[str]) -> Path:
     if diffs:
         raise UserError(f"machine {spec.hardware.machine_rank}: the spec differs from machine 0's in {run_dir} "
                         f"({'; '.join(diffs)}); run the same command on every machine except hardware.machine_rank.")
-    _append(run_dir / "command.txt", _command_line(argv))
+    _append(run_dir / runfiles.COMMAND, _command_line(argv))
     return run_dir
 
 

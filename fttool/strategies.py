@@ -87,8 +87,6 @@ class FSDP2(Strategy):
 
     def before_worker(self, hw) -> None:
         if hw.device == "cpu":  # accelerate never turns FSDP on for CPU processes by itself
-            from fttool.distributed import enable_cpu_fsdp
-
             enable_cpu_fsdp()
 
     def accelerate_extra(self, hw, run_dir: Path) -> Dict:
@@ -153,6 +151,31 @@ class Zero(Strategy):
             import deepspeed
 
             deepspeed.init_distributed(dist_backend="gloo" if hw.device == "cpu" else "nccl")
+
+
+def enable_cpu_fsdp() -> None:
+    """Make accelerate shard with FSDP on CPU processes (gloo) instead of silently running plain DDP.
+
+    accelerate's AcceleratorState turns FSDP on only for GPU-like distributed types; on MULTI_CPU it drops the
+    plugin. This wraps __init__ so that, on MULTI_CPU with an FSDP plugin, the state says FSDP, exactly as it
+    would on GPUs. Only called by CPU workers with strategy fsdp2; tests assert the parameters are sharded.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if getattr(AcceleratorState.__init__, "_fttool_cpu_fsdp", False):
+        return
+    original = AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    __init__._fttool_cpu_fsdp = True
+    AcceleratorState.__init__ = __init__
 
 
 STRATEGIES: Dict[str, Strategy] = {s.name: s for s in (

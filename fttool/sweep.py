@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 
+from fttool.runfiles import METRICS, RESULT, read_json, read_jsonl
+
 TRIALS = "trials.jsonl"
 
 
@@ -40,7 +42,7 @@ def record_trial(sweep_dir: Path, num: int, overrides: List[str], run_dir: Optio
 def failures(sweep_dir: Path, expected: Optional[int] = None) -> List[str]:
     """The sweep's outcome, read from its trial records wherever the trials ran (this process, SLURM jobs): one
     line per failed trial, and per expected trial that left no record (its job ended without reporting)."""
-    rows = _read_jsonl(Path(sweep_dir) / TRIALS)
+    rows = read_jsonl(Path(sweep_dir) / TRIALS)
     out = [f"trial {r['trial']} ({' '.join(r['overrides'])}): {r['error']}" for r in rows if r["status"] != "ok"]
     if expected is not None:
         seen = {r["trial"] for r in rows}
@@ -49,19 +51,13 @@ def failures(sweep_dir: Path, expected: Optional[int] = None) -> List[str]:
     return out
 
 
-def _read_jsonl(path: Path) -> List[Dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def collect(sweep_dir: Path) -> List[Dict[str, Any]]:
     """One row per trial: what it changed, how it ended, its figures."""
     rows = []
-    for t in sorted(_read_jsonl(sweep_dir / TRIALS), key=lambda r: r["trial"]):
+    for t in sorted(read_jsonl(sweep_dir / TRIALS), key=lambda r: r["trial"]):
         run_dir = Path(t["run_dir"]) if t["run_dir"] else None
-        result = json.loads((run_dir / "result.json").read_text()) if run_dir and (run_dir / "result.json").is_file() else {}
-        losses = [r["loss"] for r in _read_jsonl(run_dir / "metrics.jsonl") if "loss" in r] if run_dir else []
+        result = (read_json(run_dir / RESULT) or {}) if run_dir else {}
+        losses = [r["loss"] for r in read_jsonl(run_dir / METRICS) if "loss" in r] if run_dir else []
         rows.append({"trial": t["trial"], "overrides": " ".join(t["overrides"]), "status": t["status"],
                      "final_train_loss": losses[-1] if losses else None, "eval_loss": result.get("eval_loss"),
                      "tokens_per_s": result.get("tokens_per_s"), "steps": result.get("steps"),
@@ -104,7 +100,7 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
     from fttool.plots import loss_curves
 
     series = [(f"{r['trial']}: {r['overrides'] or '(defaults)'}",
-               [(m["step"], m["loss"]) for m in _read_jsonl(Path(r["run_dir"]) / "metrics.jsonl") if "loss" in m]
+               [(m["step"], m["loss"]) for m in read_jsonl(Path(r["run_dir"]) / METRICS) if "loss" in m]
                if r["run_dir"] else [], "-") for r in rows]
     drawn = sum(1 for s in series if s[1])
     return loss_curves(series, path, f"{path.parent.name}: {drawn} trials", ylabel="training loss")

@@ -9,65 +9,17 @@ import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Optional, Tuple
 
-from fttool import memory, methods, rundir, strategies
+from fttool import memory, methods, rundir, runfiles, strategies
+from fttool.checkpoint import last_checkpoint
+from fttool.data.tokenizer import load_tokenizer
+from fttool.logs import rank, setup_logging
 from fttool.errors import UserError
 from fttool.rundir import CHECKPOINTS, FINAL
 
 log = logging.getLogger("fttool")
-
-
-def setup_logging(run_dir: Path, main: bool = True, log_file: str = "train.log") -> None:
-    """Process 0 logs to stdout and the run's log file; the other processes only warnings and errors, marked with
-    their rank."""
-    log.setLevel(logging.INFO if main else logging.WARNING)
-    log.propagate = False
-    for h in list(log.handlers):
-        log.removeHandler(h)
-    if main:
-        fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-        handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / log_file)]
-    else:
-        fmt = logging.Formatter(f"%(asctime)s [rank {rank()}] %(message)s", "%H:%M:%S")
-        handlers = [logging.StreamHandler(sys.stderr)]
-    for h in handlers:
-        h.setFormatter(fmt)
-        log.addHandler(h)
-    quiet_libraries()
-
-
-def quiet_libraries() -> None:
-    """Library chatter off: fttool prints its own progress."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward" at import: harmless
-    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
-    # DeepSpeed still calls the old collective names; torch warns on every call
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.\w+` is deprecated.*")
-    import torch
-
-    if not torch.cuda.is_available():  # what DeepSpeed would detect anyway, without its warning on every import
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-
-
-def last_checkpoint(run_dir: Path, say: bool = False) -> Optional[Path]:
-    """The newest checkpoint whose manifest verifies in full; with `say`, newer ones skipped are logged with why."""
-    from fttool.checkpoint import newest_trusted
-
-    found, skipped = newest_trusted(run_dir)
-    for path, why in skipped if say else ():
-        log.warning(f"skipping {path.name}: {why}; it cannot be resumed from")
-    return found
 
 
 def validates(spec) -> bool:
@@ -109,7 +61,7 @@ def training_args(spec, run_dir: Path, precision: str):
 
 
 def _read_record(run_dir: Path) -> Optional[dict]:
-    path = run_dir / "data.json"
+    path = run_dir / runfiles.DATA
     try:
         return json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
@@ -165,10 +117,6 @@ def as_batches(spec, split, tok):
     return datasets.Dataset.from_dict(bins)
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def train(run_dir: Path) -> dict:
     """Train the run in `run_dir` (in every worker process); returns the summary written to result.json."""
     run_dir = Path(run_dir)
@@ -188,7 +136,7 @@ def train(run_dir: Path) -> dict:
     precision = model_lib.resolve_precision(spec)
     args = training_args(spec, run_dir, precision)  # also starts the process group when there are several processes
     distributed.after_process_group(spec)
-    tok = model_lib.load_tokenizer(spec)
+    tok = load_tokenizer(spec)
     before = _read_record(run_dir)  # read before process 0 rewrites it: what the run trained on so far
     with args.main_process_first(local=True, desc="data"):  # one process per machine tokenizes; the rest read its cache
         prepared = data.build(spec, tok)  # bad data fails here, before any model is loaded
@@ -202,7 +150,7 @@ def train(run_dir: Path) -> dict:
     if main:
         log_data(prepared)
         log_format_notes(spec)
-        (run_dir / "data.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+        runfiles.write_json(run_dir / runfiles.DATA, record, indent=1)
     model, precision = model_lib.load_model(spec)
     model_lib.check_cpu_4bit_shapes(spec, model)
     if spec.data.packing != "none":
@@ -273,7 +221,7 @@ def train(run_dir: Path) -> dict:
         log.info(f"validation loss {eval_loss:.4f} on {len(prepared.validation):,} held-out samples")
     if spec.eval.after_training and (spec.data.test_path or spec.data.test_ratio):
         summary["eval"] = _evaluate(spec, run_dir, final, model if args.world_size == 1 else None, tok)
-    (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+    runfiles.write_json(run_dir / runfiles.RESULT, summary)
     tracking.log_eval(summary.get("eval"))
     log.info(f"done: {methods.of(spec).holds} saved to {final}")
     log.info(f"next: fttool eval run={run_dir} | fttool export run={run_dir} output=DIR | fttool chat run={run_dir}")
@@ -389,7 +337,7 @@ def _exit_cleanly() -> None:
 def _error_report(run_dir: Path, text: str, exit_code: Optional[int] = None) -> None:
     """errors/rank-N.txt, and errors/rank-N.exit with the exit code a user error asks for (4: training diverged)."""
     try:
-        folder = run_dir / "errors"
+        folder = run_dir / runfiles.ERRORS
         folder.mkdir(exist_ok=True)
         (folder / f"rank-{rank()}.txt").write_text(text)
         if exit_code is not None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 from fttool import rundir
+from fttool.args import flag
 from fttool.errors import UserError, suggestion
 
 
@@ -115,25 +116,6 @@ def _value(arg: str):
         raise UserError(f"could not parse '{arg}': {str(e).splitlines()[0]}")
 
 
-def number(own: Dict[str, str], key: str, default, kind=float, low: Optional[float] = None):
-    if key not in own:
-        return default
-    try:
-        value = kind(own[key])
-    except ValueError:
-        raise UserError(f"{key}={own[key]}: expected {'a whole number' if kind is int else 'a number'}.")
-    if low is not None and value < low:
-        raise UserError(f"{key}={own[key]}: expected a value >= {low:g}.")
-    return value
-
-
-def flag(own: Dict[str, str], key: str) -> bool:
-    value = own.get(key, "false").lower()
-    if value not in ("true", "false"):
-        raise UserError(f"{key}={own[key]}: expected true or false.")
-    return value == "true"
-
-
 def run_spec(own: Dict[str, str], overrides: List[Tuple[str, object]]):
     """(run folder, its spec with the overrides applied and checked)."""
     run_dir = rundir.open_run(own["run"])
@@ -203,7 +185,7 @@ def main(verb: str, argv: List[str]) -> None:
 
 
 def _eval(own, overrides) -> None:
-    from fttool.train import setup_logging
+    from fttool.logs import setup_logging
 
     from fttool.model import check_inference_device
 

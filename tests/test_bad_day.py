@@ -12,6 +12,7 @@ import time
 import pytest
 
 from conftest import FAST, make_spec, run_cli, train_run
+from fttool.data.tokenizer import load_tokenizer
 from fttool import rundir
 from fttool.errors import UserError
 
@@ -361,7 +362,6 @@ def test_resume_keeps_earlier_validation_rows_and_a_finished_run_is_not_trained_
 def test_a_cache_hit_names_the_file_given(tmp_path):
     """Two files with the same content share a cache entry; the samples name the file of this run."""
     from fttool import data
-    from fttool import model as model_lib
 
     rows = "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
                    + "\n" for i in range(8))
@@ -372,6 +372,6 @@ def test_a_cache_hit_names_the_file_given(tmp_path):
     second.write_text(rows)
     for path, hit in ((first, False), (second, True)):
         spec = make_spec(["data=chat", f"data.path={path}", f"data.cache_dir={tmp_path / 'cache'}"], tmp_path)
-        prepared = data.build(spec, model_lib.load_tokenizer(spec))
+        prepared = data.build(spec, load_tokenizer(spec))
         assert prepared.from_cache == hit
         assert prepared.train[0]["loc"] == f"{path}:1"

@@ -5,6 +5,7 @@ import re
 import pytest
 
 from conftest import SHARED_DATA, make_spec, run_cli
+from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
 
 needs_shared = pytest.mark.skipif(not (SHARED_DATA / "tokenizers" / "phi-3-mini").is_dir(),
@@ -42,10 +43,10 @@ FORMAT_ROWS = {
 
 
 def build(overrides, tmp_path, use_cache=True):
-    from fttool import data, model as model_lib
+    from fttool import data
 
     spec = make_spec(overrides, tmp_path)
-    return data.build(spec, model_lib.load_tokenizer(spec), use_cache=use_cache), spec
+    return data.build(spec, load_tokenizer(spec), use_cache=use_cache), spec
 
 
 def trained_text(tok, row):
@@ -55,11 +56,10 @@ def trained_text(tok, row):
 # -- formats ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", list(FORMAT_ROWS))
 def test_every_format_tokenizes_with_replies_trained(fmt, tmp_path):
-    from fttool import model as model_lib
 
     path = write_jsonl(tmp_path / "d.jsonl", FORMAT_ROWS[fmt](20))
     prepared, spec = build(["data=chat", f"data.format={fmt}", f"data.path={path}"], tmp_path)
-    tok = model_lib.load_tokenizer(spec)
+    tok = load_tokenizer(spec)
     assert prepared.stats.samples == 20
     reply = reversal_rows(1)[0][1]
     text = trained_text(tok, prepared.train[0])
@@ -90,14 +90,13 @@ def test_unknown_column_mapping_is_a_config_error(tmp_path):
 
 @needs_shared
 def test_sharegpt_multi_turn_real_data(tmp_path):
-    from fttool import model as model_lib
 
     path = SHARED_DATA / "sharegpt" / "fastchat_dummy_conversation.json"
     prepared, spec = build([f"model.name_or_path={PHI3}", "data=chat", "data.format=sharegpt", f"data.path={path}",
                             "data.max_length=4096"], tmp_path)
     rows = json.loads(path.read_text())
     assert prepared.stats.samples == len(rows) == 500
-    tok = model_lib.load_tokenizer(spec)
+    tok = load_tokenizer(spec)
     end = tok.convert_tokens_to_ids("<|end|>")
     for i in (0, 7, 123):  # every gpt turn is trained, each closed by <|end|>
         row = prepared.train[i]
@@ -109,14 +108,13 @@ def test_sharegpt_multi_turn_real_data(tmp_path):
 @needs_shared
 def test_tool_calls_real_data(tmp_path):
     """glaive: function_call turns are trained as assistant output, observations are not; tools reach the prompt."""
-    from fttool import model as model_lib
 
     path = SHARED_DATA / "sharegpt" / "llamafactory_glaive_toolcall_en_demo.json"
     prepared, spec = build([f"model.name_or_path={PHI3}", "data=chat", "data.format=sharegpt", f"data.path={path}",
                             "data.max_length=4096", "data.template=chatml", "data.allow_template_change=true"], tmp_path)
     st = prepared.stats  # one conversation of 11.6k tokens keeps no reply within 4096 tokens: dropped, and counted
     assert (st.samples, st.truncated, st.dropped_no_trained_tokens) == (299, 1, 1) and st.tools_in_system > 0
-    tok = model_lib.load_tokenizer(spec)
+    tok = load_tokenizer(spec)
     rows = json.loads(path.read_text())
     i = next(k for k, r in enumerate(rows) if any(m["from"] == "function_call" for m in r["conversations"]))
     text = trained_text(tok, prepared.train[i]).replace(" ", "")
@@ -136,14 +134,13 @@ def test_template_that_drops_a_role_is_refused(tmp_path):
 
 @needs_shared
 def test_preference_pairs_real_data(tmp_path):
-    from fttool import model as model_lib
 
     path = SHARED_DATA / "preference" / "llamafactory_dpo_en_demo.json"
     prepared, spec = build([f"model.name_or_path={PHI3}", "data=chat", "data.format=preference", f"data.path={path}",
                             "data.columns={prompt: conversations, role: from, content: value}", "data.max_length=8192"], tmp_path)
     assert prepared.stats.samples == 300
     rows = json.loads(path.read_text())
-    tok = model_lib.load_tokenizer(spec)
+    tok = load_tokenizer(spec)
     text = trained_text(tok, prepared.train[0]).replace(" ", "")
     assert rows[0]["chosen"]["value"].replace(" ", "").replace("\n", "")[:40] in text.replace("\n", "")
     assert rows[0]["rejected"]["value"].replace(" ", "")[:40] not in text
@@ -151,11 +148,10 @@ def test_preference_pairs_real_data(tmp_path):
 
 @needs_shared
 def test_literal_braces_stay_literal(tmp_path):
-    from fttool import model as model_lib
 
     path = SHARED_DATA / "alpaca" / "llamafactory_identity.json"
     prepared, spec = build([f"model.name_or_path={PHI3}", "data=alpaca", f"data.path={path}"], tmp_path)
-    tok = model_lib.load_tokenizer(spec)
+    tok = load_tokenizer(spec)
     assert prepared.stats.samples == 91
     assert "{{name}}" in tok.decode(prepared.train[0]["input_ids"])
 
@@ -187,12 +183,11 @@ def test_tokenizer_without_template_needs_one(tmp_path):
 @pytest.mark.parametrize("name", ["chatml", "llama-3", "mistral", "alpaca", "phi-3", "gemma", "zephyr"])
 def test_named_templates_close_every_reply(name, tmp_path):
     """Each shipped template renders system/user/assistant/tool and ends every reply with a token that is trained."""
-    from fttool import model as model_lib
     from fttool.data.templates import NAMED
     from fttool.data.tokenize import Encoder
 
     spec = make_spec([f"data.template={name}", "data.allow_template_change=true"], tmp_path)
-    tok = model_lib.load_tokenizer(spec)
+    tok = load_tokenizer(spec)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse: a b"},
             {"role": "assistant", "content": "b a"}, {"role": "tool", "content": "ok"},
             {"role": "user", "content": "Reverse: c d"}, {"role": "assistant", "content": "d c"}]
@@ -231,10 +226,9 @@ def test_parquet_csv_folder_and_glob_read_the_same_rows(tmp_path):
 
 def test_csv_keeps_numbers_as_text(tmp_path):
     (tmp_path / "d.csv").write_text("instruction,input,output\nWhat is 6*7?,,042\n")
-    from fttool import model as model_lib
 
     prepared, spec = build(["data=alpaca", f"data.path={tmp_path / 'd.csv'}"], tmp_path)
-    assert "042" in trained_text(model_lib.load_tokenizer(spec), prepared.train[0])
+    assert "042" in trained_text(load_tokenizer(spec), prepared.train[0])
 
 
 def test_mixture_with_weights(tmp_path):

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from conftest import FAST, SHARED_DATA, make_spec, run_cli, train_run
+from fttool.data.tokenizer import load_tokenizer
 from fttool import metrics, report
 from fttool.errors import UserError
 
@@ -64,7 +65,7 @@ def test_perplexity_is_the_loss_on_the_trained_reply_tokens(tmp_path):
     from fttool import data, evaluate, model as model_lib
 
     spec = make_spec(["+recipe=tiny_cpu"], tmp_path)
-    tok = model_lib.load_tokenizer(spec)
+    tok = load_tokenizer(spec)
     data.training_template(spec, tok)
     model = model_lib.load_base(spec, "fp32")
     ex = {"loc": "x:1", "example": {"kind": "chat", "tools": None, "messages": [
@@ -357,7 +358,7 @@ def test_generate_stops_at_end_of_turn(trained, tmp_path):
     from fttool.evaluate import generate
 
     spec = rundir.load_spec(trained)
-    tok = model_lib.load_tokenizer(spec)
+    tok = load_tokenizer(spec)
     data.training_template(spec, tok)
     model = model_lib.load_trained(spec, "fp32", trained / "final")
     convs = [[{"role": "user", "content": f"Reverse the words: {w}"}] for w in ("ape cat elk pink", "sun fox", "cow bee yak")]
@@ -486,7 +487,7 @@ def test_batched_generation_equals_one_at_a_time(attention, trained, monkeypatch
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", cuda_like_sdpa)
 
     spec = rundir.load_spec(trained)
-    tok = model_lib.load_tokenizer(spec)
+    tok = load_tokenizer(spec)
     data.training_template(spec, tok)
     model = model_lib.load_trained(spec, "fp32", trained / "final")
     convs = [[{"role": "user", "content": f"Reverse the words: {w}"}] for w in

@@ -1,6 +1,5 @@
 """The non-finite guard: a NaN/inf loss or gradient norm stops the run at that step, before its update; NaN is shown
 as NaN; nothing is written from poisoned weights; the last checkpoint stays resumable; a tolerance skips and counts."""
-import json
 import math
 
 import pytest

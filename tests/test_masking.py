@@ -6,6 +6,7 @@ folder is absent), single- and multi-turn, with and without a system message.
 import re
 
 import pytest
+from fttool.data.tokenizer import load_tokenizer
 
 from conftest import SHARED_DATA, make_spec
 from template_cases import trained_runs
@@ -124,11 +125,11 @@ def test_train_on_inputs_trains_every_token(phi3, tmp_path):
 
 def test_padding_is_never_trained(tmp_path):
     """Padded batches label every pad position -100."""
-    from fttool import data, model as model_lib
+    from fttool import data
     from fttool.data import pack
 
     spec = make_spec(["data.max_samples=8"], tmp_path)
-    tok = model_lib.load_tokenizer(spec)
+    tok = load_tokenizer(spec)
     ds = data.build(spec, tok).train.select_columns(["input_ids", "labels"])
     batch = pack.collator("none", tok)([ds[i] for i in range(8)])
     pads = batch["attention_mask"] == 0

@@ -1,5 +1,6 @@
 """Packing: the packed loss equals the unpacked loss on the same samples, and the KV cache stays off."""
 import pytest
+from fttool.data.tokenizer import load_tokenizer
 import torch
 
 from conftest import FAST, make_spec, train_run
@@ -13,7 +14,7 @@ def setup(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("pack")
     spec = make_spec([f"data.max_samples={N}", "method=full"], tmp)
-    tok = model_lib.load_tokenizer(spec)
+    tok = load_tokenizer(spec)
     ds = data.build(spec, tok).train.select_columns(["input_ids", "labels"])
     model, _ = model_lib.load_model(spec)
     model.eval()

@@ -75,8 +75,8 @@ def run(verb: str, spec, samples: Optional[int] = None, out: TextIO = sys.stdout
 def _dump(spec, samples: Optional[int], output: str, out: TextIO) -> None:
     """`fttool preview ... output=FILE.jsonl`: the machine-readable mask of every row (see data.mask_dump)."""
     from fttool import data
-    from fttool.model import load_tokenizer
-    from fttool.train import quiet_libraries
+    from fttool.data.tokenizer import load_tokenizer
+    from fttool.logs import quiet_libraries
 
     quiet_libraries()
     counts = data.mask_dump(spec, load_tokenizer(spec), output, samples)
@@ -87,8 +87,8 @@ def _dump(spec, samples: Optional[int], output: str, out: TextIO) -> None:
 
 def _run(verb: str, spec, samples: int, out: TextIO) -> None:
     from fttool import data
-    from fttool.model import load_tokenizer
-    from fttool.train import quiet_libraries
+    from fttool.data.tokenizer import load_tokenizer
+    from fttool.logs import quiet_libraries
 
     quiet_libraries()
     tok = load_tokenizer(spec)
