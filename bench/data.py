@@ -7,6 +7,7 @@ Every figure is measured in this run, and the packing figures are ratios against
 the same run on the same model and samples. Runs through fttool's own code: compose + validate the spec, build
 the data (format, template, masks, cache), train with the Trainer.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ PHI3 = SHARED / "tokenizers" / "phi-3-mini"
 
 
 def spec_for(overrides, out: Path):
-    from fttool import compose, registry, validation
+    from fttool.config import compose, registry, validation
 
     registry.register()
     ovs = [f"output_dir={out}"] + list(overrides)
@@ -39,9 +40,18 @@ def small_model(folder: Path) -> Path:
 
     tok = AutoTokenizer.from_pretrained(str(PHI3))
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     return folder
@@ -51,8 +61,13 @@ def preprocessing(model_dir: Path, work: Path, rows: int):
     from fttool import data
     from fttool.data.tokenizer import load_tokenizer
 
-    base = [f"model.name_or_path={model_dir}", "data=alpaca", f"data.path={GSM8K}", "data.max_length=1024",
-            f"data.max_samples={rows}"]
+    base = [
+        f"model.name_or_path={model_dir}",
+        "data=alpaca",
+        f"data.path={GSM8K}",
+        "data.max_length=1024",
+        f"data.max_samples={rows}",
+    ]
     results = {}
     for nproc in (1, 2):
         spec = spec_for(base + [f"data.num_proc={nproc}", f"data.cache_dir={work / f'cache{nproc}'}"], work)
@@ -65,16 +80,31 @@ def preprocessing(model_dir: Path, work: Path, rows: int):
 
 
 def training(model_dir: Path, work: Path, samples: int, batch: int):
-    from fttool import rundir
-    from fttool.train import train
+    from fttool.launch import rundir
+    from fttool.worker.train import train
 
     out = {}
     for packing in ("none", "padding_free", "bins"):
-        spec = spec_for([f"model.name_or_path={model_dir}", "data=alpaca", f"data.path={GSM8K}", "data.max_length=512",
-                         f"data.max_samples={samples}", f"data.packing={packing}", "method=full", "train.epochs=1",
-                         f"train.batch_size={batch}", "train.grad_accum=1", "train.logging_steps=1000",
-                         "train.save_steps=100000", "eval.samples=0", f"data.cache_dir={work / 'cache-train'}",
-                         f"run_name=bench-{packing}"], work / "runs")
+        spec = spec_for(
+            [
+                f"model.name_or_path={model_dir}",
+                "data=alpaca",
+                f"data.path={GSM8K}",
+                "data.max_length=512",
+                f"data.max_samples={samples}",
+                f"data.packing={packing}",
+                "method=full",
+                "train.epochs=1",
+                f"train.batch_size={batch}",
+                "train.grad_accum=1",
+                "train.logging_steps=1000",
+                "train.save_steps=100000",
+                "eval.samples=0",
+                f"data.cache_dir={work / 'cache-train'}",
+                f"run_name=bench-{packing}",
+            ],
+            work / "runs",
+        )
         run_dir, _ = rundir.prepare(spec, ["bench/data.py"], {})
         summary = train(run_dir)
         out[packing] = (summary["runtime_s"], summary["data"]["trained_tokens"], summary["steps"])
@@ -109,20 +139,34 @@ def main() -> None:
 
     st = pre[1][2]
     print(f"\n== preprocessing: {st.rows:,} GSM8K rows (alpaca), phi-3-mini tokenizer, {os.cpu_count()} cores ==")
-    print(f"samples {st.samples:,}, tokens {st.tokens:,}, trained {100 * st.trained_tokens / st.tokens:.1f}%, "
-          f"truncated {st.truncated}, dropped {st.dropped()}")
+    print(
+        f"samples {st.samples:,}, tokens {st.tokens:,}, trained {100 * st.trained_tokens / st.tokens:.1f}%, "
+        f"truncated {st.truncated}, dropped {st.dropped()}"
+    )
     for nproc, (cold, hit, _) in pre.items():
-        print(f"num_proc={nproc}: tokenize + cache {cold:6.2f} s ({st.rows / cold:8,.0f} rows/s); cache hit {hit * 1000:6.1f} ms "
-              f"({cold / hit:,.0f}x faster)")
-    print(f"\n== training: {args.train_samples} samples, 1 epoch, batch {args.batch}, 2-layer Llama (hidden 128, vocab 32k), "
-          f"full fine-tune, {train_wall:.0f} s in all ==")
+        print(
+            f"num_proc={nproc}: tokenize + cache {cold:6.2f} s ({st.rows / cold:8,.0f} rows/s); cache hit {hit * 1000:6.1f} ms "
+            f"({cold / hit:,.0f}x faster)"
+        )
+    print(
+        f"\n== training: {args.train_samples} samples, 1 epoch, batch {args.batch}, 2-layer Llama (hidden 128, vocab 32k), "
+        f"full fine-tune, {train_wall:.0f} s in all =="
+    )
     base_time, trained, _ = tr["none"]
     for packing, (secs, tokens, steps) in tr.items():
         rate = tokens / secs
-        print(f"packing={packing:<13} {steps:4d} steps {secs:7.2f} s  {rate:9,.0f} trained tokens/s  "
-              f"ratio vs padded {base_time / secs:5.2f}x")
-    print(json.dumps({"preprocess": {str(k): {"cold_s": v[0], "hit_s": v[1]} for k, v in pre.items()},
-                      "train": {k: {"seconds": v[0], "trained_tokens": v[1], "steps": v[2]} for k, v in tr.items()}}))
+        print(
+            f"packing={packing:<13} {steps:4d} steps {secs:7.2f} s  {rate:9,.0f} trained tokens/s  "
+            f"ratio vs padded {base_time / secs:5.2f}x"
+        )
+    print(
+        json.dumps(
+            {
+                "preprocess": {str(k): {"cold_s": v[0], "hit_s": v[1]} for k, v in pre.items()},
+                "train": {k: {"seconds": v[0], "trained_tokens": v[1], "steps": v[2]} for k, v in tr.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

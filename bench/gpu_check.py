@@ -17,6 +17,7 @@ on a machine without CUDA it says so and exits 0.
 
 `--cpu-dry-run` runs the same flow on the CPU with a tiny model and a few steps, to check the script itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,17 @@ SHARED = ROOT.parent / "shared" / "data"
 GSM8K = SHARED / "alpaca" / "alpacadatacleaned_gsm_8k_train.json"
 PHI3 = SHARED / "tokenizers" / "phi-3-mini"
 # ~1.1B parameters, Llama-3.2-1B-like (hidden 2048, 16 layers, GQA 32/8)
-GPU_SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8)
-CPU_SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+GPU_SHAPE = dict(
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
+)
+CPU_SHAPE = dict(
+    hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
 LR = {"lora": 1e-3, "qlora": 1e-3, "full": 5e-5}
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def sdpa_probe(device: str) -> str:
@@ -63,8 +70,13 @@ def arithmetic_rows(n: int):
     for _ in range(n):
         a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 9)
         q = f"Tom has {a} apples and buys {c} bags of {b} apples each. How many apples does he have now?"
-        rows.append({"instruction": q, "input": "", "output": f"He buys {c} * {b} = {c * b} apples. {a} + {c * b} = "
-                                                                   f"{a + c * b}. #### {a + c * b}"})
+        rows.append(
+            {
+                "instruction": q,
+                "input": "",
+                "output": f"He buys {c} * {b} = {c * b} apples. {a} + {c * b} = {a + c * b}. #### {a + c * b}",
+            }
+        )
     return rows
 
 
@@ -87,9 +99,18 @@ def tokenizer(work: Path):
     texts = [" ".join(r.values()) for r in json.loads(data_file(work).read_text())]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4000, special_tokens=["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", padding_side="left")
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(vocab_size=4000, special_tokens=["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+    )
     fast.chat_template = CHATML
     return fast, "a BPE one made here (no ../shared/data)"
 
@@ -99,9 +120,16 @@ def build_model(work: Path, device: str, shape: dict):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok, where = tokenizer(work)
-    cfg = LlamaConfig(vocab_size=-(-len(tok) // 64) * 64, max_position_embeddings=4096, tie_word_embeddings=False,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      dtype="bfloat16" if device == "cuda" else "float32", **shape)
+    cfg = LlamaConfig(
+        vocab_size=-(-len(tok) // 64) * 64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        dtype="bfloat16" if device == "cuda" else "float32",
+        **shape,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16 if device == "cuda" else torch.float32)
@@ -118,29 +146,62 @@ def build_model(work: Path, device: str, shape: dict):
 def train_run(work: Path, model: Path, data: Path, method: str, packing: str, args) -> dict:
     name = f"{method}-{'padded' if packing == 'none' else packing}"
     hw = ["hardware=single_gpu", "hardware.precision=bf16"] if args.device == "cuda" else ["hardware=cpu"]
-    cmd = [sys.executable, "-m", "fttool", f"model.name_or_path={model}", "data=alpaca", f"data.path={data}",
-           f"data.max_samples={args.steps * args.batch}", "data.max_length=512", "data.val_ratio=0", "data.test_ratio=0",
-           f"method={method}", f"data.packing={packing}", *hw, f"train.max_steps={args.steps}",
-           f"train.batch_size={args.batch}", "train.grad_accum=1", "train.logging_steps=1", "train.save_steps=100000",
-           f"train.lr={LR[method]}", "train.warmup_ratio=0.1", "eval.after_training=false",
-           f"data.cache_dir={work / 'cache'}", f"output_dir={work / 'runs'}", f"run_name={name}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fttool",
+        f"model.name_or_path={model}",
+        "data=alpaca",
+        f"data.path={data}",
+        f"data.max_samples={args.steps * args.batch}",
+        "data.max_length=512",
+        "data.val_ratio=0",
+        "data.test_ratio=0",
+        f"method={method}",
+        f"data.packing={packing}",
+        *hw,
+        f"train.max_steps={args.steps}",
+        f"train.batch_size={args.batch}",
+        "train.grad_accum=1",
+        "train.logging_steps=1",
+        "train.save_steps=100000",
+        f"train.lr={LR[method]}",
+        "train.warmup_ratio=0.1",
+        "eval.after_training=false",
+        f"data.cache_dir={work / 'cache'}",
+        f"output_dir={work / 'runs'}",
+        f"run_name={name}",
+    ]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
     run_dir = work / "runs" / name
     (work / f"{name}.log").write_text(r.stdout + r.stderr)
-    out = {"name": name, "method": method, "packing": packing, "rc": r.returncode, "wall_s": time.time() - t0,
-           "run_dir": run_dir, "problems": []}
+    out = {
+        "name": name,
+        "method": method,
+        "packing": packing,
+        "rc": r.returncode,
+        "wall_s": time.time() - t0,
+        "run_dir": run_dir,
+        "problems": [],
+    }
     if r.returncode != 0:
         out["problems"].append(f"exit {r.returncode}: " + (r.stderr.strip().splitlines() or ["?"])[-1][:300])
         return out
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rows = [x for x in rows if "loss" in x]
     result = json.loads((run_dir / "result.json").read_text())
     losses, norms = [x["loss"] for x in rows], [x.get("grad_norm") for x in rows]
     k = max(1, min(5, len(losses) // 3))
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    out.update(first=first, last=last, max_norm=max((n for n in norms if n is not None), default=float("nan")),
-               peak=result.get("peak_memory", {}), tokens_per_s=result.get("tokens_per_s"), steps=result["steps"])
+    out.update(
+        first=first,
+        last=last,
+        max_norm=max((n for n in norms if n is not None), default=float("nan")),
+        peak=result.get("peak_memory", {}),
+        tokens_per_s=result.get("tokens_per_s"),
+        steps=result["steps"],
+    )
     if not all(math.isfinite(x) for x in losses):
         out["problems"].append("non-finite loss")
     if not all(n is not None and math.isfinite(n) for n in norms):
@@ -158,16 +219,16 @@ def prefill_logits(model, tok, convs, repaired: bool = True):
 
     import torch
 
-    from fttool.attention import no_fully_masked_rows
+    from fttool.after.attention import no_fully_masked_rows
+    from fttool.after.evaluate import left_padded
     from fttool.data import pack, prompt_ids
-    from fttool.evaluate import left_padded
 
     prompts = [prompt_ids(tok, c) for c in convs]
     ids, mask = left_padded(prompts, pack.pad_id(tok), next(model.parameters()).device)
     width = ids.shape[1]
-    with torch.no_grad(), (no_fully_masked_rows() if repaired else nullcontext()):
+    with torch.no_grad(), no_fully_masked_rows() if repaired else nullcontext():
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-    return [logits[i, width - len(p):] for i, p in enumerate(prompts)]
+    return [logits[i, width - len(p) :] for i, p in enumerate(prompts)]
 
 
 def export_and_generate(work: Path, run_dir: Path, data: Path, device: str):
@@ -176,14 +237,18 @@ def export_and_generate(work: Path, run_dir: Path, data: Path, device: str):
     Replies of a barely trained random model can part at a near-tie of two tokens (batched matmuls round
     differently), so their equality is reported; the logits are what must agree."""
     export = work / "export"
-    r = subprocess.run([sys.executable, "-m", "fttool", "export", f"run={run_dir}", f"output={export}", "dtype=bfloat16"],
-                       capture_output=True, text=True, cwd=work)
+    r = subprocess.run(
+        [sys.executable, "-m", "fttool", "export", f"run={run_dir}", f"output={export}", "dtype=bfloat16"],
+        capture_output=True,
+        text=True,
+        cwd=work,
+    )
     if r.returncode != 0:
         return [f"export exit {r.returncode}: " + (r.stderr.strip().splitlines() or ["?"])[-1][:300]], None, ""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fttool.evaluate import generate
+    from fttool.after.evaluate import generate
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(export), dtype=dtype).to(device)
@@ -199,14 +264,21 @@ def export_and_generate(work: Path, run_dir: Path, data: Path, device: str):
     if not all(torch.isfinite(b).all() for b in batched):
         problems.append("non-finite logits in a left-padded batch")
     elif diff > tol:
-        problems.append(f"left-padded batch logits differ from one prompt at a time by {diff:.3g} (tolerance {tol:.3g})")
-    plain_state = ("NaN" if not all(torch.isfinite(b).all() for b in plain) else
-                   f"max difference {max(float((b - s).abs().max()) for b, s in zip(plain, single)):.3g}")
+        problems.append(
+            f"left-padded batch logits differ from one prompt at a time by {diff:.3g} (tolerance {tol:.3g})"
+        )
+    plain_state = (
+        "NaN"
+        if not all(torch.isfinite(b).all() for b in plain)
+        else f"max difference {max(float((b - s).abs().max()) for b, s in zip(plain, single)):.3g}"
+    )
     replies_b = generate(model, tok, convs, max_new_tokens=24, batch_size=len(convs))
     replies_1 = [generate(model, tok, [c], max_new_tokens=24, batch_size=1)[0] for c in convs]
     same = sum(a == b for a, b in zip(replies_b, replies_1))
-    info = (f"prompt logits, batch vs one at a time: max difference {diff:.3g} (tolerance {tol:.3g}); without fttool's "
-            f"mask repair: {plain_state}; greedy replies identical: {same} of {len(convs)}")
+    info = (
+        f"prompt logits, batch vs one at a time: max difference {diff:.3g} (tolerance {tol:.3g}); without fttool's "
+        f"mask repair: {plain_state}; greedy replies identical: {same} of {len(convs)}"
+    )
     return problems, tok.padding_side, info
 
 
@@ -216,8 +288,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     ap.add_argument("--batch", type=int, default=8, help="micro-batch")
     ap.add_argument("--cpu-dry-run", action="store_true", help="the same flow on the CPU with a tiny model")
-    ap.add_argument("--runs", default="", help="only these runs, comma-separated (e.g. qlora-padded,lora-padding_free); "
-                                               "default: all six")
+    ap.add_argument(
+        "--runs",
+        default="",
+        help="only these runs, comma-separated (e.g. qlora-padded,lora-padding_free); default: all six",
+    )
     args = ap.parse_args()
     import torch
 
@@ -227,8 +302,10 @@ def main() -> int:
     elif torch.cuda.is_available():
         args.device, shape = "cuda", GPU_SHAPE
     else:
-        print(f"gpu_check: torch {torch.__version__} sees no CUDA GPU here: nothing to check. Run it on a machine with "
-              "one (or --cpu-dry-run to try the script itself).")
+        print(
+            f"gpu_check: torch {torch.__version__} sees no CUDA GPU here: nothing to check. Run it on a machine with "
+            "one (or --cpu-dry-run to try the script itself)."
+        )
         return 0
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     sys.path.insert(0, str(ROOT))
@@ -237,14 +314,20 @@ def main() -> int:
     t0 = time.time()
     try:
         device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (dry run)"
-        print(f"gpu_check: {device_name}, torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if args.device == "cuda" else ""))
+        print(
+            f"gpu_check: {device_name}, torch {torch.__version__}"
+            + (f", CUDA {torch.version.cuda}" if args.device == "cuda" else "")
+        )
         print(f"  SDPA on a fully masked query row: {sdpa_probe(args.device)}")
         data = data_file(work)
         model, params, tok_from, side = build_model(work, args.device, shape)
-        print(f"  model: random Llama, {params / 1e9:.2f}B parameters; tokenizer: {tok_from} (padding_side {side}); "
-              f"data: {data.name}; {args.steps} steps x batch {args.batch}, bf16" if args.device == "cuda" else
-              f"  model: random Llama, {params / 1e6:.1f}M parameters; tokenizer: {tok_from} (padding_side {side}); "
-              f"data: {data.name}; {args.steps} steps x batch {args.batch}, fp32")
+        print(
+            f"  model: random Llama, {params / 1e9:.2f}B parameters; tokenizer: {tok_from} (padding_side {side}); "
+            f"data: {data.name}; {args.steps} steps x batch {args.batch}, bf16"
+            if args.device == "cuda"
+            else f"  model: random Llama, {params / 1e6:.1f}M parameters; tokenizer: {tok_from} (padding_side {side}); "
+            f"data: {data.name}; {args.steps} steps x batch {args.batch}, fp32"
+        )
         runs = []
         chosen = {r for r in args.runs.split(",") if r}
         for method in ("lora", "qlora", "full"):
@@ -253,13 +336,20 @@ def main() -> int:
                     continue
                 run = train_run(work, model, data, method, packing, args)
                 runs.append(run)
-                print(f"  {run['name']:<18} {'ok' if not run['problems'] else 'FAIL: ' + '; '.join(run['problems'])} "
-                      f"({run['wall_s']:.0f} s)", flush=True)
+                print(
+                    f"  {run['name']:<18} {'ok' if not run['problems'] else 'FAIL: ' + '; '.join(run['problems'])} "
+                    f"({run['wall_s']:.0f} s)",
+                    flush=True,
+                )
         qlora = next((r for r in runs if r["name"] == "qlora-padded"), None)
-        gen_problems, export_side, gen_info = (export_and_generate(work, qlora["run_dir"], data, args.device)
-                                               if qlora and qlora["rc"] == 0 else
-                                               (["no successful qlora-padded run to export"], None, ""))
-        print("\n| run | loss first -> last | max grad norm | peak GPU alloc / reserved GiB | peak RSS GiB | tokens/s | check |")
+        gen_problems, export_side, gen_info = (
+            export_and_generate(work, qlora["run_dir"], data, args.device)
+            if qlora and qlora["rc"] == 0
+            else (["no successful qlora-padded run to export"], None, "")
+        )
+        print(
+            "\n| run | loss first -> last | max grad norm | peak GPU alloc / reserved GiB | peak RSS GiB | tokens/s | check |"
+        )
         print("|---|---|---:|---|---:|---:|---|")
         for r in runs:
             if r["rc"] != 0:
@@ -267,14 +357,21 @@ def main() -> int:
                 continue
             p = r["peak"]
             gpu = f"{p['gpu_alloc_gib']:.2f} / {p['gpu_reserved_gib']:.2f}" if "gpu_alloc_gib" in p else "n/a"
-            print(f"| {r['name']} | {r['first']:.3f} -> {r['last']:.3f} | {r['max_norm']:.3g} | {gpu} | "
-                  f"{p.get('peak_rss_gib', float('nan')):.2f} | {r['tokens_per_s'] or 0:,.0f} | "
-                  f"{'ok' if not r['problems'] else 'FAIL: ' + '; '.join(r['problems'])} |")
-        print(f"\nexport of qlora-padded, reloaded with AutoModelForCausalLM (tokenizer padding_side {export_side}): "
-              + ("ok" if not gen_problems else "FAIL: " + "; ".join(gen_problems)) + (f"\n  {gen_info}" if gen_info else ""))
+            print(
+                f"| {r['name']} | {r['first']:.3f} -> {r['last']:.3f} | {r['max_norm']:.3g} | {gpu} | "
+                f"{p.get('peak_rss_gib', float('nan')):.2f} | {r['tokens_per_s'] or 0:,.0f} | "
+                f"{'ok' if not r['problems'] else 'FAIL: ' + '; '.join(r['problems'])} |"
+            )
+        print(
+            f"\nexport of qlora-padded, reloaded with AutoModelForCausalLM (tokenizer padding_side {export_side}): "
+            + ("ok" if not gen_problems else "FAIL: " + "; ".join(gen_problems))
+            + (f"\n  {gen_info}" if gen_info else "")
+        )
         failed = [r["name"] for r in runs if r["problems"]] + (["export/generate"] if gen_problems else [])
-        print(f"\ngpu_check: {'PASS' if not failed else 'FAIL (' + ', '.join(failed) + ')'} in {time.time() - t0:.0f} s"
-              + (f"; logs in {work}" if args.out else ""))
+        print(
+            f"\ngpu_check: {'PASS' if not failed else 'FAIL (' + ', '.join(failed) + ')'} in {time.time() - t0:.0f} s"
+            + (f"; logs in {work}" if args.out else "")
+        )
         return 1 if failed else 0
     finally:
         if not args.out:

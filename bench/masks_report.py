@@ -6,6 +6,7 @@ Runs the cases of tests/test_templates_real.py (reference in tests/template_case
 template: "ok" per class trained exactly right, "refused: why" where the template cannot render the conversation
 (fttool then refuses the row with that reason), "WRONG: what" where the mask differs from the reference.
 """
+
 import sys
 import tempfile
 from pathlib import Path

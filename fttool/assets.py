@@ -1,4 +1,5 @@
 """Files bundled with fttool (the tiny demo model and demo data), addressed as `fttool:NAME`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,7 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 def resolve(path: str) -> str:
     """`fttool:tiny-chat` -> the bundled folder; any other path or hub id is returned unchanged."""
     if isinstance(path, str) and path.startswith(PREFIX):
-        return str(ASSETS_DIR / path[len(PREFIX):])
+        return str(ASSETS_DIR / path[len(PREFIX) :])
     return path
 
 

@@ -1,4 +1,5 @@
 """`fttool [VERB] [overrides...]`: the command line. Imports nothing heavy until a run trains."""
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ VERBS = {
     "preview": "show N tokenized samples with the trained tokens marked, and data statistics (--samples N, default 3)",
     "preprocess": "tokenize the data into the cache without training, and print its statistics",
 }
-RUN_VERBS = ("eval", "export", "generate", "chat")  # work on a run folder: fttool/verbs.py
+RUN_VERBS = ("eval", "export", "generate", "chat")  # work on a run folder: fttool/after/verbs.py
 HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--version"}
 HYDRA_PRINT_FLAGS = {"--cfg", "-c"}
 MULTIRUN_FLAGS = {"-m", "--multirun"}
@@ -48,7 +49,9 @@ def split_verb(argv: List[str]):
     if argv and (argv[0] in VERBS or argv[0] in RUN_VERBS):
         return argv[0], argv[1:]
     if argv and not argv[0].startswith("-") and "=" not in argv[0] and not argv[0].startswith(("+", "~")):
-        raise UserError(f"unknown verb '{argv[0]}'.{suggestion(argv[0], [*VERBS, *RUN_VERBS])} Verbs: {', '.join([*VERBS, *RUN_VERBS])}; overrides look like key=value.")
+        raise UserError(
+            f"unknown verb '{argv[0]}'.{suggestion(argv[0], [*VERBS, *RUN_VERBS])} Verbs: {', '.join([*VERBS, *RUN_VERBS])}; overrides look like key=value."
+        )
     return "train", argv
 
 
@@ -75,8 +78,10 @@ def pop_samples(argv: List[str]):
             continue
         if flag == "--output":
             if not value or not value.endswith(".jsonl"):
-                raise UserError(f"output={value}: the mask dump is JSON lines; name a file ending in .jsonl "
-                                "(fttool preview ... output=masks.jsonl).")
+                raise UserError(
+                    f"output={value}: the mask dump is JSON lines; name a file ending in .jsonl "
+                    "(fttool preview ... output=masks.jsonl)."
+                )
             output = value
             continue
         out.append(a)
@@ -90,7 +95,17 @@ def _overrides(argv: List[str]) -> List[str]:
         if skip:
             skip = False
             continue
-        if a in HYDRA_PRINT_FLAGS or a in ("--package", "-p", "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--experimental-rerun"):
+        if a in HYDRA_PRINT_FLAGS or a in (
+            "--package",
+            "-p",
+            "--config-name",
+            "-cn",
+            "--config-path",
+            "-cp",
+            "--config-dir",
+            "-cd",
+            "--experimental-rerun",
+        ):
             skip = True  # these flags take a value
             continue
         if a.startswith("-"):
@@ -120,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         verb, rest = split_verb(argv)
         if verb in RUN_VERBS:
-            from fttool import verbs
+            from fttool.after import verbs
 
             try:
                 return verbs.main(verb, rest)
@@ -128,9 +143,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                 fail(f"{verb} interrupted; nothing was left half-written.", 130)
         rest, samples, output = pop_samples(rest)
         if (samples is not None or output is not None) and verb != "preview":
-            raise UserError("--samples and output= belong to the preview verb: fttool preview [overrides] --samples N "
-                            "[output=FILE.jsonl].")
-        from fttool import registry
+            raise UserError(
+                "--samples and output= belong to the preview verb: fttool preview [overrides] --samples N "
+                "[output=FILE.jsonl]."
+            )
+        from fttool.config import registry
 
         try:
             registry.register()
@@ -140,15 +157,19 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise UserError(f"could not read a recipe file: {e}".replace("\n", " "))
         info_only = any(a in HYDRA_INFO_FLAGS for a in rest)
         if info_only and any(a in ("--help", "-h") for a in rest):
-            from fttool.verbs import VERBS as RUN
+            from fttool.after.verbs import VERBS as RUN
 
-            print(USAGE.format(verbs="\n".join(f"  {k:<11}{v}" for k, v in VERBS.items()),
-                               run_verbs="\n".join(f"  {k:<11}{v.about}" for k, v in RUN.items())))
+            print(
+                USAGE.format(
+                    verbs="\n".join(f"  {k:<11}{v}" for k, v in VERBS.items()),
+                    run_verbs="\n".join(f"  {k:<11}{v.about}" for k, v in RUN.items()),
+                )
+            )
         overrides = _overrides(rest)
         multirun = any(a in MULTIRUN_FLAGS for a in rest)
         checked = []
         if not info_only:
-            from fttool.compose import precheck
+            from fttool.config.compose import precheck
 
             checked = precheck(overrides, multirun=multirun)  # composed and validated here, once
             if multirun and verb == "train":
@@ -157,16 +178,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         fail(str(e), e.exit_code)
     argv = [_prog()] + argv
     if not info_only and not multirun and not _needs_hydra(rest, overrides):
-        from fttool.run import run_checked
+        from fttool.launch.run import run_checked
 
         with _ctrl_c(verb):  # one run needs nothing of Hydra's beyond the compose it had
             run_checked(verb, checked[0].spec, checked[0].choices, argv, samples, output)
         return
     _run_hydra(verb, rest, overrides, argv, samples, output, checked)
     if not info_only and multirun and verb == "train":
-        from fttool import sweep
-
-        from fttool.compose import MAX_CHECKED_TRIALS
+        from fttool.config.compose import MAX_CHECKED_TRIALS
+        from fttool.launch import sweep
 
         failed = sweep.failures(sweep_dir, expected=len(checked) if len(checked) < MAX_CHECKED_TRIALS else None)
         if failed:
@@ -175,7 +195,9 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 def _needs_hydra(rest: List[str], overrides: List[str]) -> bool:
     """Hydra's own flags (--cfg, --info ...) or settings (hydra.*, hydra/launcher=...) are Hydra's to carry out."""
-    return any(a.startswith("-") for a in rest) or any(o.lstrip("+~").startswith(("hydra.", "hydra/")) for o in overrides)
+    return any(a.startswith("-") for a in rest) or any(
+        o.lstrip("+~").startswith(("hydra.", "hydra/")) for o in overrides
+    )
 
 
 @contextmanager
@@ -183,8 +205,11 @@ def _ctrl_c(verb: str):
     try:
         yield
     except KeyboardInterrupt:  # tokenizing, loading, training in this process: the run folder is already tidied
-        fail(f"{verb} interrupted (Ctrl-C); nothing was left half-written. A run that had begun keeps its "
-             "checkpoints: continue with resume=auto run_name=NAME.", 130)
+        fail(
+            f"{verb} interrupted (Ctrl-C); nothing was left half-written. A run that had begun keeps its "
+            "checkpoints: continue with resume=auto run_name=NAME.",
+            130,
+        )
 
 
 def _fixed_sweep_dir(rest: List[str], overrides: List[str], spec) -> Tuple[List[str], Path]:
@@ -203,8 +228,10 @@ def _fixed_sweep_dir(rest: List[str], overrides: List[str], spec) -> Tuple[List[
     try:
         resolved = OmegaConf.create({**asdict(spec), "sweep_dir__": value.strip("'\"")}).sweep_dir__
     except OmegaConfBaseException as e:
-        raise UserError(f"hydra.sweep.dir={value}: {str(e).splitlines()[0]}; it may refer to fttool keys "
-                        "(${output_dir}) and ${now:FORMAT} only.")
+        raise UserError(
+            f"hydra.sweep.dir={value}: {str(e).splitlines()[0]}; it may refer to fttool keys "
+            "(${output_dir}) and ${now:FORMAT} only."
+        )
     path = Path(str(resolved)).expanduser().resolve()
     rest = [a for a in rest if not a.startswith("hydra.sweep.dir=")]
     at = next((i for i, a in enumerate(rest) if a in overrides), len(rest))  # argparse wants overrides together
@@ -212,12 +239,19 @@ def _fixed_sweep_dir(rest: List[str], overrides: List[str], spec) -> Tuple[List[
     return rest[:at] + [f"hydra.sweep.dir={quote}{path}{quote}"] + rest[at:], path
 
 
-def _run_hydra(verb: str, rest: List[str], overrides: List[str], argv: List[str], samples: Optional[int],
-               output: Optional[str], checked: list) -> None:
+def _run_hydra(
+    verb: str,
+    rest: List[str],
+    overrides: List[str],
+    argv: List[str],
+    samples: Optional[int],
+    output: Optional[str],
+    checked: list,
+) -> None:
     import hydra
 
-    from fttool import registry
-    from fttool.run import run_task
+    from fttool.config import registry
+    from fttool.launch.run import run_task
 
     @hydra.main(config_path=str(registry.conf_dir()), config_name="config", version_base=None)
     def _app(cfg) -> None:

@@ -1,4 +1,5 @@
 """Errors a person can act on: one message, the key or file:line, the fix. No traceback."""
+
 from __future__ import annotations
 
 import difflib

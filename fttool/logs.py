@@ -1,5 +1,6 @@
 """fttool's log: process 0 to stdout and the run's log file, the other processes warnings only (marked with their
 rank); library chatter off. Used by the worker and by every verb that loads a model."""
+
 from __future__ import annotations
 
 import logging
@@ -8,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from fttool import runfiles
+from fttool.launch import runfiles
 
 log = logging.getLogger("fttool")
 
@@ -38,7 +39,9 @@ def setup_logging(run_dir: Path, main: bool = True, log_file: str = runfiles.LOG
 
 def quiet_libraries() -> None:
     """Library chatter off: fttool prints its own progress."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward" at import: harmless
+    logging.getLogger("bitsandbytes").setLevel(
+        logging.ERROR
+    )  # "Failed to load CPU gemm_4bit_forward" at import: harmless
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
     # DeepSpeed still calls the old collective names; torch warns on every call
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.\w+` is deprecated.*")

@@ -1,8 +1,9 @@
 """Scores of generated replies against references, and what each metric means. Pure Python: no torch.
 
 Generation metrics score one reply against one reference and are averaged over the test split. Perplexity is
-not computed here: it comes from the model's loss on the reference replies (fttool/evaluate.py).
+not computed here: it comes from the model's loss on the reference replies (fttool/after/evaluate.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -116,14 +117,19 @@ def schema_checker(schema: Dict) -> Callable[[str, str], float]:
     return score
 
 
-METRICS: Dict[str, Metric] = {m.name: m for m in (
-    Metric("exact_match", True, "reply equals the reference (surrounding whitespace aside)", exact_match),
-    Metric("token_f1", True, "F1 of shared normalised words (SQuAD)", token_f1),
-    Metric("rouge_l", True, "longest common word subsequence, F-measure", rouge_l),
-    Metric("json_valid", True, "reply parses as JSON (one ``` fence allowed)", json_valid),
-    Metric("json_schema", True, "reply is JSON that satisfies data.json_schema", None),  # scorer built from the schema
-    Metric("perplexity", False, "exp of the mean loss on the reference replies' trained tokens (teacher-forced)"),
-)}
+METRICS: Dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("exact_match", True, "reply equals the reference (surrounding whitespace aside)", exact_match),
+        Metric("token_f1", True, "F1 of shared normalised words (SQuAD)", token_f1),
+        Metric("rouge_l", True, "longest common word subsequence, F-measure", rouge_l),
+        Metric("json_valid", True, "reply parses as JSON (one ``` fence allowed)", json_valid),
+        Metric(
+            "json_schema", True, "reply is JSON that satisfies data.json_schema", None
+        ),  # scorer built from the schema
+        Metric("perplexity", False, "exp of the mean loss on the reference replies' trained tokens (teacher-forced)"),
+    )
+}
 
 
 def load_schema(path: str) -> Dict:

@@ -1,4 +1,5 @@
 """Loss curves as PNG files (matplotlib, headless): one run's training and validation loss, or a sweep's trials."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,13 @@ from typing import List, Optional, Sequence, Tuple
 Series = Tuple[str, Sequence[Tuple[float, float]], str]  # (label, [(step, value)], line style)
 
 
-def loss_curves(series: List[Series], path: Path, title: str, ylabel: str = "loss",
-                marks: Optional[List[Tuple[float, float, str]]] = None) -> bool:
+def loss_curves(
+    series: List[Series],
+    path: Path,
+    title: str,
+    ylabel: str = "loss",
+    marks: Optional[List[Tuple[float, float, str]]] = None,
+) -> bool:
     """Draw every non-empty series into `path`; False (and no file) when there is nothing to draw."""
     series = [s for s in series if s[1]]
     if not series:
@@ -45,5 +51,9 @@ def run_loss_plot(run_dir: Path, metrics: List[dict], best: Optional[Tuple[int, 
     train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     val = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
     marks = [(best[0], best[1], f"best: step {best[0]}")] if best else None
-    return loss_curves([("training loss", train, "-"), ("validation loss", val, "--")], Path(run_dir) / "loss.png",
-                       Path(run_dir).name, marks=marks)
+    return loss_curves(
+        [("training loss", train, "-"), ("validation loss", val, "--")],
+        Path(run_dir) / "loss.png",
+        Path(run_dir).name,
+        marks=marks,
+    )

@@ -44,17 +44,87 @@ SEED = 1234
 
 WORDS = [
     # animals
-    "cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen", "bat", "rat",
-    "ant", "elk", "yak", "eel", "ape", "bear", "wolf", "frog", "fish", "bird",
-    "duck", "goat", "lion", "deer", "crab", "moth", "mole", "seal", "swan", "toad",
+    "cat",
+    "dog",
+    "fox",
+    "owl",
+    "bee",
+    "cow",
+    "pig",
+    "hen",
+    "bat",
+    "rat",
+    "ant",
+    "elk",
+    "yak",
+    "eel",
+    "ape",
+    "bear",
+    "wolf",
+    "frog",
+    "fish",
+    "bird",
+    "duck",
+    "goat",
+    "lion",
+    "deer",
+    "crab",
+    "moth",
+    "mole",
+    "seal",
+    "swan",
+    "toad",
     # nature
-    "sun", "moon", "star", "tree", "leaf", "rock", "sand", "snow", "rain", "wind",
-    "lake", "hill", "sea", "sky", "fire", "ice", "rose", "corn", "seed", "wave",
+    "sun",
+    "moon",
+    "star",
+    "tree",
+    "leaf",
+    "rock",
+    "sand",
+    "snow",
+    "rain",
+    "wind",
+    "lake",
+    "hill",
+    "sea",
+    "sky",
+    "fire",
+    "ice",
+    "rose",
+    "corn",
+    "seed",
+    "wave",
     # things
-    "book", "door", "cup", "pen", "box", "key", "ship", "car", "bell", "lamp",
-    "hat", "shoe", "ring", "coin", "bread", "milk", "cake", "salt", "rope", "drum",
+    "book",
+    "door",
+    "cup",
+    "pen",
+    "box",
+    "key",
+    "ship",
+    "car",
+    "bell",
+    "lamp",
+    "hat",
+    "shoe",
+    "ring",
+    "coin",
+    "bread",
+    "milk",
+    "cake",
+    "salt",
+    "rope",
+    "drum",
     # colours
-    "red", "blue", "green", "gold", "pink", "gray", "black", "white",
+    "red",
+    "blue",
+    "green",
+    "gold",
+    "pink",
+    "gray",
+    "black",
+    "white",
 ]
 assert len(set(WORDS)) == len(WORDS)
 
@@ -79,10 +149,14 @@ def make_dataset(rng: random.Random):
         seen.add(seq)
         prompt = rng.choice(PROMPTS).format(w=" ".join(seq))
         answer = " ".join(reversed(seq))
-        rows.append({"messages": [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": answer},
-        ]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
+        )
     # first N_TEST rows are the test split; sequences are unique -> disjoint
     return rows[N_TEST:], rows[:N_TEST]
 
@@ -111,8 +185,18 @@ She opened the door, picked up the book from the table and walked out into the r
 
 ANIMALS, NATURE, THINGS, COLOURS = WORDS[:30], WORDS[30:50], WORDS[50:70], WORDS[70:]
 VERBS = ["sees", "finds", "likes", "watches", "follows", "carries", "hides", "wants", "holds"]
-PLACES = ["near the lake", "on the hill", "by the sea", "under the tree", "in the snow",
-          "in the rain", "at night", "in the morning", "by the fire", "on the rock"]
+PLACES = [
+    "near the lake",
+    "on the hill",
+    "by the sea",
+    "under the tree",
+    "in the snow",
+    "in the rain",
+    "at night",
+    "in the morning",
+    "by the fire",
+    "on the rock",
+]
 
 
 def generic_sentence(rng: random.Random) -> str:
@@ -121,27 +205,33 @@ def generic_sentence(rng: random.Random) -> str:
         # makes the later instruction fine-tune fast; it never sees a reversal.
         # The newline variants teach that "cat" (line start) and " cat" are the same word.
         items = " ".join(rng.sample(WORDS, rng.randint(3, 5)))
-        return rng.choice([
-            f"Words: {items}. Again: {items}.",
-            f"The list was {items}, and I wrote down {items}.",
-            f"Words: {items}.\n{items}\n",
-            f"List:\n{items}\nAgain: {items}.",
-        ])
+        return rng.choice(
+            [
+                f"Words: {items}. Again: {items}.",
+                f"The list was {items}, and I wrote down {items}.",
+                f"Words: {items}.\n{items}\n",
+                f"List:\n{items}\nAgain: {items}.",
+            ]
+        )
     k = rng.randrange(5)
     if k == 0:
-        return (f"The {rng.choice(COLOURS)} {rng.choice(ANIMALS)} {rng.choice(VERBS)} "
-                f"the {rng.choice(THINGS)} {rng.choice(PLACES)}.")
+        return (
+            f"The {rng.choice(COLOURS)} {rng.choice(ANIMALS)} {rng.choice(VERBS)} "
+            f"the {rng.choice(THINGS)} {rng.choice(PLACES)}."
+        )
     if k == 1:
-        return (f"A {rng.choice(ANIMALS)} and a {rng.choice(ANIMALS)} "
-                f"{rng.choice(['play', 'sleep', 'walk', 'sing', 'wait'])} {rng.choice(PLACES)}.")
+        return (
+            f"A {rng.choice(ANIMALS)} and a {rng.choice(ANIMALS)} "
+            f"{rng.choice(['play', 'sleep', 'walk', 'sing', 'wait'])} {rng.choice(PLACES)}."
+        )
     if k == 2:
         items = rng.sample(WORDS, rng.randint(3, 6))
         return "Words: " + " ".join(items) + "."
     if k == 3:
-        return (f"I have a {rng.choice(COLOURS)} {rng.choice(THINGS)}, a {rng.choice(THINGS)} "
-                f"and a {rng.choice(NATURE)}.")
-    return (f"The {rng.choice(NATURE)} is {rng.choice(COLOURS)} {rng.choice(PLACES)}, "
-            f"said the {rng.choice(ANIMALS)}.")
+        return (
+            f"I have a {rng.choice(COLOURS)} {rng.choice(THINGS)}, a {rng.choice(THINGS)} and a {rng.choice(NATURE)}."
+        )
+    return f"The {rng.choice(NATURE)} is {rng.choice(COLOURS)} {rng.choice(PLACES)}, said the {rng.choice(ANIMALS)}."
 
 
 def make_generic_corpus(rng: random.Random, n_docs: int = 3000) -> list[str]:
@@ -202,6 +292,7 @@ def build_tokenizer(texts: list[str], vocab_size: int):
 # Model + short pretraining
 # --------------------------------------------------------------------------
 
+
 def build_model(tokenizer, hidden_size: int = 128, num_layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -225,8 +316,9 @@ def build_model(tokenizer, hidden_size: int = 128, num_layers: int = 2):
     return LlamaForCausalLM(cfg)
 
 
-def pretrain(model, tokenizer, docs: list[str], steps: int, seq_len: int = 64,
-             batch_size: int = 16, lr: float = 1e-3, log=print):
+def pretrain(
+    model, tokenizer, docs: list[str], steps: int, seq_len: int = 64, batch_size: int = 16, lr: float = 1e-3, log=print
+):
     """Plain next-token LM training on packed generic text (no chat format)."""
     import torch
 
@@ -243,8 +335,8 @@ def pretrain(model, tokenizer, docs: list[str], steps: int, seq_len: int = 64,
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then linear decay
-        opt, lambda s: (s + 1) / warmup if s < warmup
-        else max(0.0, (steps - s) / (steps - warmup)))
+        opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / (steps - warmup))
+    )
     model.train()
     t0 = time.time()
     for step in range(steps):
@@ -263,6 +355,7 @@ def pretrain(model, tokenizer, docs: list[str], steps: int, seq_len: int = 64,
 
 
 # --------------------------------------------------------------------------
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -323,20 +416,23 @@ def main():
 
     # 4. sanity check: reload offline
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok2 = AutoTokenizer.from_pretrained(model_dir)
     model2 = AutoModelForCausalLM.from_pretrained(model_dir)
     msgs = test_rows[0]["messages"][:1]
-    ids = tok2.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
-                                   return_dict=True)
+    ids = tok2.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model2.generate(**ids, max_new_tokens=16, do_sample=False)
     print("sample prompt :", msgs[0]["content"])
-    print("base output   :", repr(tok2.decode(out[0, ids["input_ids"].shape[1]:],
-                                              skip_special_tokens=True)))
+    print("base output   :", repr(tok2.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)))
     probe = "Words: ape cat elk pink. Again:"
     enc = tok2(probe, return_tensors="pt")
     out = model2.generate(**enc, max_new_tokens=5, do_sample=False)
-    print("copy probe    :", repr(probe), "->",
-          repr(tok2.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)))
+    print(
+        "copy probe    :",
+        repr(probe),
+        "->",
+        repr(tok2.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)),
+    )
     size = sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file())
     print(f"saved {model_dir} ({size / 1e6:.2f} MB); total time {time.time() - t_start:.1f}s")
 

@@ -1,7 +1,7 @@
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,8 +20,9 @@ os.environ.setdefault("FTTOOL_CACHE", tempfile.mkdtemp(prefix="fttool-cache-"))
 def run_cli(*args, cwd=None, env=None, timeout=600):
     """Run `python -m fttool ARGS` as a user would; returns CompletedProcess (text)."""
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "fttool", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fttool", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def cli():
 
 def make_spec(overrides, tmp_path):
     """Compose + validate like the CLI does and return the RunSpec (no Hydra app run)."""
-    from fttool import compose, registry, validation
+    from fttool.config import compose, registry, validation
 
     registry.register()
     ovs = [f"output_dir={tmp_path}"] + list(overrides)
@@ -41,8 +42,8 @@ def make_spec(overrides, tmp_path):
 
 def train_run(overrides, tmp_path, name="run"):
     """Create a run folder from overrides and train it in this process; returns (run_dir, summary)."""
-    from fttool import rundir
-    from fttool.train import train
+    from fttool.launch import rundir
+    from fttool.worker.train import train
 
     spec = make_spec(list(overrides) + [f"run_name={name}"], tmp_path)
     run_dir, _ = rundir.prepare(spec, ["pytest"], {})
@@ -52,5 +53,12 @@ def train_run(overrides, tmp_path, name="run"):
         rundir.unlock(run_dir)  # as the launcher does
 
 
-FAST = ["train.max_steps=6", "train.logging_steps=1", "train.batch_size=4", "train.grad_accum=1",
-        "data.max_samples=64", "eval.after_training=false", "train.save_steps=3"]
+FAST = [
+    "train.max_steps=6",
+    "train.logging_steps=1",
+    "train.batch_size=4",
+    "train.grad_accum=1",
+    "data.max_samples=64",
+    "eval.after_training=false",
+    "train.save_steps=3",
+]

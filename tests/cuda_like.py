@@ -5,6 +5,7 @@ position attends to nothing), and the NaN then spreads through `0 * NaN` into ev
 The CPU kernels return finite numbers for such rows, so a CPU test never sees the bug. `cuda_like_sdpa` computes
 attention the plain way (scores, mask, softmax, weighted sum) so that such a row gives NaN, exactly where CUDA does.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,9 @@ def cuda_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         groups = query.shape[-3] // key.shape[-3]
         key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
     L, S = query.shape[-2], key.shape[-2]
-    scores = (query.float() @ key.float().transpose(-2, -1)) * (scale if scale is not None else 1 / math.sqrt(query.shape[-1]))
+    scores = (query.float() @ key.float().transpose(-2, -1)) * (
+        scale if scale is not None else 1 / math.sqrt(query.shape[-1])
+    )
     allowed = torch.ones(L, S, dtype=torch.bool, device=query.device)
     if is_causal:
         allowed = allowed.tril()

@@ -8,6 +8,7 @@ tool-call tags (as Qwen3's tokenizer has them). The reference is independent of 
 may end a trained reply (END), which markers belong to turn headers and must never be trained (HEADERS), what
 the model may write before its reply (MODEL_PREFIX), and the conversation as the template renders it directly.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,10 +22,14 @@ TEMPLATES = ROOT.parent / "shared" / "data" / "chat_templates"
 TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizers" / "phi-2"
 BOS, EOS = "<s>", "</s>"
 # tags a model writes inside its replies: added tokens, but not special (as in Qwen3's and GLM's tokenizers)
-PLAIN_TAG = re.compile(r"^</?(think|tool_call|tool_response|arg_key|arg_value|tools|minimax:tool_call|seed:think|"
-                       r"seed:tool_call|seed:cot_budget_reflect|response|invoke)>$")
-MARKER = re.compile(r"<\|[A-Za-z_\"]+\|>|<[a-z_\"]+\|>|<\|[a-z_\"]+>|<｜[^｜]+｜>|\[/?[A-Z_]+\]|</?[a-z_:]+>|"
-                    r"\]~!b\[|\]~b\]|\[e~\[|\[gMASK\]|<sop>")
+PLAIN_TAG = re.compile(
+    r"^</?(think|tool_call|tool_response|arg_key|arg_value|tools|minimax:tool_call|seed:think|"
+    r"seed:tool_call|seed:cot_budget_reflect|response|invoke)>$"
+)
+MARKER = re.compile(
+    r"<\|[A-Za-z_\"]+\|>|<[a-z_\"]+\|>|<\|[a-z_\"]+>|<｜[^｜]+｜>|\[/?[A-Z_]+\]|</?[a-z_:]+>|"
+    r"\]~!b\[|\]~b\]|\[e~\[|\[gMASK\]|<sop>"
+)
 
 CHATML = {"<|im_end|>"}
 # the markers that may close a trained reply (EOS is always allowed: fttool appends it where nothing closes a reply)
@@ -32,63 +37,106 @@ END: Dict[str, set] = {
     "hf/Apertus-8B-Instruct.jinja": {"<|assistant_end|>", "<|tools_suffix|>"},  # a tool call ends with its list
     "hf/ByteDance-Seed-OSS.jinja": {"<seed:eos>"},
     "hf/GLM-4.7-Flash.jinja": set(),
-    "hf/HuggingFaceTB-SmolLM3-3B.jinja": CHATML, "hf/LFM2.5-8B-A1B.jinja": CHATML, "hf/MiMo-VL.jinja": CHATML,
-    "hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.jinja": CHATML, "hf/Qwen-QwQ-32B.jinja": CHATML,
-    "hf/Qwen-Qwen3-0.6B.jinja": CHATML, "hf/Qwen3-Coder.jinja": CHATML, "hf/Qwen3.5-4B.jinja": CHATML,
+    "hf/HuggingFaceTB-SmolLM3-3B.jinja": CHATML,
+    "hf/LFM2.5-8B-A1B.jinja": CHATML,
+    "hf/MiMo-VL.jinja": CHATML,
+    "hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.jinja": CHATML,
+    "hf/Qwen-QwQ-32B.jinja": CHATML,
+    "hf/Qwen-Qwen3-0.6B.jinja": CHATML,
+    "hf/Qwen3-Coder.jinja": CHATML,
+    "hf/Qwen3.5-4B.jinja": CHATML,
     "hf/moonshotai-Kimi-K2.jinja": CHATML,
     "hf/MiniMax-M2.jinja": {"[e~["},
-    "hf/Mistral-Small-3.2-24B-Instruct-2506.jinja": {EOS}, "hf/mistralai-Ministral-3-14B-Reasoning-2512.jinja": {EOS},
+    "hf/Mistral-Small-3.2-24B-Instruct-2506.jinja": {EOS},
+    "hf/mistralai-Ministral-3-14B-Reasoning-2512.jinja": {EOS},
     "hf/unsloth-mistral-Devstral-Small-2507.jinja": {EOS},
     "hf/deepseek-ai-DeepSeek-V3.1.jinja": {"<｜end▁of▁sentence｜>"},
     "hf/google-gemma-4-31B-it.jinja": {"<turn|>", "<|tool_response>"},  # a tool call ends by asking for the result
     "hf/ibm-granite-granite-3.3-2B-Instruct.jinja": {"<|end_of_text|>"},
     "hf/ibm-granite-granite-4.0.jinja": {"<|end_of_text|>"},
     "hf/openai-gpt-oss-120b.jinja": {"<|end|>", "<|return|>", "<|call|>"},
-    "alpaca.jinja": {EOS}, "amberchat.jinja": {EOS}, "chatml.jinja": CHATML, "chatqa.jinja": {EOS},
-    "falcon-instruct.jinja": {EOS}, "gemma-it.jinja": {"<end_of_turn>"}, "granite-3.0-instruct.jinja": {"<|end_of_text|>"},
-    "llama-2-chat.jinja": {EOS}, "llama-3-instruct.jinja": {"<|eot_id|>"}, "mistral-instruct.jinja": {EOS},
-    "openchat-3.5.jinja": {"<|end_of_turn|>"}, "phi-3-small.jinja": {"<|end|>"}, "phi-3.jinja": {"<|end|>"},
-    "qwen2.5-instruct.jinja": CHATML, "saiga.jinja": {EOS}, "solar-instruct.jinja": {EOS}, "vicuna.jinja": {EOS},
+    "alpaca.jinja": {EOS},
+    "amberchat.jinja": {EOS},
+    "chatml.jinja": CHATML,
+    "chatqa.jinja": {EOS},
+    "falcon-instruct.jinja": {EOS},
+    "gemma-it.jinja": {"<end_of_turn>"},
+    "granite-3.0-instruct.jinja": {"<|end_of_text|>"},
+    "llama-2-chat.jinja": {EOS},
+    "llama-3-instruct.jinja": {"<|eot_id|>"},
+    "mistral-instruct.jinja": {EOS},
+    "openchat-3.5.jinja": {"<|end_of_turn|>"},
+    "phi-3-small.jinja": {"<|end|>"},
+    "phi-3.jinja": {"<|end|>"},
+    "qwen2.5-instruct.jinja": CHATML,
+    "saiga.jinja": {EOS},
+    "solar-instruct.jinja": {EOS},
+    "vicuna.jinja": {EOS},
     "zephyr.jinja": {EOS},
 }
 IM = {"<|im_start|>"}
 MISTRAL = {"[INST]", "[/INST]", "[TOOL_RESULTS]", "[SYSTEM_PROMPT]"}
 # turn-header markup: never trained
 HEADERS: Dict[str, set] = {
-    "hf/Apertus-8B-Instruct.jinja": {"<|user_start|>", "<|assistant_start|>", "<|system_start|>", "<|developer_start|>"},
+    "hf/Apertus-8B-Instruct.jinja": {
+        "<|user_start|>",
+        "<|assistant_start|>",
+        "<|system_start|>",
+        "<|developer_start|>",
+    },
     "hf/ByteDance-Seed-OSS.jinja": {"<seed:bos>"},
     "hf/GLM-4.7-Flash.jinja": {"<|user|>", "<|assistant|>", "<|system|>", "<|observation|>"},
-    "hf/HuggingFaceTB-SmolLM3-3B.jinja": IM, "hf/LFM2.5-8B-A1B.jinja": IM, "hf/MiMo-VL.jinja": IM,
-    "hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.jinja": IM, "hf/Qwen-QwQ-32B.jinja": IM, "hf/Qwen-Qwen3-0.6B.jinja": IM,
-    "hf/Qwen3-Coder.jinja": IM, "hf/Qwen3.5-4B.jinja": IM,
+    "hf/HuggingFaceTB-SmolLM3-3B.jinja": IM,
+    "hf/LFM2.5-8B-A1B.jinja": IM,
+    "hf/MiMo-VL.jinja": IM,
+    "hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.jinja": IM,
+    "hf/Qwen-QwQ-32B.jinja": IM,
+    "hf/Qwen-Qwen3-0.6B.jinja": IM,
+    "hf/Qwen3-Coder.jinja": IM,
+    "hf/Qwen3.5-4B.jinja": IM,
     "hf/moonshotai-Kimi-K2.jinja": {"<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>"},
     "hf/MiniMax-M2.jinja": {"]~b]"},
-    "hf/Mistral-Small-3.2-24B-Instruct-2506.jinja": MISTRAL, "hf/mistralai-Ministral-3-14B-Reasoning-2512.jinja": MISTRAL,
+    "hf/Mistral-Small-3.2-24B-Instruct-2506.jinja": MISTRAL,
+    "hf/mistralai-Ministral-3-14B-Reasoning-2512.jinja": MISTRAL,
     "hf/unsloth-mistral-Devstral-Small-2507.jinja": MISTRAL,
     "hf/deepseek-ai-DeepSeek-V3.1.jinja": {"<｜User｜>", "<｜Assistant｜>"},
     "hf/google-gemma-4-31B-it.jinja": {"<|turn>"},
     "hf/ibm-granite-granite-3.3-2B-Instruct.jinja": {"<|start_of_role|>", "<|end_of_role|>"},
     "hf/ibm-granite-granite-4.0.jinja": {"<|start_of_role|>", "<|end_of_role|>"},
     "hf/openai-gpt-oss-120b.jinja": {"<|start|>"},
-    "alpaca.jinja": {"### Instruction", "### Response"}, "amberchat.jinja": {"###Human", "###Assistant"},
-    "chatml.jinja": IM, "chatqa.jinja": {"User:", "Assistant:"}, "falcon-instruct.jinja": {"User:", "Assistant:"},
-    "gemma-it.jinja": {"<start_of_turn>"}, "granite-3.0-instruct.jinja": {"<|start_of_role|>", "<|end_of_role|>"},
-    "llama-2-chat.jinja": {"[INST]", "[/INST]"}, "llama-3-instruct.jinja": {"<|start_header_id|>", "<|end_header_id|>"},
-    "mistral-instruct.jinja": {"[INST]", "[/INST]"}, "openchat-3.5.jinja": {"GPT4 Correct"},
-    "phi-3-small.jinja": {"<|user|>", "<|assistant|>", "<|system|>"}, "phi-3.jinja": {"<|user|>", "<|assistant|>", "<|system|>"},
-    "qwen2.5-instruct.jinja": IM, "saiga.jinja": {"<s>user", "<s>bot"}, "solar-instruct.jinja": {"### User", "### Assistant"},
-    "vicuna.jinja": {"USER:", "ASSISTANT:"}, "zephyr.jinja": {"<|user|>", "<|assistant|>", "<|system|>"},
+    "alpaca.jinja": {"### Instruction", "### Response"},
+    "amberchat.jinja": {"###Human", "###Assistant"},
+    "chatml.jinja": IM,
+    "chatqa.jinja": {"User:", "Assistant:"},
+    "falcon-instruct.jinja": {"User:", "Assistant:"},
+    "gemma-it.jinja": {"<start_of_turn>"},
+    "granite-3.0-instruct.jinja": {"<|start_of_role|>", "<|end_of_role|>"},
+    "llama-2-chat.jinja": {"[INST]", "[/INST]"},
+    "llama-3-instruct.jinja": {"<|start_header_id|>", "<|end_header_id|>"},
+    "mistral-instruct.jinja": {"[INST]", "[/INST]"},
+    "openchat-3.5.jinja": {"GPT4 Correct"},
+    "phi-3-small.jinja": {"<|user|>", "<|assistant|>", "<|system|>"},
+    "phi-3.jinja": {"<|user|>", "<|assistant|>", "<|system|>"},
+    "qwen2.5-instruct.jinja": IM,
+    "saiga.jinja": {"<s>user", "<s>bot"},
+    "solar-instruct.jinja": {"### User", "### Assistant"},
+    "vicuna.jinja": {"USER:", "ASSISTANT:"},
+    "zephyr.jinja": {"<|user|>", "<|assistant|>", "<|system|>"},
 }
 # what a model writes before its reply under some templates (gpt-oss's channel, an empty reasoning block)
 MODEL_PREFIX = re.compile(r"^(\s|<think>|</think>|<\|channel\|>final<\|message\|>)*")
 
-TOOL = {"name": "get_weather", "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+TOOL = {
+    "name": "get_weather",
+    "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
 REASONING = "R1 weighs it"
 
 
 def conversations(end_marker: str) -> Dict[str, dict]:
     """The conversation classes of the masking issue. `end_marker` is quoted literally in one of them."""
+
     def chat(*pairs, system=None):
         msgs = [{"role": "system", "content": system}] if system else []
         for u, a in pairs:
@@ -100,22 +148,37 @@ def conversations(end_marker: str) -> Dict[str, dict]:
         "leading_whitespace": chat(("Start with a blank line", "\n\n  Sure, here it is.\n")),
         "word_in_markup": chat(("Say OK", "OK"), ("Name a role", "assistant"), ("Another", "user")),
         "think_in_earlier_turn": chat(("Q1", f"<think>\n{REASONING}\n</think>\n\nA1 is four"), ("Q2", "A2 is five")),
-        "literal_markers": chat((f"What do {end_marker} and <|im_end|>, </s>, [INST] mean?",
-                                 f"They end turns: {end_marker} or <|eot_id|>.")),
-        "tools": {"messages": [
-            {"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"id": "call12345", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-            {"role": "tool", "content": "{\"temp\": 21}", "tool_call_id": "call12345", "name": "get_weather"},
-            {"role": "assistant", "content": "It is 21 degrees."}], "tools": [{"type": "function", "function": TOOL}]},
+        "literal_markers": chat(
+            (f"What do {end_marker} and <|im_end|>, </s>, [INST] mean?", f"They end turns: {end_marker} or <|eot_id|>.")
+        ),
+        "tools": {
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [
+                        {
+                            "id": "call12345",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                        }
+                    ],
+                },
+                {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call12345", "name": "get_weather"},
+                {"role": "assistant", "content": "It is 21 degrees."},
+            ],
+            "tools": [{"type": "function", "function": TOOL}],
+        },
     }
 
 
 def template_names() -> List[str]:
     if not TEMPLATES.is_dir():
         return []
-    return [f"hf/{p.name}" for p in sorted((TEMPLATES / "hf").glob("*.jinja"))] + \
-           [p.name for p in sorted(TEMPLATES.glob("*.jinja"))]
+    return [f"hf/{p.name}" for p in sorted((TEMPLATES / "hf").glob("*.jinja"))] + [
+        p.name for p in sorted(TEMPLATES.glob("*.jinja"))
+    ]
 
 
 def template_source(name: str) -> str:
@@ -131,7 +194,9 @@ def markers(name: str) -> List[str]:
     if name.startswith("hf/") and readme.is_file():
         for line in readme.read_text(encoding="utf-8").splitlines():
             if line.startswith(f"| {name[3:]} "):
-                found |= {m for m in re.findall(r"`([^`]+)`", line.split("|")[-2].replace("\\|", "|")) if MARKER.fullmatch(m)}
+                found |= {
+                    m for m in re.findall(r"`([^`]+)`", line.split("|")[-2].replace("\\|", "|")) if MARKER.fullmatch(m)
+                }
     return sorted(found - {BOS, EOS})
 
 
@@ -143,8 +208,9 @@ def tokenizer(name: str):
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
     ms = markers(name)
     tok.add_tokens([m for m in ms if PLAIN_TAG.match(m)], special_tokens=False)
-    tok.add_special_tokens({"bos_token": BOS, "eos_token": EOS,
-                            "additional_special_tokens": [m for m in ms if not PLAIN_TAG.match(m)]})
+    tok.add_special_tokens(
+        {"bos_token": BOS, "eos_token": EOS, "additional_special_tokens": [m for m in ms if not PLAIN_TAG.match(m)]}
+    )
     tok.chat_template = template_source(name)
     return tok
 
@@ -262,8 +328,9 @@ def check(name: str, case: str, data_spec) -> str:
         at = body.find(answer.strip())
         assert at >= 0, f"reply {answer!r} not in its trained run {run!r}"
         before = body[:at]
-        assert MODEL_PREFIX.match(before).end() == len(before) or (REASONING in before and REASONING in rendered), \
+        assert MODEL_PREFIX.match(before).end() == len(before) or (REASONING in before and REASONING in rendered), (
             f"trained before the reply: {before!r}"
+        )
         lead = answer[: len(answer) - len(answer.lstrip())]
         if lead and lead + answer.strip() in rendered:  # the template keeps the reply's leading whitespace
             assert lead + answer.strip() in body, f"leading whitespace of the reply not trained: {run!r}"
@@ -273,4 +340,3 @@ def check(name: str, case: str, data_spec) -> str:
         if m["role"] in ("user", "system") and m["content"].strip():
             assert all(m["content"].strip() not in r for r in runs), f"{m['role']} text trained"
     return ""
-

@@ -1,5 +1,6 @@
 """A bad day loses nothing: preemption, broken checkpoints, a full disk, two launches, changed data, Ctrl-C while
 tokenizing, bad bytes, hostile recipes, and the small inconsistencies found beside them."""
+
 import errno
 import json
 import os
@@ -13,11 +14,18 @@ import pytest
 
 from conftest import FAST, make_spec, run_cli, train_run
 from fttool.data.tokenizer import load_tokenizer
-from fttool import rundir
 from fttool.errors import UserError
+from fttool.launch import rundir
 
-TINY = ["method=lora", "method.dropout=0", "train.logging_steps=1", "train.batch_size=4", "train.grad_accum=1",
-        "data.max_samples=64", "eval.after_training=false"]
+TINY = [
+    "method=lora",
+    "method.dropout=0",
+    "train.logging_steps=1",
+    "train.batch_size=4",
+    "train.grad_accum=1",
+    "data.max_samples=64",
+    "eval.after_training=false",
+]
 
 
 def metrics(run_dir):
@@ -48,8 +56,13 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_the_uninterrupted
     args = [*TINY, "train.max_steps=30", "train.save_steps=1000", f"output_dir={tmp_path}"]
     ref = run_cli(*args, "run_name=whole", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    proc = subprocess.Popen([sys.executable, "-m", "fttool", *args, "run_name=cut"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fttool", *args, "run_name=cut"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run_dir = tmp_path / "cut"
     _wait_for_step(run_dir, 4, proc)
     proc.send_signal(signal.SIGTERM)
@@ -73,13 +86,24 @@ def test_sigterm_to_a_two_process_run_resumes_to_the_uninterrupted_result(tmp_pa
     pytest.importorskip("deepspeed")
     from test_distributed import free_port
 
-    args = [*TINY, "hardware=ddp", "hardware.device=cpu", "train.max_steps=40", "train.save_steps=1000",
-            f"output_dir={tmp_path}"]
+    args = [
+        *TINY,
+        "hardware=ddp",
+        "hardware.device=cpu",
+        "train.max_steps=40",
+        "train.save_steps=1000",
+        f"output_dir={tmp_path}",
+    ]
     ref = run_cli(*args, f"hardware.main_port={free_port()}", "run_name=whole", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-2000:]
     port = f"hardware.main_port={free_port()}"
-    proc = subprocess.Popen([sys.executable, "-m", "fttool", *args, port, "run_name=cut"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fttool", *args, port, "run_name=cut"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run_dir = tmp_path / "cut"
     _wait_for_step(run_dir, 3, proc)
     proc.send_signal(signal.SIGTERM)  # to the launcher only: it tells the workers
@@ -107,18 +131,42 @@ def test_a_preempted_slurm_job_requeues_itself_and_finishes_the_run(tmp_path, pr
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     state = tmp_path / "slurm"
     state.mkdir()
-    env = dict(os.environ, FAKE_SLURM_DIR=str(state),
-               PATH=os.pathsep.join([os.path.join(root, "tests", "fake_slurm"), os.path.dirname(sys.executable),
-                                     os.environ["PATH"]]))
+    env = dict(
+        os.environ,
+        FAKE_SLURM_DIR=str(state),
+        PATH=os.pathsep.join(
+            [os.path.join(root, "tests", "fake_slurm"), os.path.dirname(sys.executable), os.environ["PATH"]]
+        ),
+    )
     args = [*TINY, "train.max_steps=30", "train.save_steps=1000", f"output_dir={tmp_path}"]
-    ref = run_cli(*args, "run_name=whole", "train.grad_accum=2" if processes == 2 else "train.grad_accum=1",
-                  cwd=tmp_path)
+    ref = run_cli(
+        *args, "run_name=whole", "train.grad_accum=2" if processes == 2 else "train.grad_accum=1", cwd=tmp_path
+    )
     assert ref.returncode == 0, ref.stderr[-2000:]
-    hardware = (["hardware.strategy=none", "hardware.num_processes=1"] if processes == 1 else
-                ["hardware.strategy=ddp", "hardware.num_processes=2", f"hardware.main_port={free_port()}"])
-    proc = subprocess.Popen([sys.executable, "-m", "fttool", "-m", "hydra/launcher=slurm", "hardware=slurm",
-                             "hardware.device=cpu", "hardware.num_machines=1", *hardware, *args], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    hardware = (
+        ["hardware.strategy=none", "hardware.num_processes=1"]
+        if processes == 1
+        else ["hardware.strategy=ddp", "hardware.num_processes=2", f"hardware.main_port={free_port()}"]
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fttool",
+            "-m",
+            "hydra/launcher=slurm",
+            "hardware=slurm",
+            "hardware.device=cpu",
+            "hardware.num_machines=1",
+            *hardware,
+            *args,
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not list(tmp_path.glob("sweep-*/trial-00/metrics.jsonl")):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -128,10 +176,14 @@ def test_a_preempted_slurm_job_requeues_itself_and_finishes_the_run(tmp_path, pr
     for pid in (state / "job-1000.tasks").read_text().split():
         os.kill(int(pid), signal.SIGUSR2)  # SLURM's --signal goes to the job's tasks (submitit asks for USR2)
     out, err = proc.communicate(timeout=400)
-    job_out = "".join(p.read_text(errors="replace") for p in sorted(tmp_path.rglob("*_log.*")) + sorted(state.glob("*.out")))
+    job_out = "".join(
+        p.read_text(errors="replace") for p in sorted(tmp_path.rglob("*_log.*")) + sorted(state.glob("*.out"))
+    )
     assert proc.returncode == 0, out[-2000:] + err[-2000:] + job_out[-4000:]
     assert (state / "requeued").read_text().split() == ["1000"], job_out[-3000:]
-    assert "is requeued; it continues this run folder" in job_out and "was requeued (restart 1)" in job_out, job_out[-3000:]
+    assert "is requeued; it continues this run folder" in job_out and "was requeued (restart 1)" in job_out, job_out[
+        -3000:
+    ]
     assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, 31))
     a, b = adapter(tmp_path / "whole"), adapter(run_dir)
     assert all((a[k] - b[k]).abs().max().item() < (1e-6 if processes == 1 else 1e-4) for k in a)
@@ -140,7 +192,7 @@ def test_a_preempted_slurm_job_requeues_itself_and_finishes_the_run(tmp_path, pr
 
 @pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(tmp_path):
-    from fttool.checkpoint import newest_trusted
+    from fttool.launch.checkpoint import newest_trusted
 
     run_dir, _ = train_run([*FAST, "train.max_steps=6", "train.save_steps=3", "train.save_total_limit=3"], tmp_path)
     newest = run_dir / "checkpoints" / "checkpoint-6"
@@ -151,10 +203,12 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(tmp_path):
     assert [p.name for p in rundir.checkpoints(run_dir)] == ["checkpoint-3"]
     shutil.rmtree(run_dir / "final")
     (run_dir / "result.json").unlink()
-    spec = make_spec([*FAST, "train.max_steps=6", "train.save_steps=3", "train.save_total_limit=3", "run_name=run",
-                      "resume=auto"], tmp_path)
+    spec = make_spec(
+        [*FAST, "train.max_steps=6", "train.save_steps=3", "train.save_total_limit=3", "run_name=run", "resume=auto"],
+        tmp_path,
+    )
     rundir.prepare(spec, ["pytest"], {})
-    from fttool.train import train
+    from fttool.worker.train import train
 
     train(run_dir)
     log = (run_dir / "train.log").read_text()
@@ -163,13 +217,14 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(tmp_path):
     # a checkpoint whose file changed after it was written is caught by its hash
     ckpt = rundir.checkpoints(run_dir)[-1]
     (ckpt / "trainer_state.json").write_text((ckpt / "trainer_state.json").read_text().replace("{", "{ ", 1)[:-1])
-    from fttool.checkpoint import problem
+    from fttool.launch.checkpoint import problem
 
     assert "changed after it was written" in problem(ckpt)
 
 
 def test_disk_full_while_saving_names_the_folder_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
-    from fttool import checkpoint, safe_trainer
+    from fttool.launch import checkpoint
+    from fttool.worker import safe_trainer
 
     real, calls = checkpoint.write_manifest, []
 
@@ -180,8 +235,11 @@ def test_disk_full_while_saving_names_the_folder_and_keeps_earlier_checkpoints(t
         real(folder)
 
     monkeypatch.setattr(safe_trainer, "write_manifest", failing)
-    with pytest.raises(UserError, match=r"could not write checkpoint .*checkpoint-6 \(No space left on device\).*GiB "
-                                        r"free.*earlier checkpoints are intact.*resume=auto"):
+    with pytest.raises(
+        UserError,
+        match=r"could not write checkpoint .*checkpoint-6 \(No space left on device\).*GiB "
+        r"free.*earlier checkpoints are intact.*resume=auto",
+    ):
         train_run([*FAST, "train.max_steps=8", "train.save_steps=3"], tmp_path)
     run_dir = tmp_path / "run"
     assert [p.name for p in rundir.checkpoints(run_dir)] == ["checkpoint-3"]
@@ -193,8 +251,9 @@ def test_one_owner_per_run_folder(tmp_path, capsys):
     run_dir, _ = rundir.prepare(spec, ["pytest"], {})
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (run_dir / rundir.LOCK).write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename,
-                                                       "started": "2026-11-26 10:00:00"}))
+        (run_dir / rundir.LOCK).write_text(
+            json.dumps({"pid": sleeper.pid, "host": os.uname().nodename, "started": "2026-11-26 10:00:00"})
+        )
         again = make_spec(["run_name=owned", "resume=auto"], tmp_path)
         with pytest.raises(UserError, match=rf"is in use: process {sleeper.pid} on .* since 2026-11-26 10:00:00"):
             rundir.prepare(again, ["pytest"], {})
@@ -233,8 +292,9 @@ def test_a_requeued_slurm_job_takes_its_run_folder_back(tmp_path, monkeypatch, c
 @pytest.mark.slow
 def test_a_second_launch_of_a_running_run_is_refused(tmp_path):
     args = [*TINY, "train.max_steps=400", "train.save_steps=1000", f"output_dir={tmp_path}", "run_name=busy"]
-    proc = subprocess.Popen([sys.executable, "-m", "fttool", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fttool", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         _wait_for_step(tmp_path / "busy", 1, proc)
         second = run_cli(*args, "resume=auto", cwd=tmp_path)
@@ -245,11 +305,13 @@ def test_a_second_launch_of_a_running_run_is_refused(tmp_path):
 
 
 def test_changed_data_on_resume_is_refused_unless_asked_for(tmp_path):
-    from fttool.train import train
+    from fttool.worker.train import train
 
     data = tmp_path / "d.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i} said"}]}
-            for i in range(32)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i} said"}]}
+        for i in range(32)
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     steps = [*FAST, "train.max_steps=6", "train.save_steps=3", "data=chat", f"data.path={data}"]
     run_dir, _ = train_run(steps, tmp_path)
@@ -257,8 +319,11 @@ def test_changed_data_on_resume_is_refused_unless_asked_for(tmp_path):
     (run_dir / "result.json").unlink()
     data.write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))  # the same rows, another order
     rundir.prepare(make_spec(steps + ["run_name=run", "resume=auto"], tmp_path), ["pytest"], {})
-    with pytest.raises(UserError, match=rf"the data differs from what .* trained on: data.path={data} \(its content "
-                                        r"changed\).*resume_data=changed"):
+    with pytest.raises(
+        UserError,
+        match=rf"the data differs from what .* trained on: data.path={data} \(its content "
+        r"changed\).*resume_data=changed",
+    ):
         train(run_dir)
     rundir.prepare(make_spec(steps + ["run_name=run", "resume=auto", "resume_data=changed"], tmp_path), ["pytest"], {})
     train(run_dir)
@@ -268,8 +333,8 @@ def test_changed_data_on_resume_is_refused_unless_asked_for(tmp_path):
 
 def test_ctrl_c_before_training_leaves_no_run_folder(tmp_path, monkeypatch):
     """Ctrl-C while the data is tokenized (or the model loads): no half-made run folder blocks the same command."""
-    from fttool import launch as launch_mod
-    from fttool import train as train_mod
+    from fttool.launch import launcher as launch_mod
+    from fttool.worker import train as train_mod
 
     def interrupted(run_dir):
         raise KeyboardInterrupt
@@ -301,11 +366,14 @@ def test_tokenizing_workers_leave_ctrl_c_to_the_parent():
     assert fn({"loc": [], "example": []})["handler"] != [str(signal.SIG_IGN)]  # the parent keeps its handler
 
 
-@pytest.mark.parametrize("suffix,content,where", [
-    (".jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', ":2: byte 0xe9 at column 14"),
-    (".json", b'[\n{"text": "ok"},\n{"text": "caf\xe9"}]', ":3: byte 0xe9 at column 14"),
-    (".csv", b"text\nok\ncaf\xe9\n", ":3: byte 0xe9 at column 4"),
-])
+@pytest.mark.parametrize(
+    "suffix,content,where",
+    [
+        (".jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', ":2: byte 0xe9 at column 14"),
+        (".json", b'[\n{"text": "ok"},\n{"text": "caf\xe9"}]', ":3: byte 0xe9 at column 14"),
+        (".csv", b"text\nok\ncaf\xe9\n", ":3: byte 0xe9 at column 4"),
+    ],
+)
 def test_a_bad_byte_is_named_by_file_and_line(tmp_path, suffix, content, where):
     from fttool.data.sources import read_rows
 
@@ -315,15 +383,29 @@ def test_a_bad_byte_is_named_by_file_and_line(tmp_path, suffix, content, where):
         read_rows(str(path))
 
 
-@pytest.mark.parametrize("name,body,key", [
-    ("callbacks", "hydra:\n  callbacks:\n    x:\n      _target_: shutil.copyfile\n      src: {src}\n      dst: {dst}\n",
-     "hydra"),
-    ("launcher", "defaults:\n  - override /hydra/launcher: basic\n", "defaults\\[0\\]"),
-    ("logging", "hydra:\n  job_logging:\n    handlers:\n      f:\n        class: logging.FileHandler\n"
-                "        filename: {dst}\n", "hydra"),
-    ("target", "data:\n  template_kwargs:\n    x:\n      _target_: shutil.copyfile\n", "data.template_kwargs.x._target_"),
-    ("resolver", "run_name: ${{oc.env:HOME}}\n", "run_name"),
-])
+@pytest.mark.parametrize(
+    "name,body,key",
+    [
+        (
+            "callbacks",
+            "hydra:\n  callbacks:\n    x:\n      _target_: shutil.copyfile\n      src: {src}\n      dst: {dst}\n",
+            "hydra",
+        ),
+        ("launcher", "defaults:\n  - override /hydra/launcher: basic\n", "defaults\\[0\\]"),
+        (
+            "logging",
+            "hydra:\n  job_logging:\n    handlers:\n      f:\n        class: logging.FileHandler\n"
+            "        filename: {dst}\n",
+            "hydra",
+        ),
+        (
+            "target",
+            "data:\n  template_kwargs:\n    x:\n      _target_: shutil.copyfile\n",
+            "data.template_kwargs.x._target_",
+        ),
+        ("resolver", "run_name: ${{oc.env:HOME}}\n", "run_name"),
+    ],
+)
 def test_recipes_run_no_code(tmp_path, name, body, key):
     team = tmp_path / "team"
     team.mkdir()
@@ -346,7 +428,7 @@ def test_check_refuses_slurm_placeholders_outside_slurm_as_train_does(tmp_path):
 
 @pytest.mark.slow
 def test_resume_keeps_earlier_validation_rows_and_a_finished_run_is_not_trained_again(tmp_path):
-    from fttool.callbacks import truncate_metrics
+    from fttool.worker.callbacks import truncate_metrics
 
     steps = [*FAST, "train.max_steps=6", "train.save_steps=2", "train.eval_steps=2", "data.val_ratio=0.2"]
     run_dir, _ = train_run(steps, tmp_path)
@@ -363,8 +445,11 @@ def test_a_cache_hit_names_the_file_given(tmp_path):
     """Two files with the same content share a cache entry; the samples name the file of this run."""
     from fttool import data
 
-    rows = "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
-                   + "\n" for i in range(8))
+    rows = "".join(
+        json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+        + "\n"
+        for i in range(8)
+    )
     first, second = tmp_path / "a" / "train.jsonl", tmp_path / "b" / "train.jsonl"
     for p in (first, second):
         p.parent.mkdir()

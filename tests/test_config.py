@@ -1,4 +1,5 @@
 """Composition and validation: every recipe, group swaps, recipe precedence, and each bad-input message."""
+
 import subprocess
 import sys
 import time
@@ -8,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import make_spec, run_cli
-from fttool import compose, registry
+from fttool.config import compose, registry
 from fttool.errors import UserError
 
 
@@ -31,7 +32,11 @@ def test_every_recipe_composes_and_validates(recipe, tmp_path):
 @pytest.mark.parametrize("group", ["model", "data", "method", "hardware", "logging"])
 def test_every_group_option_composes(group, tmp_path):
     for option in registry.group_options(group):
-        extra = ["data.path=x.jsonl"] if (group == "data" and option in ("chat", "sharegpt", "alpaca", "completion", "segments", "preference")) else []
+        extra = (
+            ["data.path=x.jsonl"]
+            if (group == "data" and option in ("chat", "sharegpt", "alpaca", "completion", "segments", "preference"))
+            else []
+        )
         extra += ["hardware.precision=fp32"] if group == "hardware" else []
         extra += ["hardware.machine_rank=0", "hardware.main_address=10.0.0.1"] if option == "multi_node" else []
         make_spec([f"{group}={option}"] + extra, tmp_path)
@@ -75,18 +80,25 @@ def test_team_recipe_path(tmp_path, monkeypatch):
     team = tmp_path / "team_recipes"
     team.mkdir()
     (team / "our_chat.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /method: full\ntrain:\n  max_steps: 7\n")
+        "# @package _global_\ndefaults:\n  - override /method: full\ntrain:\n  max_steps: 7\n"
+    )
     monkeypatch.setenv(registry.RECIPE_PATH_ENV, str(team))
     assert "our_chat" in registry.group_options("recipe")
     spec = make_spec(["+recipe=our_chat"], tmp_path)
     assert spec.method.name == "full" and spec.train.max_steps == 7
 
 
-@pytest.mark.parametrize("body,message", [
-    ("defaults:\n  - override /model: qwen2_5_7\n", "bad_team.yaml) picks model=qwen2_5_7, which does not exist. Did you mean model=qwen2_5_7b?"),
-    ("train:\n  lrr: 3\n", "sets unknown key train.lrr. Did you mean train.lr?"),
-    ("train: [\n", "could not read a recipe file"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        (
+            "defaults:\n  - override /model: qwen2_5_7\n",
+            "bad_team.yaml) picks model=qwen2_5_7, which does not exist. Did you mean model=qwen2_5_7b?",
+        ),
+        ("train:\n  lrr: 3\n", "sets unknown key train.lrr. Did you mean train.lr?"),
+        ("train: [\n", "could not read a recipe file"),
+    ],
+)
 def test_bad_team_recipe(body, message, tmp_path, monkeypatch):
     team = tmp_path / "r"
     team.mkdir()
@@ -137,8 +149,10 @@ def test_bad_input_from_the_cli_exits_2_fast_without_traceback(tmp_path):
     r = run_cli("train", "method.rnak=8", cwd=tmp_path)
     elapsed = time.time() - t0
     assert r.returncode == 2
-    assert r.stderr.strip() == ("fttool: error: unknown key 'method.rnak'. Did you mean method.rank? Keys in 'method' for "
-                                "method=lora: name, default_lr, rank, alpha, dropout, target_modules, use_rslora.")
+    assert r.stderr.strip() == (
+        "fttool: error: unknown key 'method.rnak'. Did you mean method.rank? Keys in 'method' for "
+        "method=lora: name, default_lr, rank, alpha, dropout, target_modules, use_rslora."
+    )
     assert "Traceback" not in r.stderr and not list(tmp_path.iterdir())
     assert elapsed < 10  # generous: heavy imports alone would take 7-9 s
 
@@ -149,26 +163,35 @@ def test_unknown_verb(tmp_path):
 
 
 def test_check_prints_spec_and_plan_without_torch(tmp_path):
-    code = ("import sys, fttool.cli as c; sys.argv=['fttool','check','+recipe=tiny_cpu'];\n"
-            "try:\n    c.main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import on the config path'")
+    code = (
+        "import sys, fttool.cli as c; sys.argv=['fttool','check','+recipe=tiny_cpu'];\n"
+        "try:\n    c.main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import on the config path'"
+    )
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     spec = OmegaConf.create(p.stdout.split("# plan")[0])
     assert spec.method.name == "lora" and spec.train.max_steps == 60
     assert "trainable of" in p.stdout and "processes   1 on cpu" in p.stdout
     assert "validation  loss every 30 steps on 0.02 of the rows; best checkpoint kept" in p.stdout
-    assert "test        fttool:demo/test.jsonl (16 examples)" in p.stdout and "verdict: exact_match beats base" in p.stdout
-    assert "guard       stops at the first NaN/inf loss or gradient norm (exit 4); batches padded on the right" in p.stdout
+    assert (
+        "test        fttool:demo/test.jsonl (16 examples)" in p.stdout and "verdict: exact_match beats base" in p.stdout
+    )
+    assert (
+        "guard       stops at the first NaN/inf loss or gradient norm (exit 4); batches padded on the right" in p.stdout
+    )
     assert not list(tmp_path.iterdir()), "check must not write anything"
 
 
-@pytest.mark.parametrize("argv", [["eval", "--help"], ["eval", "run=nope"], ["export", "run=x", "outptu=y"],
-                                  ["generate", "prompt=hi"]])
+@pytest.mark.parametrize(
+    "argv", [["eval", "--help"], ["eval", "run=nope"], ["export", "run=x", "outptu=y"], ["generate", "prompt=hi"]]
+)
 def test_run_verbs_answer_help_and_mistakes_without_torch(argv, tmp_path):
-    code = (f"import sys, fttool.cli as c; sys.argv=['fttool', *{argv!r}];\n"
-            "try:\n    c.main()\nexcept SystemExit as e:\n    pass\n"
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import on the argument path'")
+    code = (
+        f"import sys, fttool.cli as c; sys.argv=['fttool', *{argv!r}];\n"
+        "try:\n    c.main()\nexcept SystemExit as e:\n    pass\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import on the argument path'"
+    )
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert ("usage: fttool eval" in p.stdout) if "--help" in argv else ("fttool: error:" in p.stderr)
@@ -195,20 +218,31 @@ def test_a_new_strategy_is_one_row_of_the_table(monkeypatch, tmp_path):
     it): validation accepts it, applies its rules, `check` describes it, and its engine config is written."""
     import json
 
-    from fttool import distributed, plan, strategies
+    from fttool.config import plan, strategies
+    from fttool.launch import distributed
 
-    zero1 = strategies.Zero("zero1", "DeepSpeed ZeRO-1 (optimizer state partitioned)", "DEEPSPEED", shards="optimizer",
-                            drops_steps=False, stage=1)
+    zero1 = strategies.Zero(
+        "zero1",
+        "DeepSpeed ZeRO-1 (optimizer state partitioned)",
+        "DEEPSPEED",
+        shards="optimizer",
+        drops_steps=False,
+        stage=1,
+    )
     monkeypatch.setitem(strategies.STRATEGIES, "zero1", zero1)
     spec = make_spec(["hardware=zero2", "hardware.device=cpu", "hardware.strategy=zero1"], tmp_path)
     assert any("DeepSpeed ZeRO-1 (optimizer state partitioned)" in line for line in plan.describe(spec))
     distributed.write_configs(spec, tmp_path, "fp32")
     assert json.loads((tmp_path / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 1
     with pytest.raises(UserError, match="nonfinite_tolerance=1 with hardware.strategy=zero1"):
-        make_spec(["hardware=zero2", "hardware.device=cpu", "hardware.strategy=zero1", "train.nonfinite_tolerance=1"],
-                  tmp_path)
+        make_spec(
+            ["hardware=zero2", "hardware.device=cpu", "hardware.strategy=zero1", "train.nonfinite_tolerance=1"],
+            tmp_path,
+        )
     with pytest.raises(UserError, match="hardware.offload=true applies to fsdp2, zero3, not strategy=zero1"):
-        make_spec(["hardware=zero2", "hardware.device=cpu", "hardware.strategy=zero1", "hardware.offload=true"], tmp_path)
+        make_spec(
+            ["hardware=zero2", "hardware.device=cpu", "hardware.strategy=zero1", "hardware.offload=true"], tmp_path
+        )
     monkeypatch.delitem(strategies.STRATEGIES, "zero1")
     with pytest.raises(UserError, match="hardware.strategy=zero1 is not allowed"):
         make_spec(["hardware=zero2", "hardware.strategy=zero1"], tmp_path)
@@ -220,6 +254,10 @@ def test_no_name_switches_on_methods_or_strategies():
 
     pattern = re.compile(r"(method\.name|\.strategy)\s*(==|!=|in\s*\(|not in)|startswith\(\"zero")
     root = Path(__file__).resolve().parent.parent / "fttool"
-    hits = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
-            if pattern.search(line)]
+    hits = [
+        f"{p.relative_to(root)}:{i}"
+        for p in root.rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not hits, hits

@@ -1,4 +1,5 @@
 """Data: formats, sources, templates, length policy, splits, mixtures, cache and bad input."""
+
 import json
 import re
 
@@ -8,8 +9,10 @@ from conftest import SHARED_DATA, make_spec, run_cli
 from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
 
-needs_shared = pytest.mark.skipif(not (SHARED_DATA / "tokenizers" / "phi-3-mini").is_dir(),
-                                  reason="../shared/data (real datasets and tokenizers) is not present")
+needs_shared = pytest.mark.skipif(
+    not (SHARED_DATA / "tokenizers" / "phi-3-mini").is_dir(),
+    reason="../shared/data (real datasets and tokenizers) is not present",
+)
 PHI3 = SHARED_DATA / "tokenizers" / "phi-3-mini"
 WORDS = "red fox blue sea pink cake gold ring wind hat".split()
 
@@ -29,15 +32,22 @@ def write_jsonl(path, rows):
 
 
 def chat_rows(n, start=0):
-    return [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]} for p, a in reversal_rows(n, start)]
+    return [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
+        for p, a in reversal_rows(n, start)
+    ]
 
 
 FORMAT_ROWS = {
     "chat": lambda n: chat_rows(n),
-    "sharegpt": lambda n: [{"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]} for p, a in reversal_rows(n)],
+    "sharegpt": lambda n: [
+        {"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]} for p, a in reversal_rows(n)
+    ],
     "alpaca": lambda n: [{"instruction": "Reverse the words.", "input": p, "output": a} for p, a in reversal_rows(n)],
     "completion": lambda n: [{"text": f"{p} => {a}"} for p, a in reversal_rows(n)],
-    "segments": lambda n: [{"segments": [{"text": p + " => ", "train": False}, {"text": a, "train": True}]} for p, a in reversal_rows(n)],
+    "segments": lambda n: [
+        {"segments": [{"text": p + " => ", "train": False}, {"text": a, "train": True}]} for p, a in reversal_rows(n)
+    ],
     "preference": lambda n: [{"prompt": p, "chosen": a, "rejected": p} for p, a in reversal_rows(n)],
 }
 
@@ -73,13 +83,17 @@ def test_every_format_tokenizes_with_replies_trained(fmt, tmp_path):
 def test_column_mapping_for_non_standard_names(tmp_path):
     rows = [{"prompt_text": p, "answer": a} for p, a in reversal_rows(5)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    prepared, _ = build(["data=alpaca", f"data.path={path}", "data.columns={instruction: prompt_text, output: answer}"], tmp_path)
+    prepared, _ = build(
+        ["data=alpaca", f"data.path={path}", "data.columns={instruction: prompt_text, output: answer}"], tmp_path
+    )
     assert prepared.stats.samples == 5
 
 
 def test_wrong_format_is_named(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", FORMAT_ROWS["sharegpt"](2))
-    with pytest.raises(UserError, match=r":1: row has no 'instruction' field.*These rows look like data.format=sharegpt"):
+    with pytest.raises(
+        UserError, match=r":1: row has no 'instruction' field.*These rows look like data.format=sharegpt"
+    ):
         build(["data=alpaca", f"data.path={path}"], tmp_path)
 
 
@@ -92,8 +106,16 @@ def test_unknown_column_mapping_is_a_config_error(tmp_path):
 def test_sharegpt_multi_turn_real_data(tmp_path):
 
     path = SHARED_DATA / "sharegpt" / "fastchat_dummy_conversation.json"
-    prepared, spec = build([f"model.name_or_path={PHI3}", "data=chat", "data.format=sharegpt", f"data.path={path}",
-                            "data.max_length=4096"], tmp_path)
+    prepared, spec = build(
+        [
+            f"model.name_or_path={PHI3}",
+            "data=chat",
+            "data.format=sharegpt",
+            f"data.path={path}",
+            "data.max_length=4096",
+        ],
+        tmp_path,
+    )
     rows = json.loads(path.read_text())
     assert prepared.stats.samples == len(rows) == 500
     tok = load_tokenizer(spec)
@@ -110,8 +132,18 @@ def test_tool_calls_real_data(tmp_path):
     """glaive: function_call turns are trained as assistant output, observations are not; tools reach the prompt."""
 
     path = SHARED_DATA / "sharegpt" / "llamafactory_glaive_toolcall_en_demo.json"
-    prepared, spec = build([f"model.name_or_path={PHI3}", "data=chat", "data.format=sharegpt", f"data.path={path}",
-                            "data.max_length=4096", "data.template=chatml", "data.allow_template_change=true"], tmp_path)
+    prepared, spec = build(
+        [
+            f"model.name_or_path={PHI3}",
+            "data=chat",
+            "data.format=sharegpt",
+            f"data.path={path}",
+            "data.max_length=4096",
+            "data.template=chatml",
+            "data.allow_template_change=true",
+        ],
+        tmp_path,
+    )
     st = prepared.stats  # one conversation of 11.6k tokens keeps no reply within 4096 tokens: dropped, and counted
     assert (st.samples, st.truncated, st.dropped_no_trained_tokens) == (299, 1, 1) and st.tools_in_system > 0
     tok = load_tokenizer(spec)
@@ -136,8 +168,17 @@ def test_template_that_drops_a_role_is_refused(tmp_path):
 def test_preference_pairs_real_data(tmp_path):
 
     path = SHARED_DATA / "preference" / "llamafactory_dpo_en_demo.json"
-    prepared, spec = build([f"model.name_or_path={PHI3}", "data=chat", "data.format=preference", f"data.path={path}",
-                            "data.columns={prompt: conversations, role: from, content: value}", "data.max_length=8192"], tmp_path)
+    prepared, spec = build(
+        [
+            f"model.name_or_path={PHI3}",
+            "data=chat",
+            "data.format=preference",
+            f"data.path={path}",
+            "data.columns={prompt: conversations, role: from, content: value}",
+            "data.max_length=8192",
+        ],
+        tmp_path,
+    )
     assert prepared.stats.samples == 300
     rows = json.loads(path.read_text())
     tok = load_tokenizer(spec)
@@ -175,7 +216,9 @@ def test_tokenizer_without_template_needs_one(tmp_path):
     phi2 = SHARED_DATA / "tokenizers" / "phi-2"
     with pytest.raises(UserError, match="has no chat template.*data.template to one of chatml"):
         build([f"model.name_or_path={phi2}", "data=chat", f"data.path={path}"], tmp_path)
-    prepared, _ = build([f"model.name_or_path={phi2}", "data=chat", f"data.path={path}", "data.template=llama-3"], tmp_path)
+    prepared, _ = build(
+        [f"model.name_or_path={phi2}", "data=chat", f"data.path={path}", "data.template=llama-3"], tmp_path
+    )
     # phi-2 does not know <|eot_id|> as a token, so it is text there and EOS closes every reply
     assert prepared.stats.samples == 3 and prepared.stats.eos_appended == 3
 
@@ -188,14 +231,21 @@ def test_named_templates_close_every_reply(name, tmp_path):
 
     spec = make_spec([f"data.template={name}", "data.allow_template_change=true"], tmp_path)
     tok = load_tokenizer(spec)
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse: a b"},
-            {"role": "assistant", "content": "b a"}, {"role": "tool", "content": "ok"},
-            {"role": "user", "content": "Reverse: c d"}, {"role": "assistant", "content": "d c"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Reverse: a b"},
+        {"role": "assistant", "content": "b a"},
+        {"role": "tool", "content": "ok"},
+        {"role": "user", "content": "Reverse: c d"},
+        {"role": "assistant", "content": "d c"},
+    ]
     out = Encoder(tok, NAMED[name], spec.data).encode_batch(["t"], [{"kind": "chat", "messages": msgs, "tools": None}])
     ids, labels = out["input_ids"][0], out["labels"][0]
     text = tok.decode([i for i, lab in zip(ids, labels) if lab != -100])
     assert text.replace(" ", "").startswith("ba") and "Reverse" not in text and "ok" not in text
-    assert labels[max(i for i, lab in enumerate(labels) if lab != -100)] in tok.all_special_ids  # a closing token, trained
+    assert (
+        labels[max(i for i, lab in enumerate(labels) if lab != -100)] in tok.all_special_ids
+    )  # a closing token, trained
 
 
 def test_unknown_template_name(tmp_path):
@@ -292,7 +342,9 @@ def test_split_by_file(tmp_path):
     test = write_jsonl(tmp_path / "test.jsonl", chat_rows(4, start=80))
     from fttool.data import eval_example, test_rows
 
-    prepared, spec = build(["data=chat", f"data.path={train}", f"data.val_path={val}", f"data.test_path={test}"], tmp_path)
+    prepared, spec = build(
+        ["data=chat", f"data.path={train}", f"data.val_path={val}", f"data.test_path={test}"], tmp_path
+    )
     rows, _ = test_rows(spec)
     assert (prepared.stats.samples, len(prepared.validation), len(rows)) == (8, 3, 4)
     assert eval_example(*rows[0])["reference"] == reversal_rows(1, start=80)[0][1]
@@ -316,7 +368,12 @@ def test_cache_is_reused_and_invalidated(tmp_path):
     same, _ = build(args + ["data.packing=padding_free", "data.num_proc=1"], tmp_path)  # batching only: same key
     assert same.from_cache and same.cache_dir == first.cache_dir
     folders = {first.cache_dir}
-    for change in (["data.max_length=64"], ["data.train_on_inputs=true"], ["data.template=chatml"], ["seed=1", "data.val_ratio=0.1"]):
+    for change in (
+        ["data.max_length=64"],
+        ["data.train_on_inputs=true"],
+        ["data.template=chatml"],
+        ["seed=1", "data.val_ratio=0.1"],
+    ):
         changed, _ = build(args + change, tmp_path)
         assert not changed.from_cache and changed.cache_dir not in folders, change
         folders.add(changed.cache_dir)
@@ -329,8 +386,13 @@ def test_cache_is_reused_and_invalidated(tmp_path):
 @needs_shared
 def test_cache_key_covers_the_tokenizer(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", chat_rows(5))
-    args = ["data=chat", f"data.path={path}", f"data.cache_dir={tmp_path / 'cache'}", "data.template=chatml",
-            "data.allow_template_change=true"]
+    args = [
+        "data=chat",
+        f"data.path={path}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.template=chatml",
+        "data.allow_template_change=true",
+    ]
     tiny, _ = build(args, tmp_path)
     phi3, _ = build(args + [f"model.name_or_path={PHI3}"], tmp_path)
     assert phi3.cache_dir != tiny.cache_dir and not phi3.from_cache
@@ -351,27 +413,45 @@ def _one_bad(tmp_path, bad, fmt="chat"):
     return path
 
 
-@pytest.mark.parametrize("bad,message", [
-    ('{"messages": [}', r":3: not valid JSON"),
-    ({"mesages": []}, r":3: row has no 'messages' field \(data.format=chat\). Did you mean 'mesages'\?.*data.columns.messages=COLUMN"),
-    ({"messages": [{"role": "narrator", "content": "x"}]}, r":3: message #0 has role 'narrator'.*data.roles=\{narrator: assistant\}"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}, r":3: message #1 is an empty assistant reply"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, r":3: the conversation has no assistant reply"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}, r":3: message #1 needs 'content' as a string"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ('{"messages": [}', r":3: not valid JSON"),
+        (
+            {"mesages": []},
+            r":3: row has no 'messages' field \(data.format=chat\). Did you mean 'mesages'\?.*data.columns.messages=COLUMN",
+        ),
+        (
+            {"messages": [{"role": "narrator", "content": "x"}]},
+            r":3: message #0 has role 'narrator'.*data.roles=\{narrator: assistant\}",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
+            r":3: message #1 is an empty assistant reply",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}]}, r":3: the conversation has no assistant reply"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]},
+            r":3: message #1 needs 'content' as a string",
+        ),
+    ],
+)
 def test_bad_rows_name_the_line(bad, message, tmp_path):
     path = _one_bad(tmp_path, bad)
     with pytest.raises(UserError, match=message):
         build(["data=chat", f"data.path={path}"], tmp_path)
 
 
-@pytest.mark.parametrize("fmt,bad,message", [
-    ("alpaca", {"instruction": "x"}, r":3: row has no 'output' field"),
-    ("segments", {"segments": [{"text": "a", "train": False}]}, r":3: no segment is marked"),
-    ("segments", {"segments": [{"text": "a"}]}, r":3: segment #0 must be"),
-    ("preference", {"prompt": "p", "chosen": "a", "rejected": "a"}, r":3: chosen and rejected are the same"),
-    ("completion", {"text": ""}, r":3: 'text' must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    "fmt,bad,message",
+    [
+        ("alpaca", {"instruction": "x"}, r":3: row has no 'output' field"),
+        ("segments", {"segments": [{"text": "a", "train": False}]}, r":3: no segment is marked"),
+        ("segments", {"segments": [{"text": "a"}]}, r":3: segment #0 must be"),
+        ("preference", {"prompt": "p", "chosen": "a", "rejected": "a"}, r":3: chosen and rejected are the same"),
+        ("completion", {"text": ""}, r":3: 'text' must be a non-empty string"),
+    ],
+)
 def test_bad_rows_of_other_formats(fmt, bad, message, tmp_path):
     path = _one_bad(tmp_path, bad, fmt)
     with pytest.raises(UserError, match=message):
@@ -390,27 +470,33 @@ def test_skip_bad_rows_counts_them(tmp_path):
     assert any(":2:" in e for e in prepared.stats.bad_row_examples)
 
 
-@pytest.mark.parametrize("path,message", [
-    ("missing.jsonl", "no such file or folder"),
-    ("data.txt", "unsupported file type '.txt'"),
-    ("nothing/*.jsonl", "the pattern matches no"),
-])
+@pytest.mark.parametrize(
+    "path,message",
+    [
+        ("missing.jsonl", "no such file or folder"),
+        ("data.txt", "unsupported file type '.txt'"),
+        ("nothing/*.jsonl", "the pattern matches no"),
+    ],
+)
 def test_bad_paths(path, message, tmp_path):
     (tmp_path / "data.txt").write_text("x")
     with pytest.raises(UserError, match=message):
         build(["data=chat", f"data.path={tmp_path / path}"], tmp_path)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["data.val_ratio=0.6", "data.test_ratio=0.5", "data.test_path=null"], "leaves nothing to train on"),
-    (["data.test_ratio=0.1"], "data.test_path and data.test_ratio are both set"),
-    (["data.mix=[{path: a.jsonl}]"], "data.path and data.mix are both set"),
-    (["data.path=null", "data.mix=[{path: a.jsonl, weight: 0}]"], r"data.mix\[0\].weight=0"),
-    (["data.train_roles=[assistent]"], "data.train_roles"),
-    (["data.roles={bot: assistent}"], "data.roles.bot=assistent"),
-    (["data.packing=bin"], "Did you mean bins"),
-    (["data.format=sharegtp"], "Did you mean sharegpt"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["data.val_ratio=0.6", "data.test_ratio=0.5", "data.test_path=null"], "leaves nothing to train on"),
+        (["data.test_ratio=0.1"], "data.test_path and data.test_ratio are both set"),
+        (["data.mix=[{path: a.jsonl}]"], "data.path and data.mix are both set"),
+        (["data.path=null", "data.mix=[{path: a.jsonl, weight: 0}]"], r"data.mix\[0\].weight=0"),
+        (["data.train_roles=[assistent]"], "data.train_roles"),
+        (["data.roles={bot: assistent}"], "data.roles.bot=assistent"),
+        (["data.packing=bin"], "Did you mean bins"),
+        (["data.format=sharegtp"], "Did you mean sharegpt"),
+    ],
+)
 def test_bad_data_config(overrides, message, tmp_path):
     r = run_cli("check", *overrides, cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -435,7 +521,14 @@ def test_preprocess_then_train_uses_the_cache(tmp_path):
     assert r.returncode == 0 and "tokenized in" in r.stdout, r.stderr
     r = run_cli("preprocess", *args, cwd=tmp_path)
     assert "loaded from the cache" in r.stdout
-    r = run_cli(*args, "train.max_steps=2", "eval.after_training=false", "run_name=t", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    r = run_cli(
+        *args,
+        "train.max_steps=2",
+        "eval.after_training=false",
+        "run_name=t",
+        f"output_dir={tmp_path / 'runs'}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert "data: loaded from cache" in (tmp_path / "runs" / "t" / "train.log").read_text()
 

@@ -1,6 +1,7 @@
 """Several real processes on the CPU (gloo): DDP, FSDP2, ZeRO-2 and ZeRO-3 agree with one process, checkpoints
 resume, sharded runs save the trained weights, two machines simulated over loopback agree, and failures end
 the launch with the failing rank's error instead of a hang."""
+
 import json
 import os
 import re
@@ -17,8 +18,16 @@ from conftest import ROOT, run_cli, train_run
 
 pytest.importorskip("deepspeed")
 # LoRA dropout draws different random masks in 1 and 2 processes; without it the runs must agree exactly
-STEPS = ["method.dropout=0", "train.max_steps=4", "train.logging_steps=1", "train.batch_size=4", "data.max_samples=64", "eval.after_training=false",
-         "train.save_steps=2", "train.save_total_limit=3"]
+STEPS = [
+    "method.dropout=0",
+    "train.max_steps=4",
+    "train.logging_steps=1",
+    "train.batch_size=4",
+    "data.max_samples=64",
+    "eval.after_training=false",
+    "train.save_steps=2",
+    "train.save_total_limit=3",
+]
 TOL = 1e-4
 
 
@@ -53,20 +62,36 @@ def one_process(tmp_path_factory):
 
 def two_processes(tmp_path, strategy, method, *extra, name="run"):
     steps = STEPS if method == "lora" else STEPS[1:]
-    r = run_cli(f"hardware={strategy}", "hardware.device=cpu", "hardware.num_processes=2", f"method={method}", *steps,
-                "train.grad_accum=1", f"hardware.main_port={free_port()}", f"run_name={name}",
-                f"output_dir={tmp_path}", *extra, cwd=tmp_path)
+    r = run_cli(
+        f"hardware={strategy}",
+        "hardware.device=cpu",
+        "hardware.num_processes=2",
+        f"method={method}",
+        *steps,
+        "train.grad_accum=1",
+        f"hardware.main_port={free_port()}",
+        f"run_name={name}",
+        f"output_dir={tmp_path}",
+        *extra,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return tmp_path / name, r
 
 
-LAYOUT = {"ddp": "replicated on each of 2 processes", "zero2": "replicated on each of 2 processes",
-          "zero3_offload": "partitioned over 2 processes by ZeRO-3",
-          "fsdp2": "sharded over 2 processes by FSDP2", "zero3": "partitioned over 2 processes by ZeRO-3"}
+LAYOUT = {
+    "ddp": "replicated on each of 2 processes",
+    "zero2": "replicated on each of 2 processes",
+    "zero3_offload": "partitioned over 2 processes by ZeRO-3",
+    "fsdp2": "sharded over 2 processes by FSDP2",
+    "zero3": "partitioned over 2 processes by ZeRO-3",
+}
 
 
-@pytest.mark.parametrize("strategy,method", [(s, m) for s in ("ddp", "fsdp2", "zero2", "zero3") for m in ("full", "lora")]
-                         + [("zero3_offload", "full")])
+@pytest.mark.parametrize(
+    "strategy,method",
+    [(s, m) for s in ("ddp", "fsdp2", "zero2", "zero3") for m in ("full", "lora")] + [("zero3_offload", "full")],
+)
 @pytest.mark.slow
 def test_two_processes_match_one(strategy, method, one_process, tmp_path):
     run_dir, r = two_processes(tmp_path, strategy, method)
@@ -75,7 +100,10 @@ def test_two_processes_match_one(strategy, method, one_process, tmp_path):
     assert (run_dir / "accelerate_config.yaml").is_file()
     assert (run_dir / "deepspeed.json").is_file() == strategy.startswith("zero")
     if strategy == "zero3_offload":
-        assert json.loads((run_dir / "deepspeed.json").read_text())["zero_optimization"]["offload_param"]["device"] == "cpu"
+        assert (
+            json.loads((run_dir / "deepspeed.json").read_text())["zero_optimization"]["offload_param"]["device"]
+            == "cpu"
+        )
     ref = one_process[method]
     assert losses(run_dir) == pytest.approx(losses(ref), abs=TOL)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best", "checkpoint-2", "checkpoint-4"]
@@ -104,12 +132,31 @@ def test_resume_from_a_two_process_checkpoint(strategy, tmp_path):
 @pytest.mark.slow
 def test_two_machines_over_loopback(one_process, tmp_path):
     port = free_port()
-    common = ["hardware=multi_node", "hardware.device=cpu", "hardware.num_processes=1", "hardware.num_machines=2",
-              "hardware.main_address=127.0.0.1", f"hardware.main_port={port}", "method=lora", *STEPS,
-              "train.grad_accum=1", "run_name=mn", f"output_dir={tmp_path}"]
+    common = [
+        "hardware=multi_node",
+        "hardware.device=cpu",
+        "hardware.num_processes=1",
+        "hardware.num_machines=2",
+        "hardware.main_address=127.0.0.1",
+        f"hardware.main_port={port}",
+        "method=lora",
+        *STEPS,
+        "train.grad_accum=1",
+        "run_name=mn",
+        f"output_dir={tmp_path}",
+    ]
     env = dict(os.environ)
-    procs = [subprocess.Popen([sys.executable, "-m", "fttool", *common, f"hardware.machine_rank={rank}"], cwd=tmp_path,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (1, 0)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fttool", *common, f"hardware.machine_rank={rank}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (1, 0)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     run_dir = tmp_path / "mn"
@@ -121,27 +168,58 @@ def test_two_machines_over_loopback(one_process, tmp_path):
 @pytest.mark.slow
 def test_bad_data_in_a_worker_fails_the_launch_with_file_line(tmp_path):
     data = tmp_path / "d.jsonl"
-    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [}\n')
-    r = run_cli("hardware=ddp", "hardware.device=cpu", "data=chat", f"data.path={data}", f"hardware.main_port={free_port()}",
-                "run_name=bad", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path, timeout=180)
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [}\n'
+    )
+    r = run_cli(
+        "hardware=ddp",
+        "hardware.device=cpu",
+        "data=chat",
+        f"data.path={data}",
+        f"hardware.main_port={free_port()}",
+        "run_name=bad",
+        f"output_dir={tmp_path / 'runs'}",
+        cwd=tmp_path,
+        timeout=180,
+    )
     assert r.returncode == 2
     assert "worker rank 0 failed" in r.stderr and f"{data}:2: not valid JSON" in r.stderr
     assert not (tmp_path / "runs" / "bad").exists()  # failed before training began: nothing left behind
 
 
 def _start(tmp_path, name, *extra):
-    return subprocess.Popen([sys.executable, "-m", "fttool", "hardware=ddp", "hardware.device=cpu", "method=lora",
-                             "train.max_steps=400", "train.logging_steps=1", "train.save_steps=5", "eval.after_training=false",
-                             f"hardware.main_port={free_port()}", f"run_name={name}", f"output_dir={tmp_path}", *extra],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fttool",
+            "hardware=ddp",
+            "hardware.device=cpu",
+            "method=lora",
+            "train.max_steps=400",
+            "train.logging_steps=1",
+            "train.save_steps=5",
+            "eval.after_training=false",
+            f"hardware.main_port={free_port()}",
+            f"run_name={name}",
+            f"output_dir={tmp_path}",
+            *extra,
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for_step(run_dir, step, proc, timeout=180):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if (run_dir / "metrics.jsonl").is_file() and any(s >= step for s in
-                                                         [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]):
+        if (run_dir / "metrics.jsonl").is_file() and any(
+            s >= step
+            for s in [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+        ):
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.5)
@@ -149,7 +227,9 @@ def _wait_for_step(run_dir, step, proc, timeout=180):
 
 
 def _worker_pids(run_dir):
-    out = subprocess.run(["pgrep", "-f", f"fttool.train {run_dir}"], capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        ["pgrep", "-f", f"fttool.worker.train {run_dir}"], capture_output=True, text=True
+    ).stdout.split()
     return [int(p) for p in out if int(p) != os.getpid()]
 
 
@@ -166,7 +246,7 @@ def test_a_killed_worker_ends_the_launch(tmp_path):
     # the killed rank is named; the survivor may be stopped by the launcher before it can write its own report,
     # so it is either named as silent too or reported with its error
     assert "fttool: error: " in err and "died without an error report" in err, err[-2000:]
-    line = next(l for l in err.splitlines() if "died without an error report" in l)
+    line = next(x for x in err.splitlines() if "died without an error report" in x)
     assert re.search(r"\branks? \d", line), line
 
 
@@ -185,9 +265,20 @@ def test_ctrl_c_stops_every_rank_and_leaves_a_checkpoint_to_resume(tmp_path):
     assert not _worker_pids(run_dir)  # no rank left behind
     ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"))
     assert ckpts and (ckpts[-1] / "trainer_state.json").is_file()
-    r = run_cli("hardware=ddp", "hardware.device=cpu", "method=lora", "train.max_steps=12", "train.logging_steps=1",
-                "train.save_steps=5", "eval.after_training=false", f"hardware.main_port={free_port()}", "run_name=stopped",
-                f"output_dir={tmp_path}", "resume=auto", cwd=tmp_path)
+    r = run_cli(
+        "hardware=ddp",
+        "hardware.device=cpu",
+        "method=lora",
+        "train.max_steps=12",
+        "train.logging_steps=1",
+        "train.save_steps=5",
+        "eval.after_training=false",
+        f"hardware.main_port={free_port()}",
+        "run_name=stopped",
+        f"output_dir={tmp_path}",
+        "resume=auto",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and "spec differs" in r.stderr  # max_steps changed: refused, the run folder is intact
 
 
@@ -215,16 +306,38 @@ def test_slurm_through_hydras_submitit_launcher(one_process, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     state = tmp_path / "slurm"
     state.mkdir()
-    env = {"PATH": os.pathsep.join([str(ROOT / "tests" / "fake_slurm"), os.path.dirname(sys.executable), os.environ["PATH"]]),
-           "FAKE_SLURM_DIR": str(state)}
-    r = run_cli("-m", "hydra/launcher=slurm", "hardware=slurm", "hardware.device=cpu", "hardware.num_processes=1",
-                f"hardware.main_port={free_port()}", "method=lora", *STEPS, "train.grad_accum=1", f"output_dir={tmp_path}",
-                env=env, cwd=tmp_path, timeout=400)
+    env = {
+        "PATH": os.pathsep.join(
+            [str(ROOT / "tests" / "fake_slurm"), os.path.dirname(sys.executable), os.environ["PATH"]]
+        ),
+        "FAKE_SLURM_DIR": str(state),
+    }
+    r = run_cli(
+        "-m",
+        "hydra/launcher=slurm",
+        "hardware=slurm",
+        "hardware.device=cpu",
+        "hardware.num_processes=1",
+        f"hardware.main_port={free_port()}",
+        "method=lora",
+        *STEPS,
+        "train.grad_accum=1",
+        f"output_dir={tmp_path}",
+        env=env,
+        cwd=tmp_path,
+        timeout=400,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (script,) = state.glob("job-*.sh")
     text = script.read_text()
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=1", "#SBATCH --job-name=fttool",
-                 "srun --unbuffered", "-m submitit.core._submit"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --job-name=fttool",
+        "srun --unbuffered",
+        "-m submitit.core._submit",
+    ):
         assert line in text, text
     (sweep,) = tmp_path.glob("sweep-*")
     run_dir = sweep / "trial-00"

@@ -1,6 +1,7 @@
 """Issue 5: metrics on hand-made cases, validation during training with early stopping and the best checkpoint,
 `fttool eval` against the base with a verdict, `fttool export` (merge equivalence), `fttool generate` / `chat`,
 the model card and the bad inputs of each verb."""
+
 import json
 import math
 import shutil
@@ -8,45 +9,69 @@ import shutil
 import pytest
 
 from conftest import FAST, SHARED_DATA, make_spec, run_cli, train_run
+from fttool import metrics
+from fttool.after import report
 from fttool.data.tokenizer import load_tokenizer
-from fttool import metrics, report
 from fttool.errors import UserError
 
 # -- metrics ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pred,ref,want", [
-    ("pink elk cat", "pink elk cat", 1.0), ("  pink elk cat\n", "pink elk cat", 1.0),
-    ("Pink elk cat", "pink elk cat", 0.0), ("pink  elk cat", "pink elk cat", 0.0), ("", "x", 0.0),
-])
+@pytest.mark.parametrize(
+    "pred,ref,want",
+    [
+        ("pink elk cat", "pink elk cat", 1.0),
+        ("  pink elk cat\n", "pink elk cat", 1.0),
+        ("Pink elk cat", "pink elk cat", 0.0),
+        ("pink  elk cat", "pink elk cat", 0.0),
+        ("", "x", 0.0),
+    ],
+)
 def test_exact_match(pred, ref, want):
     assert metrics.exact_match(pred, ref) == want
 
 
-@pytest.mark.parametrize("pred,ref,want", [
-    ("the cat sat", "cat sat down", 0.8),  # articles dropped: P = 2/2, R = 2/3
-    ("cat cat", "cat", 2 / 3),  # a repeated word counts once per occurrence in the reference
-    ("The Cat, sat!", "cat sat", 1.0),  # case and punctuation normalised
-    ("dog", "cat", 0.0), ("", "", 1.0), ("", "cat", 0.0),
-])
+@pytest.mark.parametrize(
+    "pred,ref,want",
+    [
+        ("the cat sat", "cat sat down", 0.8),  # articles dropped: P = 2/2, R = 2/3
+        ("cat cat", "cat", 2 / 3),  # a repeated word counts once per occurrence in the reference
+        ("The Cat, sat!", "cat sat", 1.0),  # case and punctuation normalised
+        ("dog", "cat", 0.0),
+        ("", "", 1.0),
+        ("", "cat", 0.0),
+    ],
+)
 def test_token_f1(pred, ref, want):
     assert metrics.token_f1(pred, ref) == pytest.approx(want)
 
 
-@pytest.mark.parametrize("pred,ref,want", [
-    ("police kill the gunman", "police killed the gunman", 0.75),  # LCS police-the-gunman: 3/4 both ways
-    ("the gunman kill police", "police killed the gunman", 0.5),  # LCS the-gunman
-    ("a b c", "a b c", 1.0), ("x y", "a b", 0.0), ("A-B", "a b", 1.0),
-    ("a b", "a b c d", 2 * (1.0 * 0.5) / 1.5),  # P = 1, R = 1/2
-])
+@pytest.mark.parametrize(
+    "pred,ref,want",
+    [
+        ("police kill the gunman", "police killed the gunman", 0.75),  # LCS police-the-gunman: 3/4 both ways
+        ("the gunman kill police", "police killed the gunman", 0.5),  # LCS the-gunman
+        ("a b c", "a b c", 1.0),
+        ("x y", "a b", 0.0),
+        ("A-B", "a b", 1.0),
+        ("a b", "a b c d", 2 * (1.0 * 0.5) / 1.5),  # P = 1, R = 1/2
+    ],
+)
 def test_rouge_l(pred, ref, want):
     assert metrics.rouge_l(pred, ref) == pytest.approx(want)
 
 
-@pytest.mark.parametrize("pred,want", [
-    ('{"a": 1}', 1.0), ("[1, 2]", 1.0), ('```json\n{"a": 1}\n```', 1.0), ("{a: 1}", 0.0), ("", 0.0),
-    ('{"a": 1} trailing', 0.0),
-])
+@pytest.mark.parametrize(
+    "pred,want",
+    [
+        ('{"a": 1}', 1.0),
+        ("[1, 2]", 1.0),
+        ('```json\n{"a": 1}\n```', 1.0),
+        ("{a: 1}", 0.0),
+        ("", 0.0),
+        ('{"a": 1} trailing', 0.0),
+    ],
+)
 def test_json_valid(pred, want):
     assert metrics.json_valid(pred) == want
 
@@ -62,16 +87,36 @@ def test_perplexity_is_the_loss_on_the_trained_reply_tokens(tmp_path):
     """nll() sums exactly what training's loss averages: HF's loss on one example == our sum / count."""
     import torch
 
-    from fttool import data, evaluate, model as model_lib
+    from fttool import data
+    from fttool.after import evaluate
+    from fttool.worker import model as model_lib
 
     spec = make_spec(["+recipe=tiny_cpu"], tmp_path)
     tok = load_tokenizer(spec)
     data.training_template(spec, tok)
     model = model_lib.load_base(spec, "fp32")
-    ex = {"loc": "x:1", "example": {"kind": "chat", "tools": None, "messages": [
-        {"role": "user", "content": "Reverse the words: a b"}, {"role": "assistant", "content": "b a"}]}}
-    other = {"loc": "x:2", "example": {"kind": "chat", "tools": None, "messages": [
-        {"role": "user", "content": "Reverse the words: sun moon star"}, {"role": "assistant", "content": "star moon sun"}]}}
+    ex = {
+        "loc": "x:1",
+        "example": {
+            "kind": "chat",
+            "tools": None,
+            "messages": [
+                {"role": "user", "content": "Reverse the words: a b"},
+                {"role": "assistant", "content": "b a"},
+            ],
+        },
+    }
+    other = {
+        "loc": "x:2",
+        "example": {
+            "kind": "chat",
+            "tools": None,
+            "messages": [
+                {"role": "user", "content": "Reverse the words: sun moon star"},
+                {"role": "assistant", "content": "star moon sun"},
+            ],
+        },
+    }
     enc = evaluate._encode(tok, spec, [ex, other])
     got = evaluate.nll(model, enc)  # batched together, padded
     for i in range(2):
@@ -100,7 +145,7 @@ def test_verdict_against_the_margin():
 def test_end_of_turn_token_stops_generation_even_when_eos_differs():
     from transformers import AutoTokenizer
 
-    from fttool.evaluate import stop_ids
+    from fttool.after.evaluate import stop_ids
 
     tok = AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "phi-3-mini")
     end = tok.convert_tokens_to_ids("<|end|>")
@@ -147,9 +192,20 @@ def test_early_stopping_keeps_and_marks_the_best_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
     # a threshold no step can clear: the second validation counts as no improvement, patience 1 stops there
-    run_dir, summary = train_run(["+recipe=tiny_cpu", "train.max_steps=40", "train.logging_steps=1", "train.eval_steps=3",
-                                  "train.save_steps=3", "train.early_stopping_patience=1", "train.early_stopping_threshold=100",
-                                  "train.save_total_limit=1", "eval.after_training=false"], tmp_path)
+    run_dir, summary = train_run(
+        [
+            "+recipe=tiny_cpu",
+            "train.max_steps=40",
+            "train.logging_steps=1",
+            "train.eval_steps=3",
+            "train.save_steps=3",
+            "train.early_stopping_patience=1",
+            "train.early_stopping_threshold=100",
+            "train.save_total_limit=1",
+            "eval.after_training=false",
+        ],
+        tmp_path,
+    )
     assert summary["stopped_early"] and summary["steps"] == 6
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
@@ -159,7 +215,10 @@ def test_early_stopping_keeps_and_marks_the_best_checkpoint(tmp_path):
     link = run_dir / "checkpoints" / "best"
     assert link.is_symlink() and link.resolve().name == f"checkpoint-{best_step}"
     assert summary["eval_loss"] == pytest.approx(val[best_step], abs=1e-5)  # final/ holds the best weights
-    final, best = load_file(run_dir / "final" / "adapter_model.safetensors"), load_file(link / "adapter_model.safetensors")
+    final, best = (
+        load_file(run_dir / "final" / "adapter_model.safetensors"),
+        load_file(link / "adapter_model.safetensors"),
+    )
     assert final.keys() == best.keys() and all((final[k] == best[k]).all() for k in final)
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "early stopping at step 6" in (run_dir / "train.log").read_text()
@@ -177,8 +236,15 @@ def test_validation_split_that_rounds_to_nothing_is_refused(tmp_path):
 def trained(tmp_path_factory):
     """One tiny LoRA run (400 steps, ~20 s) with a validation split and the demo test file, trained from the CLI."""
     out = tmp_path_factory.mktemp("runs")
-    r = run_cli("+recipe=tiny_cpu", "train.max_steps=400", "train.save_steps=100", "eval.after_training=false",
-                "run_name=tiny", f"output_dir={out}", cwd=out)
+    r = run_cli(
+        "+recipe=tiny_cpu",
+        "train.max_steps=400",
+        "train.save_steps=100",
+        "eval.after_training=false",
+        "run_name=tiny",
+        f"output_dir={out}",
+        cwd=out,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return out / "tiny"
 
@@ -208,8 +274,14 @@ def test_eval_gate_decides_the_exit_code(trained, tmp_path):
     r = run_cli("eval", f"run={trained}", "eval.samples=8", "data.metrics=[perplexity,token_f1]", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]  # perplexity is the gate (first metric): the fine-tune beats the base
     assert json.loads((trained / "eval.json").read_text())["verdict"] == "pass"
-    r = run_cli("eval", f"run={trained}", "eval.samples=8", "data.metrics=[perplexity,token_f1]",
-                "eval.gate={token_f1:0.99}", cwd=tmp_path)
+    r = run_cli(
+        "eval",
+        f"run={trained}",
+        "eval.samples=8",
+        "data.metrics=[perplexity,token_f1]",
+        "eval.gate={token_f1:0.99}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 3 and "did not beat the base" in r.stderr
     result = json.loads((trained / "eval.json").read_text())
     assert result["verdict"] == "fail" and "NOT met" in result["reasons"][0]
@@ -220,11 +292,25 @@ def test_eval_json_metrics_and_schema(trained, tmp_path):
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps({"type": "object", "required": ["words"]}))
     test = tmp_path / "json_test.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Reverse the words: {w}"}, {"role": "assistant", "content": '{"words": 1}'}]}
-            for w in ("a b", "c d", "e f")]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Reverse the words: {w}"},
+                {"role": "assistant", "content": '{"words": 1}'},
+            ]
+        }
+        for w in ("a b", "c d", "e f")
+    ]
     test.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = run_cli("eval", f"run={trained}", f"data.test_path={test}", f"data.json_schema={schema}",
-                "data.metrics=[json_valid]", "eval.compare_base=false", cwd=tmp_path)  # a schema given is scored
+    r = run_cli(
+        "eval",
+        f"run={trained}",
+        f"data.test_path={test}",
+        f"data.json_schema={schema}",
+        "data.metrics=[json_valid]",
+        "eval.compare_base=false",
+        cwd=tmp_path,
+    )  # a schema given is scored
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads((trained / "eval.json").read_text())
     assert result["examples"] == 3 and result["base"] is None and result["verdict"] is None
@@ -249,7 +335,9 @@ def test_eval_bad_input(trained, tmp_path):
     assert r.returncode == 2 and "missing run=VALUE" in r.stderr
     r = run_cli("eval", f"run={trained}", "checkpoint=best", "eval.samples=2", "eval.max_new_tokens=8", cwd=tmp_path)
     assert r.returncode in (0, 3), r.stderr[-1500:]  # the run validated, so it has a best checkpoint
-    assert json.loads((trained / "eval.json").read_text())["checkpoint"] == str((trained / "checkpoints" / "best").resolve())
+    assert json.loads((trained / "eval.json").read_text())["checkpoint"] == str(
+        (trained / "checkpoints" / "best").resolve()
+    )
     r = run_cli("eval", f"run={tmp_path}", cwd=tmp_path)
     assert r.returncode == 2 and "not an fttool run folder" in r.stderr
 
@@ -260,7 +348,10 @@ def test_run_folder_without_final_or_adapter(trained, tmp_path):
     (copy / "final" / "adapter_config.json").unlink()
     for verb, extra in (("eval", []), ("export", [f"output={tmp_path / 'x'}"]), ("generate", ["prompt=hi"])):
         r = run_cli(verb, f"run={copy}", *extra, cwd=tmp_path)
-        assert r.returncode == 2 and "holds no adapter (adapter_config.json missing)" in r.stderr, (verb, r.stderr[-1500:])
+        assert r.returncode == 2 and "holds no adapter (adapter_config.json missing)" in r.stderr, (
+            verb,
+            r.stderr[-1500:],
+        )
     shutil.rmtree(copy / "final")
     r = run_cli("export", f"run={copy}", f"output={tmp_path / 'x'}", cwd=tmp_path)
     assert r.returncode == 2 and "has no final/: the run did not finish" in r.stderr and "checkpoint=last" in r.stderr
@@ -269,10 +360,14 @@ def test_run_folder_without_final_or_adapter(trained, tmp_path):
 
 @pytest.mark.slow
 def test_eval_of_a_run_without_a_test_split(tmp_path):
-    run_dir, summary = train_run(["+recipe=tiny_cpu", *FAST, "data.test_path=null", "eval.after_training=true"], tmp_path)
+    run_dir, summary = train_run(
+        ["+recipe=tiny_cpu", *FAST, "data.test_path=null", "eval.after_training=true"], tmp_path
+    )
     assert "eval" not in summary  # nothing to evaluate after training, and no complaint
     r = run_cli("eval", f"run={run_dir}", cwd=tmp_path)
-    assert r.returncode == 2 and "the test split is empty (no test split" in r.stderr and "data.test_path=FILE" in r.stderr
+    assert (
+        r.returncode == 2 and "the test split is empty (no test split" in r.stderr and "data.test_path=FILE" in r.stderr
+    )
 
 
 # -- export ---------------------------------------------------------------------------------------------------
@@ -296,7 +391,9 @@ def test_export_reloads_with_plain_transformers_and_matches_base_plus_adapter(tr
     unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), trained / "final")
     plain_base = AutoModelForCausalLM.from_pretrained(base_path)
     prompts = [[{"role": "user", "content": f"Reverse the words: {w}"}] for w in ("ape cat elk", "sun moon", "a b c d")]
-    batch = tok.apply_chat_template(prompts, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True)
+    batch = tok.apply_chat_template(
+        prompts, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True
+    )
     with torch.no_grad():
         a = merged(**batch).logits
         b = unmerged(**batch).logits
@@ -314,8 +411,15 @@ def test_export_reloads_with_plain_transformers_and_matches_base_plus_adapter(tr
     assert "quantization_config" not in cfg
     card = (out / "README.md").read_text()
     data = json.loads((trained / "data.json").read_text())
-    for needle in ("base_model: fttool:tiny-chat", "method: **lora**, rank 16", data["key"]["sources"][0][0],
-                   "15,680 training samples", "| transformers |", "```yaml", "+recipe=tiny_cpu"):
+    for needle in (
+        "base_model: fttool:tiny-chat",
+        "method: **lora**, rank 16",
+        data["key"]["sources"][0][0],
+        "15,680 training samples",
+        "| transformers |",
+        "```yaml",
+        "+recipe=tiny_cpu",
+    ):
         assert needle in card, needle
     assert (out / "fttool" / "spec.yaml").is_file() and (out / "fttool" / "loss.png").is_file()
     again = run_cli("export", f"run={trained}", f"output={out}", cwd=tmp_path)
@@ -354,14 +458,18 @@ def test_export_of_qlora_never_saves_the_quantized_base(tmp_path):
 
 @pytest.mark.slow
 def test_generate_stops_at_end_of_turn(trained, tmp_path):
-    from fttool import data, model as model_lib, rundir
-    from fttool.evaluate import generate
+    from fttool import data
+    from fttool.after.evaluate import generate
+    from fttool.launch import rundir
+    from fttool.worker import model as model_lib
 
     spec = rundir.load_spec(trained)
     tok = load_tokenizer(spec)
     data.training_template(spec, tok)
     model = model_lib.load_trained(spec, "fp32", trained / "final")
-    convs = [[{"role": "user", "content": f"Reverse the words: {w}"}] for w in ("ape cat elk pink", "sun fox", "cow bee yak")]
+    convs = [
+        [{"role": "user", "content": f"Reverse the words: {w}"}] for w in ("ape cat elk pink", "sun fox", "cow bee yak")
+    ]
     replies = generate(model, tok, convs, max_new_tokens=48)
     assert all(stopped for _, stopped in replies), replies  # each reply ended with <|im_end|>, long before 48 tokens
     assert all("<|im" not in r and "\n" not in r and len(r.split()) <= 8 for r, _ in replies), replies
@@ -369,8 +477,9 @@ def test_generate_stops_at_end_of_turn(trained, tmp_path):
     r = run_cli("generate", f"run={trained}", "prompt=Reverse the words: ape cat elk pink", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == replies[0][0], r.stderr[-2000:]
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "Reverse the words: sun fox"}) + "\n\n"
-                       + json.dumps({"messages": convs[2]}) + "\n")
+    prompts.write_text(
+        json.dumps({"prompt": "Reverse the words: sun fox"}) + "\n\n" + json.dumps({"messages": convs[2]}) + "\n"
+    )
     out = tmp_path / "replies.jsonl"
     r = run_cli("generate", f"run={trained}", f"input={prompts}", f"output={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -385,8 +494,14 @@ def test_chat_keeps_the_conversation_and_resets(trained, tmp_path):
     import sys
 
     talk = "Reverse the words: ape cat\nReverse the words: sun fox\n/reset\nReverse the words: ape cat\n/exit\n"
-    r = subprocess.run([sys.executable, "-m", "fttool", "generate", "chat", f"run={trained}", "max_new_tokens=16"], input=talk,
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "fttool", "generate", "chat", f"run={trained}", "max_new_tokens=16"],
+        input=talk,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 3 and lines[0] == lines[2]  # after /reset the same question gets the same greedy reply
@@ -398,7 +513,9 @@ def test_generate_bad_input(trained, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + '{"promt": "typo"}\n')
     ends_with_reply = tmp_path / "reply.jsonl"
-    ends_with_reply.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    ends_with_reply.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n"
+    )
     cases = [
         (["generate", f"run={trained}", f"input={bad}"], f"{bad}:2: expected"),
         (["generate", f"run={trained}", f"input={ends_with_reply}"], "already ends with an assistant reply"),
@@ -435,20 +552,36 @@ def test_full_fine_tune_eval_and_export_with_a_ratio_split(tmp_path):
 
     src = tmp_path / "rows.jsonl"
     src.write_text("".join(open(assets.resolve("fttool:demo/train.jsonl")).readlines()[:200]))
-    run_dir, summary = train_run(["+recipe=tiny_cpu", "method=full", *FAST, "data=chat", f"data.path={src}",
-                                  "data.test_ratio=0.1", "eval.after_training=true", "eval.samples=4"], tmp_path)
+    run_dir, summary = train_run(
+        [
+            "+recipe=tiny_cpu",
+            "method=full",
+            *FAST,
+            "data=chat",
+            f"data.path={src}",
+            "data.test_ratio=0.1",
+            "eval.after_training=true",
+            "eval.samples=4",
+        ],
+        tmp_path,
+    )
     assert summary["eval"]["examples"] == 4 and summary["data"]["test"] == 20
     assert summary["eval"]["base"]["perplexity"] > summary["eval"]["finetuned"]["perplexity"]
     r = run_cli("eval", f"run={run_dir}", "eval.samples=null", cwd=tmp_path)  # the run's own setting was 4
     assert r.returncode in (0, 3) and "data sources changed" not in r.stdout, r.stderr[-2000:]
     assert json.loads((run_dir / "eval.json").read_text())["examples"] == 20
     with open(src, "a") as f:
-        f.write(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}) + "\n")
+        f.write(
+            json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}) + "\n"
+        )
     r = run_cli("eval", f"run={run_dir}", cwd=tmp_path)
     assert "data sources changed since training" in r.stdout and "data.test_path=FILE" in r.stdout
     r = run_cli("export", f"run={run_dir}", "output=full-export", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    a, b = AutoModelForCausalLM.from_pretrained(tmp_path / "full-export"), AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    a, b = (
+        AutoModelForCausalLM.from_pretrained(tmp_path / "full-export"),
+        AutoModelForCausalLM.from_pretrained(run_dir / "final"),
+    )
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
@@ -464,7 +597,9 @@ def test_a_gpu_run_on_a_machine_without_one_says_how_to_use_the_cpu(trained, tmp
     copy = tmp_path / "gpu-run"
     shutil.copytree(trained, copy, symlinks=True)
     spec = copy / "spec.yaml"
-    spec.write_text(spec.read_text().replace("device: cpu", "device: cuda").replace("precision: fp32", "precision: auto"))
+    spec.write_text(
+        spec.read_text().replace("device: cpu", "device: cuda").replace("precision: fp32", "precision: auto")
+    )
     r = run_cli("eval", f"run={copy}", cwd=tmp_path)
     assert r.returncode == 2 and "add hardware.device=cpu" in r.stderr, r.stderr[-1500:]
     r = run_cli("generate", f"run={copy}", "prompt=Reverse the words: ape cat", cwd=tmp_path)
@@ -480,8 +615,10 @@ def test_batched_generation_equals_one_at_a_time(attention, trained, monkeypatch
     import torch
 
     from cuda_like import cuda_like_sdpa
-    from fttool import data, model as model_lib, rundir
-    from fttool.evaluate import generate
+    from fttool import data
+    from fttool.after.evaluate import generate
+    from fttool.launch import rundir
+    from fttool.worker import model as model_lib
 
     if attention == "cuda_like":
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", cuda_like_sdpa)
@@ -490,9 +627,13 @@ def test_batched_generation_equals_one_at_a_time(attention, trained, monkeypatch
     tok = load_tokenizer(spec)
     data.training_template(spec, tok)
     model = model_lib.load_trained(spec, "fp32", trained / "final")
-    convs = [[{"role": "user", "content": f"Reverse the words: {w}"}] for w in
-             ("ape cat elk pink sun", "fox", "cow bee", "ship moon star lamp fire")]
-    assert generate(model, tok, convs, 24, batch_size=4) == [generate(model, tok, [c], 24, batch_size=1)[0] for c in convs]
+    convs = [
+        [{"role": "user", "content": f"Reverse the words: {w}"}]
+        for w in ("ape cat elk pink sun", "fox", "cow bee", "ship moon star lamp fire")
+    ]
+    assert generate(model, tok, convs, 24, batch_size=4) == [
+        generate(model, tok, [c], 24, batch_size=1)[0] for c in convs
+    ]
 
 
 def test_chat_sends_the_whole_conversation_and_reset_clears_it(monkeypatch, capsys):
@@ -500,7 +641,7 @@ def test_chat_sends_the_whole_conversation_and_reset_clears_it(monkeypatch, caps
     import io
     import sys
 
-    from fttool import evaluate, generate
+    from fttool.after import evaluate, generate
 
     seen = []
 
@@ -511,7 +652,11 @@ def test_chat_sends_the_whole_conversation_and_reset_clears_it(monkeypatch, caps
     monkeypatch.setattr(evaluate, "generate", fake_generate)
     monkeypatch.setattr(sys, "stdin", io.StringIO("one\ntwo\n/reset\nthree\n"))
     generate.chat(None, None, [{"role": "system", "content": "S"}], {"max_new_tokens": 4}, "test")
-    assert [[m["content"] for m in conv] for conv in seen] == [["S", "one"], ["S", "one", "reply 1", "two"], ["S", "three"]]
+    assert [[m["content"] for m in conv] for conv in seen] == [
+        ["S", "one"],
+        ["S", "one", "reply 1", "two"],
+        ["S", "three"],
+    ]
     assert capsys.readouterr().out.split("\n")[:3] == ["reply 1", "reply 2", "reply 3"]
 
 
@@ -520,7 +665,7 @@ def test_perplexity_of_broken_outputs_says_why(loss, expected, monkeypatch, tmp_
     """NaN logits used to show as perplexity n/a with nothing said; a huge loss overflowed math.exp."""
     import logging
 
-    from fttool import evaluate
+    from fttool.after import evaluate
 
     monkeypatch.setattr(evaluate, "nll", lambda model, encoded: [(loss * 3, 3)])
     spec = make_spec(["data.metrics=[perplexity]"], tmp_path)

@@ -1,13 +1,14 @@
 """The non-finite guard: a NaN/inf loss or gradient norm stops the run at that step, before its update; NaN is shown
 as NaN; nothing is written from poisoned weights; the last checkpoint stays resumable; a tolerance skips and counts."""
+
 import math
 
 import pytest
 
 from conftest import FAST, make_spec, run_cli, train_run
-from fttool import rundir
-from fttool.callbacks import read_metrics
 from fttool.errors import UserError
+from fttool.launch import rundir
+from fttool.worker.callbacks import read_metrics
 
 STEPS = ["method=lora", *FAST, "train.max_steps=6", "train.save_steps=2"]
 
@@ -43,8 +44,8 @@ def _finite_adapter(path):
 
 @pytest.mark.slow
 def test_a_nan_step_stops_the_run_before_its_update_and_the_run_resumes(nan_loss_at, tmp_path):
-    from fttool.guard import TrainingDiverged
-    from fttool.train import train
+    from fttool.worker.guard import TrainingDiverged
+    from fttool.worker.train import train
 
     nan_loss_at({5})
     with pytest.raises(TrainingDiverged, match="training stopped at step 5: non-finite loss nan") as err:
@@ -85,7 +86,7 @@ def test_a_tolerated_nan_step_is_skipped_and_counted(nan_loss_at, tmp_path):
 def test_a_skipped_step_leaves_the_weights_and_the_optimizer_as_they_were():
     import torch
 
-    from fttool.guard import NonFiniteGuard, NonFiniteStep
+    from fttool.worker.guard import NonFiniteGuard, NonFiniteStep
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 2)
@@ -112,7 +113,7 @@ def test_a_skipped_step_leaves_the_weights_and_the_optimizer_as_they_were():
 def test_fp16_gradient_overflow_is_left_to_the_loss_scaler():
     import torch
 
-    from fttool.guard import NonFiniteGuard
+    from fttool.worker.guard import NonFiniteGuard
 
     guard = NonFiniteGuard(tolerance=0, fp16=True)
     guard.see_loss(torch.tensor(2.0))
@@ -124,9 +125,22 @@ def test_fp16_gradient_overflow_is_left_to_the_loss_scaler():
 
 @pytest.mark.slow
 def test_a_diverging_run_from_the_cli_exits_4_with_the_causes(tmp_path):
-    r = run_cli("method=full", "train.lr=1e9", "train.max_grad_norm=1e9", "train.warmup_ratio=0", "train.max_steps=8",
-                "train.logging_steps=1", "train.batch_size=4", "train.grad_accum=1", "data.max_samples=32",
-                "data.val_ratio=0", "eval.after_training=false", "run_name=div", f"output_dir={tmp_path}", cwd=tmp_path)
+    r = run_cli(
+        "method=full",
+        "train.lr=1e9",
+        "train.max_grad_norm=1e9",
+        "train.warmup_ratio=0",
+        "train.max_steps=8",
+        "train.logging_steps=1",
+        "train.batch_size=4",
+        "train.grad_accum=1",
+        "data.max_samples=32",
+        "data.val_ratio=0",
+        "eval.after_training=false",
+        "run_name=div",
+        f"output_dir={tmp_path}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 4, r.stdout[-2000:] + r.stderr[-2000:]
     assert "fttool: error: training stopped at step" in r.stderr and "Traceback" not in r.stderr
     assert "train.lr=1e+09 now; try train.lr=1e+08" in r.stderr
@@ -136,17 +150,33 @@ def test_a_diverging_run_from_the_cli_exits_4_with_the_causes(tmp_path):
 
 def test_validation_that_turns_nan_stops_before_the_checkpoint(tmp_path):
     """Weights that give NaN on held-out data are not saved, even when every training step was finite."""
-    from fttool.guard import TrainingDiverged
+    from fttool.worker.guard import TrainingDiverged
 
     with pytest.raises(TrainingDiverged, match="the validation loss is nan"):
-        train_run(["method=full", "train.lr=1e9", "train.max_grad_norm=1e9", "train.warmup_ratio=0", *FAST,
-                   "train.max_steps=4", "train.save_steps=1"], tmp_path, name="val")
-    assert rundir.checkpoints(tmp_path / "val") == []  # step 1's update made the model NaN: its checkpoint is not written
+        train_run(
+            [
+                "method=full",
+                "train.lr=1e9",
+                "train.max_grad_norm=1e9",
+                "train.warmup_ratio=0",
+                *FAST,
+                "train.max_steps=4",
+                "train.save_steps=1",
+            ],
+            tmp_path,
+            name="val",
+        )
+    assert (
+        rundir.checkpoints(tmp_path / "val") == []
+    )  # step 1's update made the model NaN: its checkpoint is not written
 
 
 def test_tolerance_is_refused_where_an_update_cannot_be_dropped(tmp_path):
     with pytest.raises(UserError, match="DeepSpeed applies each update inside its backward"):
-        make_spec(["hardware=zero3", "hardware.device=cpu", "hardware.num_processes=2", "train.nonfinite_tolerance=2"], tmp_path)
+        make_spec(
+            ["hardware=zero3", "hardware.device=cpu", "hardware.num_processes=2", "train.nonfinite_tolerance=2"],
+            tmp_path,
+        )
     with pytest.raises(UserError, match="train.nonfinite_tolerance=-1 is out of range"):
         make_spec(["train.nonfinite_tolerance=-1"], tmp_path)
 
@@ -155,7 +185,7 @@ def test_tolerance_is_refused_where_an_update_cannot_be_dropped(tmp_path):
 def test_weights_with_nan_are_named_when_loaded(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from fttool import model as model_lib
+    from fttool.worker import model as model_lib
 
     run_dir, _ = train_run([*FAST, "train.max_steps=2", "train.save_steps=2"], tmp_path)
     path = run_dir / "final" / "adapter_model.safetensors"
@@ -176,10 +206,26 @@ def test_weights_with_nan_are_named_when_loaded(tmp_path):
 def test_a_diverging_two_process_run_stops_every_rank_and_exits_4(strategy, tmp_path):
     from test_distributed import free_port
 
-    r = run_cli(f"hardware={strategy}", "hardware.device=cpu", "hardware.num_processes=2", f"hardware.main_port={free_port()}",
-                "method=full", "train.lr=1e9", "train.max_grad_norm=1e9", "train.warmup_ratio=0", "train.max_steps=8",
-                "train.logging_steps=1", "train.batch_size=2", "train.grad_accum=1", "data.max_samples=32",
-                "data.val_ratio=0", "eval.after_training=false", "run_name=div2", f"output_dir={tmp_path}", cwd=tmp_path)
+    r = run_cli(
+        f"hardware={strategy}",
+        "hardware.device=cpu",
+        "hardware.num_processes=2",
+        f"hardware.main_port={free_port()}",
+        "method=full",
+        "train.lr=1e9",
+        "train.max_grad_norm=1e9",
+        "train.warmup_ratio=0",
+        "train.max_steps=8",
+        "train.logging_steps=1",
+        "train.batch_size=2",
+        "train.grad_accum=1",
+        "data.max_samples=32",
+        "data.val_ratio=0",
+        "eval.after_training=false",
+        "run_name=div2",
+        f"output_dir={tmp_path}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 4, r.stdout[-3000:] + r.stderr[-3000:]
     assert "training stopped at step" in r.stderr and "rank 0" in r.stderr
     assert not (tmp_path / "div2" / "final").exists()

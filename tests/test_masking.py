@@ -3,20 +3,26 @@
 Uses the real phi-3-mini tokenizer and every template in ../shared/data/chat_templates (skipped when that
 folder is absent), single- and multi-turn, with and without a system message.
 """
+
 import re
 
 import pytest
-from fttool.data.tokenizer import load_tokenizer
 
 from conftest import SHARED_DATA, make_spec
+from fttool.data.tokenizer import load_tokenizer
 from template_cases import trained_runs
 
-pytestmark = pytest.mark.skipif(not (SHARED_DATA / "tokenizers" / "phi-3-mini").is_dir(),
-                                reason="../shared/data (real tokenizers and templates) is not present")
+pytestmark = pytest.mark.skipif(
+    not (SHARED_DATA / "tokenizers" / "phi-3-mini").is_dir(),
+    reason="../shared/data (real tokenizers and templates) is not present",
+)
 
 SYSTEM = {"role": "system", "content": "You are terse. Never mention {{name}}."}
-TURNS = [("Reverse the words: red fox", "fox red"), ("Now: blue whale sings", "sings whale blue"),
-         ("And: one two", "two one")]
+TURNS = [
+    ("Reverse the words: red fox", "fox red"),
+    ("Now: blue whale sings", "sings whale blue"),
+    ("And: one two", "two one"),
+]
 CONVERSATIONS = {
     "single": [{"role": "user", "content": TURNS[0][0]}, {"role": "assistant", "content": TURNS[0][1]}],
     "multi": [m for u, a in TURNS for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})],
@@ -79,7 +85,7 @@ def test_only_replies_and_their_end_of_turn_are_trained(phi3, data_spec, templat
         text = squash(phi3.decode(run))
         at = text.find(squash(reply))
         assert at == 0 or (at > 0 and template in GLUED), (text, reply)  # the whole reply, no role header before it
-        assert END_MARKERS.match(text[at + len(squash(reply)):]), text  # after it only end-of-turn tokens
+        assert END_MARKERS.match(text[at + len(squash(reply)) :]), text  # after it only end-of-turn tokens
         assert run[-1] in special, phi3.decode(run)  # the reply is closed by a special token, which is trained
     trained_text = squash(phi3.decode([i for i, lab in zip(ids, labels) if lab != -100]))
     for m in msgs:
@@ -104,10 +110,13 @@ def test_template_without_end_of_turn_gets_eos(phi3, data_spec):
     assert all(r[-1] == phi3.eos_token_id for r in trained_runs(ids, labels))
 
 
-@pytest.mark.parametrize("overrides,expected_runs", [
-    (["data.train_turns=last"], ["two one"]),
-    (["data.train_roles=[user,assistant]"], [u for t in TURNS for u in t]),
-])
+@pytest.mark.parametrize(
+    "overrides,expected_runs",
+    [
+        (["data.train_turns=last"], ["two one"]),
+        (["data.train_roles=[user,assistant]"], [u for t in TURNS for u in t]),
+    ],
+)
 def test_turn_and_role_selection(phi3, tmp_path, overrides, expected_runs):
     spec = make_spec(overrides, tmp_path)
     ids, labels, _ = encode(phi3, None, spec.data, CONVERSATIONS["multi"])

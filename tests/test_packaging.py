@@ -1,4 +1,5 @@
 """The installed wheel finds its configs, recipes and bundled assets from an unrelated directory."""
+
 import json
 import os
 import subprocess
@@ -12,13 +13,18 @@ from conftest import ROOT
 @pytest.fixture(scope="module")
 def wheel_target(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(ROOT), "-w", str(out / "dist")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(ROOT), "-w", str(out / "dist")],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot build a wheel here (no build backend reachable): {r.stderr[-300:]}")
     wheel = next((out / "dist").glob("fttool-*.whl"))
     target = out / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True
+    )
     return target
 
 
@@ -28,8 +34,13 @@ def _run(target, cwd, *args):
 
 
 def test_wheel_finds_configs_and_recipes_elsewhere(wheel_target, tmp_path):
-    r = _run(wheel_target, tmp_path, "-c", "import fttool.registry as r, fttool.assets as a; print(r.conf_dir()); "
-             "print(r.shipped_recipes_dir()); print(a.ASSETS_DIR)")
+    r = _run(
+        wheel_target,
+        tmp_path,
+        "-c",
+        "import fttool.config.registry as r, fttool.assets as a; print(r.conf_dir()); "
+        "print(r.shipped_recipes_dir()); print(a.ASSETS_DIR)",
+    )
     assert r.returncode == 0, r.stderr
     for line in r.stdout.split():
         assert line.startswith(str(wheel_target)), line
@@ -44,8 +55,16 @@ def test_wheel_finds_configs_and_recipes_elsewhere(wheel_target, tmp_path):
 @pytest.mark.slow
 def test_wheel_trains_evaluates_exports_and_generates(wheel_target, tmp_path):
     """The installed package end to end, from an unrelated directory: bundled model, demo data and test file."""
-    tiny = ["+recipe=tiny_cpu", "train.max_steps=4", "train.save_steps=2", "train.logging_steps=2", "data.max_samples=32",
-            "eval.samples=2", "run_name=w", "output_dir=runs"]
+    tiny = [
+        "+recipe=tiny_cpu",
+        "train.max_steps=4",
+        "train.save_steps=2",
+        "train.logging_steps=2",
+        "data.max_samples=32",
+        "eval.samples=2",
+        "run_name=w",
+        "output_dir=runs",
+    ]
     r = _run(wheel_target, tmp_path, "-m", "fttool", *tiny)
     assert r.returncode == 0, r.stderr[-2000:]
     run = tmp_path / "runs" / "w"
@@ -54,8 +73,16 @@ def test_wheel_trains_evaluates_exports_and_generates(wheel_target, tmp_path):
     assert r.returncode in (0, 3) and "held-out evaluation, 3 examples" in r.stdout, r.stderr[-2000:]
     r = _run(wheel_target, tmp_path, "-m", "fttool", "export", "run=runs/w", "output=exported")
     assert r.returncode == 0 and (tmp_path / "exported" / "model.safetensors").is_file(), r.stderr[-2000:]
-    r = _run(wheel_target, tmp_path, "-m", "fttool", "generate", "model=exported", "prompt=Reverse the words: a b",
-             "max_new_tokens=8")
+    r = _run(
+        wheel_target,
+        tmp_path,
+        "-m",
+        "fttool",
+        "generate",
+        "model=exported",
+        "prompt=Reverse the words: a b",
+        "max_new_tokens=8",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -64,6 +91,10 @@ def test_console_script_is_the_same_program(tmp_path):
     if not os.path.exists(exe):
         pytest.skip("fttool console script not installed in this environment")
     a = subprocess.run([exe, "check", "+recipe=tiny_cpu", "run_name=x"], cwd=tmp_path, capture_output=True, text=True)
-    b = subprocess.run([sys.executable, "-m", "fttool", "check", "+recipe=tiny_cpu", "run_name=x"], cwd=tmp_path,
-                       capture_output=True, text=True)
+    b = subprocess.run(
+        [sys.executable, "-m", "fttool", "check", "+recipe=tiny_cpu", "run_name=x"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout

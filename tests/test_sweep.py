@@ -1,4 +1,5 @@
 """Sweeps (one run folder per trial in one sweep folder, a summary and a plot) and W&B offline logging."""
+
 import csv
 import json
 import os
@@ -7,8 +8,14 @@ import pytest
 
 from conftest import run_cli
 
-TINY = ["+recipe=tiny_cpu", "train.max_steps=4", "train.logging_steps=1", "data.max_samples=64", "eval.after_training=false",
-        "data.val_ratio=0.05"]
+TINY = [
+    "+recipe=tiny_cpu",
+    "train.max_steps=4",
+    "train.logging_steps=1",
+    "data.max_samples=64",
+    "eval.after_training=false",
+    "data.val_ratio=0.05",
+]
 
 
 def sweep_dir_of(out):
@@ -24,8 +31,12 @@ def test_sweep_runs_every_trial_and_summarises(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     sweep = sweep_dir_of(tmp_path / "runs")
     trials = sorted(p for p in sweep.iterdir() if p.name.startswith("trial-"))
-    assert [t.name for t in trials] == ["trial-00-method.rank=4,train.lr=0.001", "trial-01-method.rank=4,train.lr=0.002",
-                                        "trial-02-method.rank=8,train.lr=0.001", "trial-03-method.rank=8,train.lr=0.002"]
+    assert [t.name for t in trials] == [
+        "trial-00-method.rank=4,train.lr=0.001",
+        "trial-01-method.rank=4,train.lr=0.002",
+        "trial-02-method.rank=8,train.lr=0.001",
+        "trial-03-method.rank=8,train.lr=0.002",
+    ]
     for t in trials:
         assert (t / "final").is_dir() and (t / "spec.yaml").is_file()
     spec = (trials[3] / "spec.yaml").read_text()
@@ -33,8 +44,12 @@ def test_sweep_runs_every_trial_and_summarises(tmp_path):
     logs = [(t / "train.log").read_text() for t in trials]
     assert "tokenized and cached" in logs[0] and all("loaded from cache" in log for log in logs[1:])  # one shared cache
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
-    assert [row["overrides"] for row in rows] == ["method.rank=4 train.lr=0.001", "method.rank=4 train.lr=0.002",
-                                                  "method.rank=8 train.lr=0.001", "method.rank=8 train.lr=0.002"]
+    assert [row["overrides"] for row in rows] == [
+        "method.rank=4 train.lr=0.001",
+        "method.rank=4 train.lr=0.002",
+        "method.rank=8 train.lr=0.001",
+        "method.rank=8 train.lr=0.002",
+    ]
     for row in rows:
         assert row["status"] == "ok" and float(row["final_train_loss"]) > 0 and float(row["eval_loss"]) > 0
         assert float(row["tokens_per_s"]) > 0 and row["run_dir"].startswith(str(sweep))
@@ -45,7 +60,9 @@ def test_sweep_runs_every_trial_and_summarises(tmp_path):
 
 @pytest.mark.slow
 def test_a_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
-    r = run_cli("-m", *TINY, "model.name_or_path=fttool:tiny-chat,/nonexistent/model", f"output_dir={tmp_path}", cwd=tmp_path)
+    r = run_cli(
+        "-m", *TINY, "model.name_or_path=fttool:tiny-chat,/nonexistent/model", f"output_dir={tmp_path}", cwd=tmp_path
+    )
     assert r.returncode == 1
     assert "1 sweep trial(s) failed" in r.stderr and "/nonexistent/model" in r.stderr
     rows = list(csv.DictReader(open(sweep_dir_of(tmp_path) / "summary.csv")))
@@ -60,8 +77,20 @@ def test_wandb_offline_two_processes(tmp_path, monkeypatch):
 
     secret = "sekrit" + "0123456789abcdef" * 2 + "0123456"
     env = {"WANDB_API_KEY": secret, "WANDB_MODE": "offline"}
-    r = run_cli("-m", *TINY, "logging=wandb", "logging.mode=offline", "hardware=ddp", "hardware.device=cpu",
-                "method.rank=4", "eval.after_training=true", "eval.samples=4", f"output_dir={tmp_path}", env=env, cwd=tmp_path)
+    r = run_cli(
+        "-m",
+        *TINY,
+        "logging=wandb",
+        "logging.mode=offline",
+        "hardware=ddp",
+        "hardware.device=cpu",
+        "method.rank=4",
+        "eval.after_training=true",
+        "eval.samples=4",
+        f"output_dir={tmp_path}",
+        env=env,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     sweep = sweep_dir_of(tmp_path)
     (trial,) = [p for p in sweep.iterdir() if p.name.startswith("trial-")]
@@ -72,7 +101,12 @@ def test_wandb_offline_two_processes(tmp_path, monkeypatch):
     assert run.run_group == sweep.name and run.display_name == trial.name
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
     assert config["method"]["rank"] == 4 and config["hardware"]["strategy"] == "ddp"  # the resolved spec
-    history = [i.key or "/".join(i.nested_key) for x in recs if x.WhichOneof("record_type") == "history" for i in x.history.item]
+    history = [
+        i.key or "/".join(i.nested_key)
+        for x in recs
+        if x.WhichOneof("record_type") == "history"
+        for i in x.history.item
+    ]
     assert any("loss" in k for k in history)
     summary = {u.key: u.value_json for x in recs if x.WhichOneof("record_type") == "summary" for u in x.summary.update}
     assert json.loads(summary["run_dir"]) == str(trial)
@@ -88,7 +122,7 @@ def test_wandb_offline_two_processes(tmp_path, monkeypatch):
 def test_the_sweep_outcome_is_read_from_its_trial_records(tmp_path):
     """Wherever the trials ran (this process or SLURM jobs), the submitting process decides the exit code from the
     sweep folder's records: failed trials, and expected trials that left no record."""
-    from fttool import sweep
+    from fttool.launch import sweep
 
     sweep.record_trial(tmp_path, 0, ["method.rank=8"], tmp_path / "t0", "ok")
     sweep.record_trial(tmp_path, 1, ["method.rank=16"], None, "failed", "boom")
@@ -100,7 +134,8 @@ def test_the_sweep_outcome_is_read_from_its_trial_records(tmp_path):
 
 def test_one_compose_and_one_validation_per_run(monkeypatch, tmp_path, capsys):
     """A run is composed and validated once on its way from the command line to `check` (or training)."""
-    from fttool import cli, compose, validation
+    from fttool import cli
+    from fttool.config import compose, validation
 
     calls = {"compose": 0, "build": 0}
     real_compose, real_build = compose.compose, validation.build
@@ -124,7 +159,7 @@ def test_the_wandb_mode_is_the_specs(monkeypatch, tmp_path):
     """logging.mode in the spec decides, not a WANDB_MODE left in the environment."""
     wandb = pytest.importorskip("wandb")
     from conftest import make_spec
-    from fttool import tracking
+    from fttool.worker import tracking
 
     seen = {}
 

@@ -1,5 +1,6 @@
 """Template variables (data.template_kwargs, a row's tools and documents), literal marker text, the mask dump and
 why a sample ends up with nothing to train."""
+
 import json
 
 import pytest
@@ -7,14 +8,18 @@ import pytest
 import template_cases as tc
 from conftest import SHARED_DATA, make_spec
 
-needs_shared = pytest.mark.skipif(not (SHARED_DATA / "tokenizers" / "phi-2").is_dir() or not tc.template_names(),
-                                  reason="../shared/data (real tokenizers and templates) is not present")
+needs_shared = pytest.mark.skipif(
+    not (SHARED_DATA / "tokenizers" / "phi-2").is_dir() or not tc.template_names(),
+    reason="../shared/data (real tokenizers and templates) is not present",
+)
 QWEN3 = "hf/Qwen-Qwen3-0.6B.jinja"
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
 # a tool-use template that loops over `tools` without a guard, as Hermes 2 Pro's and Command-R+'s do
-LOOPS_OVER_TOOLS = ("{% for t in tools %}{{ '<|im_start|>tool\n' + t['name'] + '<|im_end|>\n' }}{% endfor %}"
-                    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LOOPS_OVER_TOOLS = (
+    "{% for t in tools %}{{ '<|im_start|>tool\n' + t['name'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def encode(tok, spec_data, row, template=None):
@@ -59,8 +64,12 @@ def test_template_kwargs_are_part_of_the_cache_key(tmp_path):
 
 
 def test_template_kwargs_from_the_command_line(cli, tmp_path):
-    ok = cli("check", "data.template_kwargs.enable_thinking=false", "data.template_kwargs.date_string=26 Jul 2024",
-             cwd=tmp_path)
+    ok = cli(
+        "check",
+        "data.template_kwargs.enable_thinking=false",
+        "data.template_kwargs.date_string=26 Jul 2024",
+        cwd=tmp_path,
+    )
     assert ok.returncode == 0, ok.stderr
     bad = cli("check", "data.template_kwargs.add_generation_prompt=true", cwd=tmp_path)
     assert bad.returncode != 0 and "data.template_kwargs.add_generation_prompt: fttool sets" in bad.stderr
@@ -79,7 +88,9 @@ def test_a_rows_tools_reach_the_template_as_the_list_it_holds(tmp_path):
     with pytest.raises(UserError, match=r"data.jsonl:1: the chat template cannot render.*data.template_kwargs"):
         encode(tok, spec.data, {"messages": CHAT}, LOOPS_OVER_TOOLS)  # no tools in the row: the template gets None
     default = make_spec(["data.template_kwargs={tools: []}"], tmp_path)
-    assert trained_text(tok, encode(tok, default.data, {"messages": CHAT}, LOOPS_OVER_TOOLS)) == ["Hello there<|im_end|>"]
+    assert trained_text(tok, encode(tok, default.data, {"messages": CHAT}, LOOPS_OVER_TOOLS)) == [
+        "Hello there<|im_end|>"
+    ]
 
 
 @needs_shared
@@ -97,8 +108,12 @@ def test_literal_marker_text_is_plain_text_with_the_real_phi3_tokenizer(tmp_path
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(SHARED_DATA / "tokenizers" / "phi-3-mini"))
-    row = {"messages": [{"role": "user", "content": "What is <|end|>?"},
-                        {"role": "assistant", "content": "It closes a turn: <|end|> then <|user|>."}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "What is <|end|>?"},
+            {"role": "assistant", "content": "It closes a turn: <|end|> then <|user|>."},
+        ]
+    }
     out = encode(tok, make_spec([], tmp_path).data, row)
     end, user = tok.convert_tokens_to_ids("<|end|>"), tok.convert_tokens_to_ids("<|user|>")
     assert out["input_ids"].count(end) == 2 and out["input_ids"].count(user) == 1  # the template's own only
@@ -116,13 +131,23 @@ def test_why_a_sample_has_nothing_to_train(tmp_path):
 
     tok = tc.tokenizer("hf/deepseek-ai-DeepSeek-V3.1.jinja")
     spec = make_spec([], tmp_path)
-    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>only this</think>"}]}
+    row = {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>only this</think>"}]
+    }
     out = encode(tok, spec.data, row)
     assert out["empty_replies"] == 1 and all(x == -100 for x in out["labels"])
     assert fate(out["input_ids"], out["labels"], spec.data, out["empty_replies"])[3] == NO_TRAINED_WHY["empty"]
     short = make_spec(["data.max_length=8"], tmp_path)
-    out = encode(tok, short.data, {"messages": [{"role": "user", "content": "Tell me a long story, please " * 3},
-                                                {"role": "assistant", "content": "Once upon a time"}]})
+    out = encode(
+        tok,
+        short.data,
+        {
+            "messages": [
+                {"role": "user", "content": "Tell me a long story, please " * 3},
+                {"role": "assistant", "content": "Once upon a time"},
+            ]
+        },
+    )
     ids, labels, truncated, why = fate(out["input_ids"], out["labels"], short.data, out["empty_replies"])
     assert truncated and len(ids) == 8 and why == NO_TRAINED_WHY["truncated"]
 
@@ -132,9 +157,11 @@ def test_mask_dump_from_the_command_line(cli, tmp_path):
     """`fttool preview ... output=FILE.jsonl`: one object per row in file order, labels aligned with input_ids
     (-100 = not trained), refused rows with their error, truncation and drops marked; --samples limits it."""
     data = tmp_path / "d.jsonl"
-    rows = [{"messages": CHAT},
-            {"messages": [{"role": "user", "content": "no reply"}]},
-            {"messages": [{"role": "user", "content": "long"}, {"role": "assistant", "content": "word " * 300}]}]
+    rows = [
+        {"messages": CHAT},
+        {"messages": [{"role": "user", "content": "no reply"}]},
+        {"messages": [{"role": "user", "content": "long"}, {"role": "assistant", "content": "word " * 300}]},
+    ]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "masks.jsonl"
     r = cli("preview", "data=chat", f"data.path={data}", "data.max_length=64", f"output={out}", cwd=tmp_path)

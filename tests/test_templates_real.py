@@ -1,13 +1,16 @@
 """Exactly the right tokens on every real chat template in ../shared/data/chat_templates (and hf/): every
 conversation class of the masking issue, judged against the hand-written reference in template_cases.py.
 Adding a template file adds its cases; one without reference markers fails until they are written down."""
+
 import pytest
 
 import template_cases as tc
 from conftest import SHARED_DATA, make_spec
 
-pytestmark = pytest.mark.skipif(not (SHARED_DATA / "tokenizers" / "phi-2").is_dir() or not tc.template_names(),
-                                reason="../shared/data (real tokenizers and templates) is not present")
+pytestmark = pytest.mark.skipif(
+    not (SHARED_DATA / "tokenizers" / "phi-2").is_dir() or not tc.template_names(),
+    reason="../shared/data (real tokenizers and templates) is not present",
+)
 CASES = list(tc.conversations("<END>"))
 
 

@@ -1,13 +1,14 @@
 """Training on the CPU with the bundled tiny model: each method learns, artifacts land, resume is exact."""
+
 import json
 import shutil
 
 import pytest
 
 from conftest import FAST, make_spec, run_cli, train_run
-from fttool import rundir
-from fttool.callbacks import read_metrics
 from fttool.errors import UserError
+from fttool.launch import rundir
+from fttool.worker.callbacks import read_metrics
 
 STEPS = ["train.max_steps=12", "train.save_steps=6"]
 
@@ -44,8 +45,17 @@ def test_method_trains_and_loss_falls(method, tmp_path):
     assert result["peak_memory"]["peak_rss_gib"] >= rec["peak_rss_gib"]  # the run's peak, final save included
 
 
-@pytest.mark.parametrize("fmt,packing", [("chat", "bins"), ("sharegpt", "padding_free"), ("alpaca", "none"),
-                                         ("completion", "padding_free"), ("segments", "none"), ("preference", "none")])
+@pytest.mark.parametrize(
+    "fmt,packing",
+    [
+        ("chat", "bins"),
+        ("sharegpt", "padding_free"),
+        ("alpaca", "none"),
+        ("completion", "padding_free"),
+        ("segments", "none"),
+        ("preference", "none"),
+    ],
+)
 @pytest.mark.slow
 def test_every_format_trains_from_the_cli(fmt, packing, tmp_path):
     from test_data import FORMAT_ROWS, write_jsonl
@@ -53,8 +63,16 @@ def test_every_format_trains_from_the_cli(fmt, packing, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", FORMAT_ROWS[fmt](64))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    r = run_cli(f"data={fmt}", f"data.path={path}", f"data.packing={packing}", *FAST, "train.lr=5e-3", "run_name=cli",
-                f"output_dir={tmp_path / 'runs'}", cwd=elsewhere)
+    r = run_cli(
+        f"data={fmt}",
+        f"data.path={path}",
+        f"data.packing={packing}",
+        *FAST,
+        "train.lr=5e-3",
+        "run_name=cli",
+        f"output_dir={tmp_path / 'runs'}",
+        cwd=elsewhere,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     run_dir = tmp_path / "runs" / "cli"
     summary = json.loads((run_dir / "result.json").read_text())
@@ -69,7 +87,7 @@ def test_every_format_trains_from_the_cli(fmt, packing, tmp_path):
 def test_qlora_base_is_4bit(tmp_path):
     import bitsandbytes as bnb
 
-    from fttool import model as model_lib
+    from fttool.worker import model as model_lib
 
     spec = make_spec(["method=qlora"], tmp_path)
     model, _ = model_lib.load_model(spec)
@@ -85,14 +103,16 @@ def test_resume_matches_uninterrupted(tmp_path):
     shutil.rmtree(crashed / "checkpoints" / "checkpoint-8")
     shutil.rmtree(crashed / "final")
     (crashed / "result.json").unlink()  # written only when a run finishes
-    lines = [l for l in (crashed / "metrics.jsonl").read_text().splitlines() if json.loads(l)["step"] <= 6]
+    lines = [x for x in (crashed / "metrics.jsonl").read_text().splitlines() if json.loads(x)["step"] <= 6]
     (crashed / "metrics.jsonl").write_text("\n".join(lines) + "\n")  # steps 5-6 were logged but never checkpointed
-    (crashed / "spec.yaml").write_text((crashed / "spec.yaml").read_text().replace("run_name: uninterrupted", "run_name: crashed"))
+    (crashed / "spec.yaml").write_text(
+        (crashed / "spec.yaml").read_text().replace("run_name: uninterrupted", "run_name: crashed")
+    )
 
     spec = make_spec(steps + ["run_name=crashed", "resume=auto"], tmp_path)
     run_dir, created = rundir.prepare(spec, ["pytest"], {})
     assert not created
-    from fttool.train import train
+    from fttool.worker.train import train
 
     train(run_dir)
     log = (crashed / "train.log").read_text().split("resuming from")
@@ -126,11 +146,28 @@ def test_run_folder_record(tmp_path):
 
 @pytest.mark.slow
 def test_cli_train_end_to_end_from_another_directory(tmp_path):
-    r = run_cli("+recipe=tiny_cpu", "train.max_steps=4", "train.logging_steps=2", "train.save_steps=2", "data.max_samples=32",
-                "eval.samples=4", "run_name=e2e", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    r = run_cli(
+        "+recipe=tiny_cpu",
+        "train.max_steps=4",
+        "train.logging_steps=2",
+        "train.save_steps=2",
+        "data.max_samples=32",
+        "eval.samples=4",
+        "run_name=e2e",
+        f"output_dir={tmp_path / 'runs'}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     run_dir = tmp_path / "runs" / "e2e"
-    for name in ("spec.yaml", "command.txt", "env.json", "metrics.jsonl", "train.log", "result.json", "final/adapter_model.safetensors"):
+    for name in (
+        "spec.yaml",
+        "command.txt",
+        "env.json",
+        "metrics.jsonl",
+        "train.log",
+        "result.json",
+        "final/adapter_model.safetensors",
+    ):
         assert (run_dir / name).exists(), name
     assert "step 4/4 (100%)" in r.stdout and "tok/s" in r.stdout and "eta" in r.stdout
     assert "held-out evaluation, 4 examples" in r.stdout and "verdict:" in r.stdout
@@ -202,13 +239,21 @@ def test_qlora_on_the_cpu_refuses_layer_sizes_its_4bit_kernel_cannot_take(tmp_pa
     from fttool import assets
 
     tok = AutoTokenizer.from_pretrained(assets.resolve("fttool:tiny-chat"))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=172, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        eos_token_id=tok.eos_token_id,
+    )
     model_dir = tmp_path / "odd-sizes"
     LlamaForCausalLM(cfg).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    r = run_cli("method=qlora", f"model.name_or_path={model_dir}", *FAST, "run_name=odd", f"output_dir={tmp_path}",
-                cwd=tmp_path)
+    r = run_cli(
+        "method=qlora", f"model.name_or_path={model_dir}", *FAST, "run_name=odd", f"output_dir={tmp_path}", cwd=tmp_path
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "4-bit CPU kernel needs every quantized layer's input size to be a multiple of 64" in r.stderr
     assert "64->172" in r.stderr and "method=lora" in r.stderr
@@ -225,7 +270,9 @@ def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: bench/gpu_check.py would run for real")
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True, cwd=tmp_path
+    )
     assert r.returncode == 0 and "sees no CUDA GPU here: nothing to check" in r.stdout, r.stdout + r.stderr
 
 
@@ -237,8 +284,24 @@ def test_gpu_check_flow_runs_on_the_cpu(tmp_path):
 
     from conftest import ROOT
 
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu-dry-run", "--steps", "3",
-                        "--batch", "2", "--runs", "qlora-padded,full-padding_free", "--out", str(tmp_path / "gc")], capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_check.py"),
+            "--cpu-dry-run",
+            "--steps",
+            "3",
+            "--batch",
+            "2",
+            "--runs",
+            "qlora-padded,full-padding_free",
+            "--out",
+            str(tmp_path / "gc"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0 and "gpu_check: PASS" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     for name in ("qlora-padded", "full-padding_free"):
         assert f"| {name} |" in r.stdout

@@ -4,6 +4,7 @@ mask -> apply the length policy -> cache. Every count along the way ends up in D
 `build(spec, tokenizer)` returns a `Prepared`: the tokenized training (and validation) datasets, the stats, and the
 cache folder they live in. The held-out test rows are read by `test_rows(spec)` when an evaluation needs them.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,14 +52,27 @@ class Prepared:
 
     def record(self) -> Dict:
         """What the run folder keeps about its data (data.json): fingerprints and counts."""
-        return {"cache_dir": str(self.cache_dir), "from_cache": self.from_cache, "key": self.key,
-                "stats": self.stats.to_dict()}
+        return {
+            "cache_dir": str(self.cache_dir),
+            "from_cache": self.from_cache,
+            "key": self.key,
+            "stats": self.stats.to_dict(),
+        }
 
 
 def sources_of(d) -> List[Source]:
     if d.mix:
-        return [Source(m.path, m.format or d.format, m.split or d.split, dict(m.columns or d.columns), m.weight, f"data.mix[{i}]")
-                for i, m in enumerate(d.mix)]
+        return [
+            Source(
+                m.path,
+                m.format or d.format,
+                m.split or d.split,
+                dict(m.columns or d.columns),
+                m.weight,
+                f"data.mix[{i}]",
+            )
+            for i, m in enumerate(d.mix)
+        ]
     return [Source(d.path, d.format, d.split, dict(d.columns), 1.0, "data.path")]
 
 
@@ -71,9 +85,11 @@ def training_template(spec, tokenizer) -> Optional[str]:
         tokenizer.chat_template = template
     needs = any(s.format in CHAT_KINDS for s in sources_of(d))
     if needs and not tokenizer.chat_template:
-        raise UserError(f"the tokenizer of {spec.model.name_or_path} has no chat template, which data.format={d.format} needs; "
-                        f"set data.template to one of {', '.join(templates.NAMED)} (or a .jinja file), "
-                        "or use data.format=completion.")
+        raise UserError(
+            f"the tokenizer of {spec.model.name_or_path} has no chat template, which data.format={d.format} needs; "
+            f"set data.template to one of {', '.join(templates.NAMED)} (or a .jinja file), "
+            "or use data.format=completion."
+        )
     return tokenizer.chat_template
 
 
@@ -83,16 +99,28 @@ def build(spec, tokenizer, use_cache: bool = True) -> Prepared:
     template = training_template(spec, tokenizer)
     srcs = sources_of(d)
     extra = [(k, p) for k, p in (("data.val_path", d.val_path), ("data.test_path", d.test_path)) if p]
-    parts = cache.key(d, spec.seed, tokenizer, template,
-                      [[fingerprint(s.path, s.split, s.key), s.format, s.split, s.columns, s.weight] for s in srcs]
-                      + [[k, fingerprint(p, "train", k)] for k, p in extra])
+    parts = cache.key(
+        d,
+        spec.seed,
+        tokenizer,
+        template,
+        [[fingerprint(s.path, s.split, s.key), s.format, s.split, s.columns, s.weight] for s in srcs]
+        + [[k, fingerprint(p, "train", k)] for k, p in extra],
+    )
     where = cache.folder(d, parts)
     paths = [s.path for s in srcs] + [p for _, p in extra]
     if use_cache and cache.is_complete(where):
         splits, stats = cache.read(where)
         splits = cache.relabel(splits, where, paths)
-        return Prepared(splits["train"], splits["validation"], DataStats.from_dict(stats), where, True,
-                        time.perf_counter() - t0, parts)
+        return Prepared(
+            splits["train"],
+            splits["validation"],
+            DataStats.from_dict(stats),
+            where,
+            True,
+            time.perf_counter() - t0,
+            parts,
+        )
     train_rows, val_rows, _, stats = _rows(spec, srcs)
     encoder = Encoder(tokenizer, template, d)  # only when tokenizing: a cache hit needs none
     train_ds = _encode(encoder, train_rows, d, stats, count=True)
@@ -144,8 +172,8 @@ def _rows(spec, srcs: List[Source]):
         n_val = round(len(rows) * d.val_ratio) if not d.val_path else 0
         n_test = round(len(rows) * d.test_ratio) if not d.test_path else 0
         val += rows[:n_val]
-        test += rows[n_val: n_val + n_test]
-        taken = _weighted(rows[n_val + n_test:], s.weight, rng)
+        test += rows[n_val : n_val + n_test]
+        taken = _weighted(rows[n_val + n_test :], s.weight, rng)
         stats.per_source[s.path] = len(taken)
         train += taken
     first = srcs[0]
@@ -157,8 +185,10 @@ def _rows(spec, srcs: List[Source]):
     if d.max_samples:
         train = train[: d.max_samples]
     if not train:
-        raise UserError(f"{first.key}={first.path}: no rows left to train on ({stats.rows} read, {stats.bad_rows_skipped} bad, "
-                        f"{len(val)} validation, {len(test)} test).")
+        raise UserError(
+            f"{first.key}={first.path}: no rows left to train on ({stats.rows} read, {stats.bad_rows_skipped} bad, "
+            f"{len(val)} validation, {len(test)} test)."
+        )
     stats.validation, stats.test = len(val), len(test)
     return train, val, test, stats
 
@@ -207,8 +237,15 @@ def _encode(encoder: Encoder, rows: Rows, d, stats: DataStats, count: bool):
     datasets.disable_progress_bars()
     raw = datasets.Dataset.from_dict({"loc": [loc for loc, _ in rows], "example": [json.dumps(ex) for _, ex in rows]})
     nproc = auto_num_proc(len(rows), d.num_proc)
-    enc = raw.map(_encode_fn(encoder, d.skip_bad_rows), batched=True, batch_size=256, remove_columns=["example"],
-                  num_proc=nproc if nproc > 1 else None, load_from_cache_file=False, desc=None)
+    enc = raw.map(
+        _encode_fn(encoder, d.skip_bad_rows),
+        batched=True,
+        batch_size=256,
+        remove_columns=["example"],
+        num_proc=nproc if nproc > 1 else None,
+        load_from_cache_file=False,
+        desc=None,
+    )
     return _length_policy(enc, d, stats, count)
 
 
@@ -270,10 +307,17 @@ def _length_policy(enc, d, stats: DataStats, count: bool):
     if count:
         stats.histogram = histogram(lengths, d.max_length)
         if not stats.samples:
-            raise UserError(f"data: every sample was dropped ({stats.summary()}); raise data.max_length or fix the data.")
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "labels": datasets.Sequence(datasets.Value("int32")), "length": datasets.Value("int32"),
-                                  "loc": datasets.Value("string")})
+            raise UserError(
+                f"data: every sample was dropped ({stats.summary()}); raise data.max_length or fix the data."
+            )
+    features = datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "labels": datasets.Sequence(datasets.Value("int32")),
+            "length": datasets.Value("int32"),
+            "loc": datasets.Value("string"),
+        }
+    )
     return datasets.Dataset.from_dict(keep, features=features)
 
 
@@ -283,11 +327,18 @@ def drift(old: Dict, new: Dict, spec) -> List[str]:
     d = spec.data
     names = [f"{s.key}={s.path}" for s in sources_of(d)]
     names += [f"{k}={p}" for k, p in (("data.val_path", d.val_path), ("data.test_path", d.test_path)) if p]
-    out = [f"{name} (its content changed)" for name, a, b in zip(names, old.get("sources", []), new["sources"]) if a != b]
+    out = [
+        f"{name} (its content changed)" for name, a, b in zip(names, old.get("sources", []), new["sources"]) if a != b
+    ]
     if len(old.get("sources", [])) != len(new["sources"]):
         out.append("the list of sources")
-    for part, what in (("tokenizer", "the tokenizer"), ("template", "the chat template"),
-                       ("version", "fttool's tokenization (a newer fttool)"), ("data", "the data keys"), ("seed", "seed")):
+    for part, what in (
+        ("tokenizer", "the tokenizer"),
+        ("template", "the chat template"),
+        ("version", "fttool's tokenization (a newer fttool)"),
+        ("data", "the data keys"),
+        ("seed", "seed"),
+    ):
         if old.get(part) != new.get(part):
             out.append(what)
     return out
@@ -305,8 +356,14 @@ def prompt_ids(tokenizer, messages, template_kwargs: Optional[Dict] = None) -> L
     """Token ids of a conversation up to where the assistant answers, with the tokenizer's current template and the
     run's data.template_kwargs (so inference renders prompts as training did)."""
     kwargs = dict(template_kwargs or {})
-    text = tokenizer.apply_chat_template(messages, tools=kwargs.pop("tools", None), documents=kwargs.pop("documents", None),
-                                         tokenize=False, add_generation_prompt=True, **kwargs)
+    text = tokenizer.apply_chat_template(
+        messages,
+        tools=kwargs.pop("tools", None),
+        documents=kwargs.pop("documents", None),
+        tokenize=False,
+        add_generation_prompt=True,
+        **kwargs,
+    )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -396,4 +453,17 @@ def eval_example(loc: str, ex: Dict) -> Optional[Dict]:
     return t
 
 
-__all__ = ["build", "drift", "prompt_ids", "mask_dump", "fate", "NO_TRAINED_WHY", "test_rows", "eval_example", "DataStats", "Prepared", "IGNORE", "sources_of"]
+__all__ = [
+    "build",
+    "drift",
+    "prompt_ids",
+    "mask_dump",
+    "fate",
+    "NO_TRAINED_WHY",
+    "test_rows",
+    "eval_example",
+    "DataStats",
+    "Prepared",
+    "IGNORE",
+    "sources_of",
+]

@@ -7,6 +7,7 @@ rank or another sweep trial with the same key loads the folder instead of tokeni
 part of the key builds a new one. Folders are written under a temporary name and renamed when complete, so a
 reader never sees half a cache.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,18 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 VERSION = 5  # bump when the encoding logic changes what a key produces
-NOT_IN_KEY = {"packing", "num_proc", "cache_dir", "allow_template_change", "path", "mix", "val_path", "test_path",
-              "metrics", "json_schema"}  # these change no token (metrics score the test split later)
+NOT_IN_KEY = {
+    "packing",
+    "num_proc",
+    "cache_dir",
+    "allow_template_change",
+    "path",
+    "mix",
+    "val_path",
+    "test_path",
+    "metrics",
+    "json_schema",
+}  # these change no token (metrics score the test split later)
 
 
 def cache_root(data_spec) -> Path:
@@ -31,16 +42,31 @@ def tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps({"special": tokenizer.special_tokens_map, "bos": getattr(tokenizer, "add_bos_token", None),
-                         "cls": type(tokenizer).__name__}, sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            {
+                "special": tokenizer.special_tokens_map,
+                "bos": getattr(tokenizer, "add_bos_token", None),
+                "cls": type(tokenizer).__name__,
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     return h.hexdigest()
 
 
 def key(data_spec, seed: int, tokenizer, template: Optional[str], sources: list) -> Dict[str, Any]:
     """The key's parts (kept in meta.json so a person can see why two runs share a cache or not)."""
     fields = {k: v for k, v in dataclasses.asdict(data_spec).items() if k not in NOT_IN_KEY}
-    return {"version": VERSION, "sources": sources, "tokenizer": tokenizer_fingerprint(tokenizer),
-            "template": hashlib.sha256((template or "").encode()).hexdigest(), "data": fields, "seed": seed}
+    return {
+        "version": VERSION,
+        "sources": sources,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template": hashlib.sha256((template or "").encode()).hexdigest(),
+        "data": fields,
+        "seed": seed,
+    }
 
 
 def digest(parts: Dict[str, Any]) -> str:
@@ -67,7 +93,9 @@ def write(path: Path, parts: Dict[str, Any], splits: Dict[str, Any], stats: dict
                 ds.save_to_disk(str(tmp / name))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
         # the source paths are not part of the key (same content, same tokens) but name the samples' rows
-        (tmp / "meta.json").write_text(json.dumps({**parts, "paths": paths or []}, indent=1, sort_keys=True, default=str))
+        (tmp / "meta.json").write_text(
+            json.dumps({**parts, "paths": paths or []}, indent=1, sort_keys=True, default=str)
+        )
         try:
             os.rename(tmp, path)
         except OSError:  # another process finished the same key first: theirs is as good as ours
@@ -86,18 +114,22 @@ def relabel(splits: Dict[str, Any], path: Path, paths: list) -> Dict[str, Any]:
 
     def fix(loc: str) -> str:
         for a, b in moves.items():
-            if loc.startswith(a) and loc[len(a):len(a) + 1] in (":", " "):
-                return b + loc[len(a):]
+            if loc.startswith(a) and loc[len(a) : len(a) + 1] in (":", " "):
+                return b + loc[len(a) :]
         return loc
 
-    return {k: ds.map(lambda r: {"loc": fix(r["loc"])}, load_from_cache_file=False) if ds is not None else None
-            for k, ds in splits.items()}
+    return {
+        k: ds.map(lambda r: {"loc": fix(r["loc"])}, load_from_cache_file=False) if ds is not None else None
+        for k, ds in splits.items()
+    }
 
 
 def read(path: Path):
     """(splits, stats dict) of a complete cache folder."""
     import datasets
 
-    splits = {name: datasets.load_from_disk(str(path / name)) if (path / name).is_dir() else None
-              for name in ("train", "validation")}
+    splits = {
+        name: datasets.load_from_disk(str(path / name)) if (path / name).is_dir() else None
+        for name in ("train", "validation")
+    }
     return splits, json.loads((path / "stats.json").read_text())

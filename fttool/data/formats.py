@@ -7,6 +7,7 @@
 Roles are normalised to system / user / assistant / tool. Every error names the row (file:line or record #i),
 what was expected and the key that fixes it.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,22 +18,57 @@ from fttool.errors import UserError, suggestion
 ROLES = ("system", "user", "assistant", "tool")
 # role names seen in public datasets -> the four roles templates know
 ROLE_ALIASES = {
-    "system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-    "bot": "assistant", "model": "assistant", "function_call": "assistant", "tool": "tool", "observation": "tool",
-    "function": "tool", "ipython": "tool",
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "function_call": "assistant",
+    "tool": "tool",
+    "observation": "tool",
+    "function": "tool",
+    "ipython": "tool",
 }
 
 # format -> its fields and the column each is read from by default (data.columns renames them)
 FIELDS: Dict[str, Dict[str, str]] = {
-    "chat": {"messages": "messages", "role": "role", "content": "content", "tools": "tools", "documents": "documents",
-             "system": "system"},
-    "sharegpt": {"conversations": "conversations", "role": "from", "content": "value", "tools": "tools",
-                 "documents": "documents", "system": "system"},
-    "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system", "history": "history"},
+    "chat": {
+        "messages": "messages",
+        "role": "role",
+        "content": "content",
+        "tools": "tools",
+        "documents": "documents",
+        "system": "system",
+    },
+    "sharegpt": {
+        "conversations": "conversations",
+        "role": "from",
+        "content": "value",
+        "tools": "tools",
+        "documents": "documents",
+        "system": "system",
+    },
+    "alpaca": {
+        "instruction": "instruction",
+        "input": "input",
+        "output": "output",
+        "system": "system",
+        "history": "history",
+    },
     "completion": {"text": "text"},
     "segments": {"segments": "segments"},
-    "preference": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "role": "role", "content": "content",
-                   "tools": "tools", "documents": "documents", "system": "system"},
+    "preference": {
+        "prompt": "prompt",
+        "chosen": "chosen",
+        "rejected": "rejected",
+        "role": "role",
+        "content": "content",
+        "tools": "tools",
+        "documents": "documents",
+        "system": "system",
+    },
 }
 # message fields passed on to the template as they are (templates render tool calls and reasoning from them)
 EXTRA_FIELDS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
@@ -45,16 +81,23 @@ def check_columns(fmt: str, columns: Mapping[str, str], key: str = "data.columns
     """Config-time check: every mapped field exists in the format."""
     for name in columns:
         if name not in FIELDS[fmt]:
-            raise UserError(f"{key}.{name}: data.format={fmt} has no field '{name}'.{suggestion(name, FIELDS[fmt], QUOTED)} "
-                            f"Its fields: {', '.join(FIELDS[fmt])}.")
+            raise UserError(
+                f"{key}.{name}: data.format={fmt} has no field '{name}'.{suggestion(name, FIELDS[fmt], QUOTED)} "
+                f"Its fields: {', '.join(FIELDS[fmt])}."
+            )
 
 
 def guess_format(rec: Dict[str, Any]) -> Optional[str]:
     """The format whose required fields a row has under their default names, if any."""
     if "chosen" in rec and "rejected" in rec:
         return "preference"
-    for fmt, required in (("chat", "messages"), ("sharegpt", "conversations"), ("alpaca", "instruction"),
-                          ("segments", "segments"), ("completion", "text")):
+    for fmt, required in (
+        ("chat", "messages"),
+        ("sharegpt", "conversations"),
+        ("alpaca", "instruction"),
+        ("segments", "segments"),
+        ("completion", "text"),
+    ):
         if required in rec:
             return fmt
     return None
@@ -93,22 +136,30 @@ class Formatter:
                 return None
             guess = guess_format(rec)
             hint = f" These rows look like data.format={guess}." if guess and guess != self.fmt else ""
-            raise UserError(f"{loc}: row has no '{column}' field (data.format={self.fmt}).{suggestion(column, rec.keys(), QUOTED)} "
-                            f"Its fields: {', '.join(rec.keys()) or 'none'}.{hint} Map yours with data.columns.{name}=COLUMN, "
-                            "or pick the right data.format.")
+            raise UserError(
+                f"{loc}: row has no '{column}' field (data.format={self.fmt}).{suggestion(column, rec.keys(), QUOTED)} "
+                f"Its fields: {', '.join(rec.keys()) or 'none'}.{hint} Map yours with data.columns.{name}=COLUMN, "
+                "or pick the right data.format."
+            )
         return rec[column]
 
     def _role(self, loc: str, j: int, raw: Any) -> str:
         role = self.roles.get(str(raw).strip())
         if role not in ROLES:
             names = sorted(self.roles)
-            raise UserError(f"{loc}: message #{j} has role '{raw}', which fttool does not know.{suggestion(str(raw), names, QUOTED)} "
-                            f"Known roles: {', '.join(names)}. Map it with data.roles={{{raw}: assistant}} (or user, system, tool).")
+            raise UserError(
+                f"{loc}: message #{j} has role '{raw}', which fttool does not know.{suggestion(str(raw), names, QUOTED)} "
+                f"Known roles: {', '.join(names)}. Map it with data.roles={{{raw}: assistant}} (or user, system, tool)."
+            )
         return role
 
     def _messages(self, loc: str, msgs: Any) -> List[Dict[str, str]]:
         rk, ck = self.col["role"], self.col["content"]
-        name = self.col["messages" if self.fmt == "chat" else "conversations"] if self.fmt != "preference" else self.col["prompt"]
+        name = (
+            self.col["messages" if self.fmt == "chat" else "conversations"]
+            if self.fmt != "preference"
+            else self.col["prompt"]
+        )
         if not isinstance(msgs, list) or not msgs:
             raise UserError(f"{loc}: '{name}' must be a non-empty list of {{{rk}, {ck}}} objects.")
         return [self._message(loc, j, m) for j, m in enumerate(msgs)]
@@ -116,8 +167,10 @@ class Formatter:
     def _message(self, loc: str, j: int, m: Any) -> Dict[str, str]:
         rk, ck = self.col["role"], self.col["content"]
         if not isinstance(m, dict) or rk not in m:
-            raise UserError(f"{loc}: message #{j} must be an object with '{rk}' and '{ck}' (map other names with "
-                            f"data.columns.role=... and data.columns.content=...).")
+            raise UserError(
+                f"{loc}: message #{j} must be an object with '{rk}' and '{ck}' (map other names with "
+                f"data.columns.role=... and data.columns.content=...)."
+            )
         content = m.get(ck)
         extras = {k: m[k] for k in EXTRA_FIELDS if m.get(k) not in (None, "", [])}
         if content is None and extras:  # OpenAI style: a tool call has no text content
@@ -140,7 +193,9 @@ class Formatter:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
-                raise UserError(f"{loc}: '{self.col[name]}' is a string but not valid JSON ({e.msg}); give a list of {what}.")
+                raise UserError(
+                    f"{loc}: '{self.col[name]}' is a string but not valid JSON ({e.msg}); give a list of {what}."
+                )
         if value is None:
             return None
         if isinstance(value, dict):
@@ -178,10 +233,16 @@ class Formatter:
             raise UserError(f"{loc}: the conversation has no assistant reply, so nothing would be trained.")
         for j, m in enumerate(msgs):
             if m["role"] == "assistant" and not m["content"].strip() and not any(k in m for k in EXTRA_FIELDS):
-                raise UserError(f"{loc}: message #{j} is an empty assistant reply; fill it in or remove the row "
-                                "(data.skip_bad_rows=true skips such rows and counts them).")
-        return {"kind": "chat", "messages": msgs, "tools": self._tools(loc, rec),
-                "documents": self._listed(loc, rec, "documents", "documents")}
+                raise UserError(
+                    f"{loc}: message #{j} is an empty assistant reply; fill it in or remove the row "
+                    "(data.skip_bad_rows=true skips such rows and counts them)."
+                )
+        return {
+            "kind": "chat",
+            "messages": msgs,
+            "tools": self._tools(loc, rec),
+            "documents": self._listed(loc, rec, "documents", "documents"),
+        }
 
     def _segments(self, loc: str, segs: Any) -> List[list]:
         if not isinstance(segs, list) or not segs:
@@ -190,25 +251,35 @@ class Formatter:
         for j, s in enumerate(segs):
             flag = s.get("train", s.get("label")) if isinstance(s, dict) else None
             if not isinstance(s, dict) or not isinstance(s.get("text"), str) or not isinstance(flag, bool):
-                raise UserError(f"{loc}: segment #{j} must be {{\"text\": string, \"train\": true|false}} "
-                                "('label' is accepted for 'train').")
+                raise UserError(
+                    f'{loc}: segment #{j} must be {{"text": string, "train": true|false}} '
+                    "('label' is accepted for 'train')."
+                )
             out.append([s["text"], flag])
         if not any(flag and text.strip() for text, flag in out):
-            raise UserError(f"{loc}: no segment is marked \"train\": true with text, so nothing would be trained.")
+            raise UserError(f'{loc}: no segment is marked "train": true with text, so nothing would be trained.')
         return out
 
     def _preference(self, loc: str, rec: Dict[str, Any]) -> Example:
         prompt = self._get(loc, rec, "prompt")
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else self._messages(loc, prompt)
         if msgs[-1]["role"] == "assistant":
-            raise UserError(f"{loc}: the prompt ends with an assistant message; it must end where the compared replies begin.")
+            raise UserError(
+                f"{loc}: the prompt ends with an assistant message; it must end where the compared replies begin."
+            )
         msgs = self._system(loc, rec, msgs)
-        out = {"kind": "preference", "messages": msgs, "tools": self._tools(loc, rec),
-               "documents": self._listed(loc, rec, "documents", "documents")}
+        out = {
+            "kind": "preference",
+            "messages": msgs,
+            "tools": self._tools(loc, rec),
+            "documents": self._listed(loc, rec, "documents", "documents"),
+        }
         for name in ("chosen", "rejected"):
             out[name] = self._reply(loc, name, self._get(loc, rec, name))
         if out["chosen"] == out["rejected"]:
-            raise UserError(f"{loc}: chosen and rejected are the same reply; a preference pair needs two different ones.")
+            raise UserError(
+                f"{loc}: chosen and rejected are the same reply; a preference pair needs two different ones."
+            )
         return out
 
     def _reply(self, loc: str, name: str, val: Any) -> str:
@@ -220,5 +291,7 @@ class Formatter:
                 raise UserError(f"{loc}: '{self.col[name]}' must be an assistant reply, got role '{val['role']}'.")
             val = val["content"]
         if not isinstance(val, str) or not val.strip():
-            raise UserError(f"{loc}: '{self.col[name]}' must be a non-empty reply (a string or a {{role, content}} message).")
+            raise UserError(
+                f"{loc}: '{self.col[name]}' must be a non-empty reply (a string or a {{role, content}} message)."
+            )
         return val

@@ -6,6 +6,7 @@ block-diagonal causal mask from them, so samples never attend to each other. Tha
 cache is off (../CPU_STACK.md: with it on, packed samples silently attend across boundaries), which
 `guard_kv_cache` enforces on every training forward.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -32,7 +33,9 @@ def bins_of(lengths: Sequence[int], capacity: int) -> List[List[int]]:
     return bins
 
 
-def pack_bins(input_ids: Sequence[List[int]], labels: Sequence[List[int]], capacity: int, pad_id: int) -> Dict[str, list]:
+def pack_bins(
+    input_ids: Sequence[List[int]], labels: Sequence[List[int]], capacity: int, pad_id: int
+) -> Dict[str, list]:
     """Rows of exactly `capacity` tokens; padding at the end of a row is its own untrained sequence."""
     out: Dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
     for b in bins_of([len(x) for x in input_ids], capacity):
@@ -54,7 +57,9 @@ class BinCollator:
     def __call__(self, features):
         import torch
 
-        return {k: torch.tensor([f[k] for f in features], dtype=torch.long) for k in ("input_ids", "labels", "position_ids")}
+        return {
+            k: torch.tensor([f[k] for f in features], dtype=torch.long) for k in ("input_ids", "labels", "position_ids")
+        }
 
 
 class RightPadCollator:
@@ -79,8 +84,11 @@ class RightPadCollator:
             ids.append(list(f["input_ids"]) + [self.pad_id] * pad)
             labels.append(list(f["labels"]) + [IGNORE] * pad)
             mask.append([1] * n + [0] * pad)
-        return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
-                "attention_mask": torch.tensor(mask, dtype=torch.long)}
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long),
+        }
 
 
 def pad_id(tokenizer) -> int:
@@ -114,7 +122,7 @@ def padding_efficiency(lengths: Sequence[int], batch_size: int, multiple: int = 
     """Real tokens / tokens computed for padded batches of `batch_size` in data order (padded to a multiple of 8)."""
     real = computed = 0
     for i in range(0, len(lengths), batch_size):
-        chunk = lengths[i: i + batch_size]
+        chunk = lengths[i : i + batch_size]
         longest = -(-max(chunk) // multiple) * multiple
         real += sum(chunk)
         computed += longest * len(chunk)

@@ -1,4 +1,5 @@
 """`fttool preview` and `fttool preprocess`: see exactly what will be trained, and build the cache ahead of time."""
+
 from __future__ import annotations
 
 import os
@@ -35,10 +36,12 @@ def stats_lines(spec, prepared) -> List[str]:
     st, d = prepared.stats, spec.data
     lengths = prepared.train["length"]
     frac = st.trained_tokens / st.tokens if st.tokens else 0.0
-    lines = [f"samples       {st.samples:,} (from {st.rows:,} rows; validation {st.validation:,}, test {st.test:,})",
-             f"tokens        {st.tokens:,}, trained {st.trained_tokens:,} ({100 * frac:.1f}%)",
-             f"length        max_length {d.max_length}, truncation={d.truncation}: truncated {st.truncated}, "
-             f"dropped {st.dropped_too_long} over max_length, dropped {st.dropped_no_trained_tokens} with no trained tokens"]
+    lines = [
+        f"samples       {st.samples:,} (from {st.rows:,} rows; validation {st.validation:,}, test {st.test:,})",
+        f"tokens        {st.tokens:,}, trained {st.trained_tokens:,} ({100 * frac:.1f}%)",
+        f"length        max_length {d.max_length}, truncation={d.truncation}: truncated {st.truncated}, "
+        f"dropped {st.dropped_too_long} over max_length, dropped {st.dropped_no_trained_tokens} with no trained tokens",
+    ]
     for why, n in st.no_trained_why.items():
         lines.append(f"              {n:,} with no trained tokens because {why}")
     if st.bad_rows_skipped or st.duplicates_removed:
@@ -46,17 +49,23 @@ def stats_lines(spec, prepared) -> List[str]:
     if len(st.per_source) > 1:
         lines.append("mixture       " + ", ".join(f"{os.path.basename(k)}: {v:,}" for k, v in st.per_source.items()))
     if st.eos_appended:
-        lines.append(f"end of turn   EOS appended to {st.eos_appended:,} replies (the template closes them with no special token)")
+        lines.append(
+            f"end of turn   EOS appended to {st.eos_appended:,} replies (the template closes them with no special token)"
+        )
     if st.literal_markers:
-        lines.append(f"literal text  {st.literal_markers:,} special-token texts inside messages kept as plain text (never the token)")
+        lines.append(
+            f"literal text  {st.literal_markers:,} special-token texts inside messages kept as plain text (never the token)"
+        )
     if st.empty_replies:
         lines.append(f"empty replies {st.empty_replies:,} trained replies the template rendered empty (not trained)")
     if st.tools_in_system:
         lines.append(f"tools         schemas written into the system message of {st.tools_in_system:,} rows")
     pad = pack.padding_efficiency(lengths, spec.train.batch_size)
     bins = pack.bin_efficiency(lengths, d.max_length)
-    lines.append(f"packing       data.packing={d.packing}; real tokens per computed token: padded batches of "
-                 f"{spec.train.batch_size} {100 * pad:.1f}%, padding_free 100%, bins of {d.max_length} {100 * bins:.1f}%")
+    lines.append(
+        f"packing       data.packing={d.packing}; real tokens per computed token: padded batches of "
+        f"{spec.train.batch_size} {100 * pad:.1f}%, padding_free 100%, bins of {d.max_length} {100 * bins:.1f}%"
+    )
     lines.append("lengths")
     lines += histogram_lines(st.histogram)
     return lines
@@ -80,9 +89,12 @@ def _dump(spec, samples: Optional[int], output: str, out: TextIO) -> None:
 
     quiet_libraries()
     counts = data.mask_dump(spec, load_tokenizer(spec), output, samples)
-    print(f"wrote {output}: {counts['samples']:,} samples ({counts['truncated']:,} truncated to data.max_length, "
-          f"{counts['dropped']:,} that training drops, marked \"dropped\") and {counts['errors']:,} refused rows "
-          "(with \"error\")", file=out)
+    print(
+        f"wrote {output}: {counts['samples']:,} samples ({counts['truncated']:,} truncated to data.max_length, "
+        f'{counts["dropped"]:,} that training drops, marked "dropped") and {counts["errors"]:,} refused rows '
+        '(with "error")',
+        file=out,
+    )
 
 
 def _run(verb: str, spec, samples: int, out: TextIO) -> None:
@@ -101,7 +113,10 @@ def _run(verb: str, spec, samples: int, out: TextIO) -> None:
         for i in range(min(samples, len(prepared.train))):
             row = prepared.train[i]
             trained = sum(1 for x in row["labels"] if x != -100)
-            print(f"\n── sample {i} · {row['loc']} · {len(row['input_ids'])} tokens, {trained} trained ({legend})", file=out)
+            print(
+                f"\n── sample {i} · {row['loc']} · {len(row['input_ids'])} tokens, {trained} trained ({legend})",
+                file=out,
+            )
             print(highlight(tok, row["input_ids"], row["labels"], color), file=out)
         print(file=out)
     for line in stats_lines(spec, prepared):

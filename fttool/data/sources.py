@@ -3,6 +3,7 @@
 Every row keeps where it came from (file:line, file record #i, or dataset[split] #i) so any later error can
 name it. `fingerprint` gives a content hash of a source for the tokenized-data cache.
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,8 +25,12 @@ GLOB_CHARS = "*?["
 def is_local(path: str) -> bool:
     """A local path (file, folder, glob or bundled asset), as opposed to a hub dataset id."""
     local = Path(assets.resolve(path)).expanduser()
-    return (local.exists() or path.startswith((".", "/", "~", assets.PREFIX)) or local.suffix in SUFFIXES
-            or any(c in path for c in GLOB_CHARS))
+    return (
+        local.exists()
+        or path.startswith((".", "/", "~", assets.PREFIX))
+        or local.suffix in SUFFIXES
+        or any(c in path for c in GLOB_CHARS)
+    )
 
 
 def local_files(path: str, key: str = "data.path") -> List[Path]:
@@ -43,7 +48,9 @@ def local_files(path: str, key: str = "data.path") -> List[Path]:
             raise UserError(f"{key}={path}: the folder holds no {'/'.join(SUFFIXES)} file.")
         return files
     if not local.is_file():
-        raise UserError(f"{key}={path}: no such file or folder ({local}). Give a {', '.join(SUFFIXES)} file, a folder or a glob.")
+        raise UserError(
+            f"{key}={path}: no such file or folder ({local}). Give a {', '.join(SUFFIXES)} file, a folder or a glob."
+        )
     if local.suffix not in SUFFIXES:
         raise UserError(f"{key}={path}: unsupported file type '{local.suffix}'; use one of {', '.join(SUFFIXES)}.")
     return [local]
@@ -82,8 +89,10 @@ def not_utf8(path: Path, data: bytes, e: UnicodeDecodeError, first_line: int = 1
     """A decoding error named by file:line and column, with the bad byte and the fix."""
     line = first_line + data.count(b"\n", 0, e.start)
     column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-    return UserError(f"{path}:{line}: byte 0x{data[e.start]:02x} at column {column} is not UTF-8 ({e.reason}); data files "
-                     f"must be UTF-8: convert it, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}.")
+    return UserError(
+        f"{path}:{line}: byte 0x{data[e.start]:02x} at column {column} is not UTF-8 ({e.reason}); data files "
+        f"must be UTF-8: convert it, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}."
+    )
 
 
 def _text(path: Path, data: bytes, first_line: int = 1) -> str:
@@ -102,7 +111,9 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object.")
+                raise UserError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object."
+                )
             if not isinstance(rec, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}.")
             yield f"{path}:{lineno}", rec
@@ -112,8 +123,10 @@ def _read_json(path: Path) -> Iterator[Row]:
     try:
         data = json.loads(_text(path, path.read_bytes()))
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); expected an array of objects "
-                        "(for one object per line, name the file .jsonl).")
+        raise UserError(
+            f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); expected an array of objects "
+            "(for one object per line, name the file .jsonl)."
+        )
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON array of objects at the top level, got {type(data).__name__}.")
     for i, rec in enumerate(data):
@@ -149,7 +162,9 @@ def _hub_dataset(path: str, split: str, key: str):
 
         return datasets.load_dataset(path, split=split)
     except Exception as e:  # hub errors come in many classes
-        raise UserError(f"{key}={path}: not a local file, and loading it as a hub dataset failed: {str(e).splitlines()[0]}")
+        raise UserError(
+            f"{key}={path}: not a local file, and loading it as a hub dataset failed: {str(e).splitlines()[0]}"
+        )
 
 
 def _read_hub(path: str, split: str, key: str) -> Iterator[Row]:

@@ -1,4 +1,5 @@
 """What preprocessing did to the data, in numbers: every dropped, truncated, skipped or changed sample is counted."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -33,9 +34,12 @@ class DataStats:
 
     def summary(self) -> str:
         frac = self.trained_tokens / self.tokens if self.tokens else 0.0
-        parts = [f"{self.samples:,} samples from {self.rows:,} rows, {self.tokens:,} tokens ({100 * frac:.1f}% trained)",
-                 f"truncated {self.truncated}", f"dropped {self.dropped_too_long} over max_length {self.max_length}",
-                 f"dropped {self.dropped_no_trained_tokens} with no trained tokens{self._why()}"]
+        parts = [
+            f"{self.samples:,} samples from {self.rows:,} rows, {self.tokens:,} tokens ({100 * frac:.1f}% trained)",
+            f"truncated {self.truncated}",
+            f"dropped {self.dropped_too_long} over max_length {self.max_length}",
+            f"dropped {self.dropped_no_trained_tokens} with no trained tokens{self._why()}",
+        ]
         if self.bad_rows_skipped:
             parts.append(f"skipped {self.bad_rows_skipped} bad rows")
         if self.duplicates_removed:
@@ -43,13 +47,17 @@ class DataStats:
         if self.validation or self.test:
             parts.append(f"held out {self.validation} validation / {self.test} test")
         if self.eos_appended:
-            parts.append(f"EOS appended to {self.eos_appended} replies (the template closes them with no special token)")
+            parts.append(
+                f"EOS appended to {self.eos_appended} replies (the template closes them with no special token)"
+            )
         if self.literal_markers:
             parts.append(f"{self.literal_markers} special-token texts inside messages kept as plain text")
         if self.empty_replies:
             parts.append(f"{self.empty_replies} replies rendered empty by the template not trained")
         if self.tools_in_system:
-            parts.append(f"tool schemas put in the system message of {self.tools_in_system} rows (the template has no tools slot)")
+            parts.append(
+                f"tool schemas put in the system message of {self.tools_in_system} rows (the template has no tools slot)"
+            )
         return "; ".join(parts)
 
     def _why(self) -> str:

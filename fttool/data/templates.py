@@ -4,6 +4,7 @@ Named templates are for tokenizers without a template of their own (base models)
 user, assistant and tool turns, has a generation prompt, and closes every assistant reply with an
 end-of-turn token so a fine-tuned model learns to stop. This module imports nothing heavy.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -66,28 +67,40 @@ def resolve(value: Optional[str], key: str = "data.template") -> Optional[str]:
         if not path.is_file():
             raise UserError(f"{key}={value}: no such template file.")
         return path.read_text(encoding="utf-8")
-    raise UserError(f"{key}={value}: not a template name, a .jinja file or Jinja text.{suggestion(value, NAMED)} "
-                    f"Named templates: {', '.join(NAMED)}.")
+    raise UserError(
+        f"{key}={value}: not a template name, a .jinja file or Jinja text.{suggestion(value, NAMED)} "
+        f"Named templates: {', '.join(NAMED)}."
+    )
 
 
 SAMPLES = [
-    [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
-     {"role": "assistant", "content": "Bye!"}],
+    [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Bye!"},
+    ],
 ]
 
 
 def _render(tokenizer, template: str, messages, add_generation_prompt: bool = False) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as e:  # a template may reject a role
         return f"(cannot render: {e})"
 
 
 def _renderings(tokenizer, template: str) -> list:
-    return [_render(tokenizer, template, m, g) for m in SAMPLES for g in (False, True)] + \
-           [_render(tokenizer, template, SAMPLES[0][:2], True)]
+    return [_render(tokenizer, template, m, g) for m in SAMPLES for g in (False, True)] + [
+        _render(tokenizer, template, SAMPLES[0][:2], True)
+    ]
 
 
 def check_change(tokenizer, training: str, allow: bool, name: str) -> None:
@@ -113,11 +126,12 @@ def end_of_turn(tokenizer) -> Optional[int]:
         return None
     probe = "\u2063reply\u2063"
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False
+        )
     except Exception:  # noqa: BLE001 - a template with its own rules about roles; fall back to EOS
         return None
-    after = text[text.find(probe) + len(probe):] if probe in text else ""
+    after = text[text.find(probe) + len(probe) :] if probe in text else ""
     ids = tokenizer(after.lstrip(" "), add_special_tokens=False)["input_ids"] if after else []
     if not ids:
         return None

@@ -22,6 +22,7 @@ source, so `{{...}}` in a dataset stays literal. Text in a message that spells o
 (a chat quoting `<|im_end|>`) is kept as plain text: it is tokenized as ordinary characters, so it can never forge
 a turn boundary, and masked like the rest of its message.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,14 @@ TOOLS_INTRO = "You can call these tools (JSON schemas):\n"
 # stand in for a message's content to find its place in the rendering.
 LIT_OPEN, LIT_CLOSE = "\U000f0000", "\U000f0001"
 SENTINELS = ("\U000f0002", "@@fttool-sentinel@@")  # the second for templates that JSON-escape content
-RESERVED_KWARGS = ("messages", "add_generation_prompt", "continue_final_message", "chat_template", "tokenize",
-                   "conversation")
+RESERVED_KWARGS = (
+    "messages",
+    "add_generation_prompt",
+    "continue_final_message",
+    "chat_template",
+    "tokenize",
+    "conversation",
+)
 
 
 def _common(a: str, b: str) -> int:
@@ -97,8 +104,15 @@ class Encoder:
         if documents is None:
             documents = kwargs.pop("documents", None)
         kwargs.pop("documents", None)
-        return self.tok.apply_chat_template(messages, tools=tools, documents=documents, chat_template=self.template,
-                                            tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.tok.apply_chat_template(
+            messages,
+            tools=tools,
+            documents=documents,
+            chat_template=self.template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
+        )
 
     def prepare_messages(self, ex: Dict) -> Tuple[List[Dict[str, Any]], Optional[list], bool]:
         """Messages ready to render. Tool calls reach a template that renders `tool_calls` as they are, and are
@@ -142,13 +156,17 @@ class Encoder:
             first = (str(e).splitlines() or [type(e).__name__])[0]
             hint = ""
             if "NoneType" in first and "iterable" in first:
-                hint = (" The template loops over a variable the row does not give: rows with tools need a \"tools\" "
-                        "list (an empty list is passed as it is), and other variables go in data.template_kwargs "
-                        "(e.g. data.template_kwargs={tools: []}).")
+                hint = (
+                    ' The template loops over a variable the row does not give: rows with tools need a "tools" '
+                    "list (an empty list is passed as it is), and other variables go in data.template_kwargs "
+                    "(e.g. data.template_kwargs={tools: []})."
+                )
             elif "undefined" in first.lower():
                 hint = " A variable the template reads can be given with data.template_kwargs (e.g. {date_string: '26 Jul 2024'})."
-            raise UserError(f"{loc}: the chat template cannot render this conversation (roles {roles}): {first}.{hint} "
-                            "Pick a template that supports it (data.template=chatml) or fix the row.")
+            raise UserError(
+                f"{loc}: the chat template cannot render this conversation (roles {roles}): {first}.{hint} "
+                "Pick a template that supports it (data.template=chatml) or fix the row."
+            )
 
     def _try_render(self, messages, tools, documents, add_generation_prompt=False) -> Optional[str]:
         try:
@@ -165,15 +183,33 @@ class Encoder:
         markup after it is the template's own."""
         bare = {"role": m["role"], "content": s}
         kept = {**m, "content": s}
-        calls = {**kept, "tool_calls": [
-            {**c, "function": {**c["function"], "arguments": {s: s}}} if isinstance(c, dict) and isinstance(
-                c.get("function"), dict) else c for c in m["tool_calls"]]} if m.get("tool_calls") else None
+        calls = (
+            {
+                **kept,
+                "tool_calls": [
+                    {**c, "function": {**c["function"], "arguments": {s: s}}}
+                    if isinstance(c, dict) and isinstance(c.get("function"), dict)
+                    else c
+                    for c in m["tool_calls"]
+                ],
+            }
+            if m.get("tool_calls")
+            else None
+        )
         if whole:
             return [bare] + ([calls] if calls else [])
         return ([kept, calls] if calls else [kept] if len(m) > 2 else []) + [bare]
 
-    def _rendered_at(self, msgs, j: int, tools, documents, prefix_only: bool, add_generation_prompt=False,
-                     variants: Optional[List[Dict[str, Any]]] = None):
+    def _rendered_at(
+        self,
+        msgs,
+        j: int,
+        tools,
+        documents,
+        prefix_only: bool,
+        add_generation_prompt=False,
+        variants: Optional[List[Dict[str, Any]]] = None,
+    ):
         """Render msgs (or msgs[:j+1] when prefix_only) with message j replaced by a stand-in: (text, where the
         first sentinel starts, where the last one ends), or None when the template refuses every stand-in or does not
         write message j at all."""
@@ -181,7 +217,7 @@ class Encoder:
         for s in SENTINELS:
             for v in variants or self._stand_ins(msgs[j], s, whole=not prefix_only):
                 v = {k: (s if x is SENTINELS else x) for k, x in v.items()}
-                out = self._try_render(upto[:j] + [v] + upto[j + 1:], tools, documents, add_generation_prompt)
+                out = self._try_render(upto[:j] + [v] + upto[j + 1 :], tools, documents, add_generation_prompt)
                 pos = out.find(s) if out is not None else -1
                 if pos >= 0:
                     return out, pos, out.rfind(s) + len(s)
@@ -207,9 +243,11 @@ class Encoder:
             return  # the template looks at the content (or escapes it); the per-turn regions still check trained turns
         for j, (m, s) in enumerate(zip(msgs, marks)):
             if s not in out and m["content"].strip():
-                raise UserError(f"{loc}: the chat template leaves out message #{j} (role {m['role']}), so the model would "
-                                "never see it; pick a template that renders this role (data.template=chatml with "
-                                "data.allow_template_change=true) or drop the role from the data.")
+                raise UserError(
+                    f"{loc}: the chat template leaves out message #{j} (role {m['role']}), so the model would "
+                    "never see it; pick a template that renders this role (data.template=chatml with "
+                    "data.allow_template_change=true) or drop the role from the data."
+                )
 
     def _snap(self, a: str, b: str, k: int) -> int:
         """Move a boundary k (where a and b stop agreeing) back to the start of any token it would cut through."""
@@ -223,8 +261,10 @@ class Encoder:
 
     def _tail(self, msgs, j: int, tools, documents, add_generation_prompt: bool) -> Optional[str]:  # noqa: D401
         """What the template writes after message j when it is the last one (with a generation prompt or not)."""
-        got = self._rendered_at(msgs, j, tools, documents, prefix_only=True, add_generation_prompt=add_generation_prompt)
-        return None if got is None else got[0][got[2]:]
+        got = self._rendered_at(
+            msgs, j, tools, documents, prefix_only=True, add_generation_prompt=add_generation_prompt
+        )
+        return None if got is None else got[0][got[2] :]
 
     def _agree(self, tail: Optional[str], text: str) -> int:
         """How far `tail` and `text` agree, moved back to a token boundary."""
@@ -234,7 +274,7 @@ class Encoder:
         """Where the model's part of turn i begins: after the generation prompt that follows message i-1."""
         if i == 0 or prev is None:
             return a
-        k = self._agree(self._tail(msgs, i - 1, tools, documents, True), text[prev[1]:])
+        k = self._agree(self._tail(msgs, i - 1, tools, documents, True), text[prev[1] :])
         # what follows the generation prompt is the model's (gpt-oss's <|channel|>final<|message|>, an empty
         # <think></think>); when the prompt does not even agree with the markup after message i-1, this template
         # writes it differently once a reply follows: start where the reply itself starts
@@ -274,28 +314,29 @@ class Encoder:
         got = self._message_end(text, msgs, i, tools, documents)
         if got is not None:
             b, tail = got
-            closing = text[b: b + self._agree(tail, text[b:])]
+            closing = text[b : b + self._agree(tail, text[b:])]
             marker = self.special_re.search(closing) if self.special_re else None
             if marker:
                 return b + marker.end(), True
         if self.special_re is None:
             return b, False
-        got = self._rendered_at(msgs, i, tools, documents, prefix_only=True, add_generation_prompt=True,
-                                variants=[self._bare(msgs[i])])
+        got = self._rendered_at(
+            msgs, i, tools, documents, prefix_only=True, add_generation_prompt=True, variants=[self._bare(msgs[i])]
+        )
         if got is not None:
-            tail = got[0][got[2]:]
+            tail = got[0][got[2] :]
             first = self.special_re.search(tail)
             ws = len(text[b:]) - len(text[b:].lstrip())
             if first and not tail[: first.start()].strip() and text.startswith(first.group(0), b + ws):
                 return b + ws + len(first.group(0)), True
         last = None
-        for last in self.special_re.finditer(text, max(here[0], b - 64), b):
+        for last in self.special_re.finditer(text, max(here[0], b - 64), b):  # noqa: B007 - the last match is kept
             pass
         if last is not None and last.end() == b:
             return b, True
         if nxt is not None:
             found = list(self.special_re.finditer(text, b, nxt[0]))
-            if len(found) >= 2 and not text[b:found[0].start()].strip():
+            if len(found) >= 2 and not text[b : found[0].start()].strip():
                 return found[0].end(), True
         return b, False
 
@@ -304,7 +345,9 @@ class Encoder:
         idx = [i for i, m in enumerate(msgs) if m["role"] in roles]
         return idx[-1:] if self.d.train_turns == "last" else idx
 
-    def chat_spans(self, loc: str, ex: Dict, turns: Optional[Sequence[int]] = None) -> Tuple[str, List[Span], Dict[str, int]]:
+    def chat_spans(
+        self, loc: str, ex: Dict, turns: Optional[Sequence[int]] = None
+    ) -> Tuple[str, List[Span], Dict[str, int]]:
         """The rendered text (literal special tokens still marked), the character spans to train, and counters."""
         msgs, tools, in_system = self.prepare_messages(ex)
         documents = ex.get("documents")
@@ -324,9 +367,11 @@ class Encoder:
         for i in wanted:
             here = region(i)
             if here is None:
-                raise UserError(f"{loc}: the chat template does not write message #{i} (role {msgs[i]['role']}), so it "
-                                "cannot be trained; pick a template that renders this role or drop it from the data.")
-            if not text[here[0]:here[1]].strip():
+                raise UserError(
+                    f"{loc}: the chat template does not write message #{i} (role {msgs[i]['role']}), so it "
+                    "cannot be trained; pick a template that renders this role or drop it from the data."
+                )
+            if not text[here[0] : here[1]].strip():
                 empty += 1  # the template made nothing of the reply (reasoning stripped from an earlier turn)
                 continue
             prev = region(i - 1) if i and msgs[i]["role"] == "assistant" else None  # other roles: their content on
@@ -336,8 +381,16 @@ class Encoder:
                 start = out[-1].end
             out.append(Turn(start, max(start, end), closed))
         text, spans, appended = self._close_with_eos(text, out)
-        return text, spans, {"eos_appended": appended, "tools_in_system": int(in_system), "literal_markers": literals,
-                             "empty_replies": empty}
+        return (
+            text,
+            spans,
+            {
+                "eos_appended": appended,
+                "tools_in_system": int(in_system),
+                "literal_markers": literals,
+                "empty_replies": empty,
+            },
+        )
 
     def _close_with_eos(self, text: str, turns: List[Turn]) -> Tuple[str, List[Span], int]:
         eos = self.tok.eos_token
@@ -412,9 +465,15 @@ class Encoder:
                 labels.append(list(x))
             else:
                 labels.append([t if any(s < b and a < e for s, e in sp) else IGNORE for t, (a, b) in zip(x, o)])
-        return {"input_ids": ids, "labels": labels, "error": errors,
-                **{k: [c.get(k, 0) for c in counters] for k in ("eos_appended", "tools_in_system", "literal_markers",
-                                                                  "empty_replies")}}
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "error": errors,
+            **{
+                k: [c.get(k, 0) for c in counters]
+                for k in ("eos_appended", "tools_in_system", "literal_markers", "empty_replies")
+            },
+        }
 
     def _encode_marked(self, loc: str, text: str, spans: List[Span]) -> Tuple[list, list, List[Span]]:
         """Tokenize a text whose literal special-token text is marked: the marked pieces as ordinary characters, the
@@ -423,7 +482,7 @@ class Encoder:
         removed: List[Tuple[int, int]] = []  # (position in the marked text, marker characters removed up to there)
         at, gone = 0, 0
         for m in self.marked_re.finditer(text):
-            pieces.append((text[at:m.start()], False))
+            pieces.append((text[at : m.start()], False))
             if m.group(1) is not None:
                 pieces.append((m.group(1), True))
                 removed += [(m.start() + 1, gone + 1), (m.end(), gone + 2)]
@@ -442,14 +501,16 @@ class Encoder:
             return p - shift
 
         ids, offs, base = [], [], 0
-        for k, (piece, as_text) in enumerate(pieces):
+        for _k, (piece, as_text) in enumerate(pieces):
             if not piece:
                 continue
             x, o = self._encode_piece(piece, as_text, first=base == 0)
             if as_text and self.tok.convert_tokens_to_ids(piece) in x:
-                raise UserError(f"{loc}: the text {piece!r} in a message cannot be kept as plain text: this tokenizer "
-                                "makes the special token from its characters. Remove it from the data "
-                                "(or data.skip_bad_rows=true).")
+                raise UserError(
+                    f"{loc}: the text {piece!r} in a message cannot be kept as plain text: this tokenizer "
+                    "makes the special token from its characters. Remove it from the data "
+                    "(or data.skip_bad_rows=true)."
+                )
             ids += x
             offs += [(a + base, b + base) for a, b in o]
             base += len(piece)
@@ -458,6 +519,7 @@ class Encoder:
     def _encode_piece(self, piece: str, as_text: bool, first: bool) -> Tuple[list, list]:
         """Ids and offsets of one piece of a chat. Pieces after the first are encoded after a newline, which is then
         removed, so a SentencePiece tokenizer does not add the space it adds at the start of a text."""
+
         def enc(s):
             out = self.tok(s, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=as_text)
             return out["input_ids"], out["offset_mapping"]
@@ -466,7 +528,7 @@ class Encoder:
             nl, _ = enc("\n")
             x, o = enc("\n" + piece)
             if x[: len(nl)] == nl:
-                return x[len(nl):], [(max(0, a - 1), max(0, b - 1)) for a, b in o[len(nl):]]
+                return x[len(nl) :], [(max(0, a - 1), max(0, b - 1)) for a, b in o[len(nl) :]]
         return enc(piece)
 
 

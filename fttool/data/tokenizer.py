@@ -1,5 +1,6 @@
 """The run's tokenizer, loaded from the spec's model; a tokenizer without a pad token pads with its EOS token (the one
 place this fallback is decided: training, evaluation, export and generation all use it)."""
+
 from __future__ import annotations
 
 from fttool import assets
@@ -17,7 +18,11 @@ def load_tokenizer(spec):
 
     path = assets.resolve(spec.model.name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(path, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            path, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code
+        )
     except (OSError, ValueError) as e:
-        raise UserError(f"model.name_or_path={spec.model.name_or_path}: could not load its tokenizer: {str(e).splitlines()[0]}")
+        raise UserError(
+            f"model.name_or_path={spec.model.name_or_path}: could not load its tokenizer: {str(e).splitlines()[0]}"
+        )
     return with_pad(tok)

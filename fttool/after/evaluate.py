@@ -1,0 +1,292 @@
+"""Held-out evaluation: greedy replies to the test split scored by the data group's metrics, perplexity of the
+reference replies, the same for the base model side by side, and a verdict (fttool/after/report.py).
+
+Used by `fttool eval run=RUN` and at the end of training. Replies are generated with the training chat template
+and stop at the template's end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from fttool.config import methods
+from fttool.data.tokenizer import load_tokenizer
+from fttool.errors import UserError
+from fttool.launch import runfiles
+
+log = logging.getLogger("fttool")
+PPL_TOKENS_PER_BATCH = 4096  # perplexity batches hold at most this many tokens (the logits are batch x length x vocab)
+
+
+def stop_ids(tokenizer, model=None) -> List[int]:
+    """Token ids that end a reply: the template's end-of-turn token, EOS, and the model's generation-config EOS."""
+    from fttool.data.templates import end_of_turn
+
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    gen = gen if isinstance(gen, list) else [gen]
+    ids = [end_of_turn(tokenizer), tokenizer.eos_token_id, *gen]
+    return sorted({t for t in ids if isinstance(t, int) and t >= 0})
+
+
+def left_padded(prompts: Sequence[List[int]], pad: int, device):
+    """(input_ids, attention_mask) of prompts padded on the left to the longest, as generation wants them."""
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+def generate(
+    model,
+    tokenizer,
+    conversations: Sequence[List[Dict]],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    template_kwargs: Optional[Dict] = None,
+) -> List[Tuple[str, bool]]:
+    """(reply, stopped) per conversation: batched, left-padded; greedy unless temperature > 0. `stopped` is True when
+    the reply ended with an end-of-turn token rather than at max_new_tokens. The pad positions' attention rows are
+    repaired (fttool/after/attention.py), so a reply does not depend on the other prompts of its batch, on CUDA too."""
+    import torch
+
+    from fttool.after.attention import no_fully_masked_rows
+    from fttool.data import prompt_ids
+
+    device = next(model.parameters()).device
+    stop = stop_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
+    out: List[Tuple[str, bool]] = []
+    model.eval()
+    for i in range(0, len(conversations), batch_size):
+        prompts = [prompt_ids(tokenizer, c, template_kwargs) for c in conversations[i : i + batch_size]]
+        ids, mask = left_padded(prompts, pad, device)
+        width = ids.shape[1]
+        with torch.no_grad(), no_fully_masked_rows():
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stop,
+                pad_token_id=pad,
+                use_cache=True,
+                **sampling,
+            )
+        for g in gen[:, width:].tolist():
+            ends = [j for j, t in enumerate(g) if t in stop]
+            reply = g[: ends[0]] if ends else g
+            out.append((tokenizer.decode(reply, skip_special_tokens=True).strip(), bool(ends)))
+    return out
+
+
+def nll(model, encoded: Dict[str, list]) -> List[Tuple[float, int]]:
+    """(summed negative log-likelihood, trained tokens) per example, over the tokens training would train."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded["input_ids"])), key=lambda k: len(encoded["input_ids"][k]))
+    out: List[Tuple[float, int]] = [(0.0, 0)] * len(order)
+    model.eval()
+    i = 0
+    while i < len(order):
+        width = len(encoded["input_ids"][order[i]])
+        j = i
+        while j < len(order) and (j - i + 1) * len(encoded["input_ids"][order[j]]) <= max(PPL_TOKENS_PER_BATCH, width):
+            j += 1
+        batch = order[i:j]
+        width = max(len(encoded["input_ids"][k]) for k in batch)
+        ids = torch.tensor(
+            [encoded["input_ids"][k] + [0] * (width - len(encoded["input_ids"][k])) for k in batch], device=device
+        )
+        labels = torch.tensor(
+            [encoded["labels"][k] + [-100] * (width - len(encoded["labels"][k])) for k in batch], device=device
+        )
+        mask = (
+            torch.arange(width, device=device)[None, :]
+            < torch.tensor([len(encoded["input_ids"][k]) for k in batch], device=device)[:, None]
+        ).long()
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        target = labels[:, 1:]
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="none"
+        )
+        loss = loss.view(target.shape).sum(dim=1).tolist()
+        counts = (target != -100).sum(dim=1).tolist()
+        for k, lo, c in zip(batch, loss, counts):
+            out[k] = (lo, c)
+        i = j
+    return out
+
+
+def _encode(tokenizer, spec, examples: List[Dict]) -> Dict[str, list]:
+    """The test examples tokenized and masked exactly as training masks them, cut to data.max_length."""
+    from fttool.data.tokenize import Encoder
+
+    enc = Encoder(tokenizer, tokenizer.chat_template, spec.data).encode_batch(
+        [e["loc"] for e in examples], [e["example"] for e in examples]
+    )
+    n = spec.data.max_length
+    return {"input_ids": [x[:n] for x in enc["input_ids"]], "labels": [x[:n] for x in enc["labels"]]}
+
+
+def score(model, tokenizer, spec, examples: List[Dict], encoded, scorers) -> Dict:
+    """One model's scores on the examples: {"metrics": {name: value}, "replies": [...], "per_example": [...]}"""
+    names = spec.data.metrics
+    replies: List[Tuple[str, bool]] = []
+    if scorers:
+        replies = generate(
+            model,
+            tokenizer,
+            [e["messages"] for e in examples],
+            spec.eval.max_new_tokens,
+            spec.eval.batch_size,
+            template_kwargs=dict(spec.data.template_kwargs),
+        )
+    per = [{n: fn(r, e["reference"]) for n, fn in scorers.items()} for (r, _), e in zip(replies, examples)] or [
+        {} for _ in examples
+    ]
+    metrics = {n: sum(p[n] for p in per) / len(per) for n in scorers}
+    if "perplexity" in names:
+        losses = nll(model, encoded)
+        total, count = sum(lo for lo, _ in losses), sum(c for _, c in losses)
+        mean = total / count if count else float("nan")
+        metrics["perplexity"] = float("inf") if mean >= 709 else math.exp(mean)  # exp overflows a float past ~709
+        if count and not math.isfinite(mean):
+            log.warning(
+                f"eval: the model's loss on the reference replies is {mean} (NaN/inf logits), so perplexity "
+                "cannot be scored: its outputs overflow or its weights are broken. Try hardware.precision=fp32 "
+                "(or bf16 instead of fp16), or an earlier checkpoint (checkpoint=N)."
+            )
+        for p, (lo, c) in zip(per, losses):
+            p["nll"] = lo / c if c else None
+    return {"metrics": {n: metrics[n] for n in names if n in metrics}, "replies": replies, "per_example": per}
+
+
+def examples_of(spec, where: str) -> Tuple[List[Dict], str]:
+    """The test split as generation tasks (at most eval.samples), and where it came from; a clear error when empty."""
+    from fttool.data import eval_example, test_rows
+    from fttool.metrics import METRICS
+
+    rows, source = test_rows(spec)
+    examples = [e for e in (eval_example(loc, ex) for loc, ex in rows) if e is not None]
+    if not rows:
+        raise UserError(
+            f"{where}: the test split is empty ({source}); evaluate on a file with data.test_path=FILE, "
+            "or train with data.test_ratio=0.05."
+        )
+    generative = [m for m in spec.data.metrics if METRICS[m].generative]
+    if not examples:
+        if generative:
+            raise UserError(
+                f"{where}: the test rows ({source}) are {spec.data.format} text with no prompt and reply "
+                f"to generate, so {', '.join(generative)} cannot be scored; use data.metrics=[perplexity]."
+            )
+        examples = [{"loc": loc, "messages": [], "reference": "", "example": ex} for loc, ex in rows]
+    return examples[: spec.eval.samples] if spec.eval.samples else examples, source
+
+
+def evaluate(spec, tokenizer, load_tuned, load_base, where: str, checkpoint: str) -> Dict:
+    """Score the fine-tuned model and (eval.compare_base) the base model on the test split.
+
+    `load_tuned()` returns the fine-tuned model; `load_base()` returns the base model, or None when the base is the
+    tuned model with its adapter switched off (LoRA/QLoRA)."""
+    from fttool import metrics as metric_lib
+    from fttool.after import report
+
+    t0 = time.time()
+    examples, source = examples_of(spec, where)
+    schema = metric_lib.load_schema(spec.data.json_schema) if spec.data.json_schema else None
+    scorers = metric_lib.scorers(spec.data.metrics, schema)
+    encoded = _encode(tokenizer, spec, examples) if "perplexity" in spec.data.metrics else None
+    log.info(
+        f"eval: {len(examples)} test examples ({source}); metrics {', '.join(spec.data.metrics)}; greedy decoding, "
+        f"at most {spec.eval.max_new_tokens} new tokens"
+    )
+    model = load_tuned()
+    tuned = score(model, tokenizer, spec, examples, encoded, scorers)
+    base = None
+    if spec.eval.compare_base:
+        separate = load_base()
+        if separate is None:
+            ctx, m = model.disable_adapter(), model
+        else:
+            del model
+            ctx, m = nullcontext(), separate
+        with ctx:
+            base = score(m, tokenizer, spec, examples, encoded, scorers)
+    result = report.assemble(
+        spec, examples, tuned, base, source=source, checkpoint=checkpoint, seconds=time.time() - t0
+    )
+    return result
+
+
+def model_loaders(spec, weights: Path, precision: str, own=None):
+    """(load_tuned, load_base) for a run's weights folder: `own` (the model in memory) or a reload of what was saved."""
+    from fttool.worker import model as model_lib
+
+    def tuned():
+        m = own if own is not None else model_lib.load_trained(spec, precision, weights)
+        m.config.use_cache = True
+        return model_lib.place(m, spec)
+
+    def base():
+        if methods.of(spec).adapter:  # the tuned model gives the base with its adapter disabled
+            return None
+        m = model_lib.load_base(spec, precision)
+        m.config.use_cache = True
+        return model_lib.place(m, spec)
+
+    return tuned, base
+
+
+def warn_if_data_changed(spec, run_dir: Path) -> None:
+    """A test split cut by data.test_ratio is only held out if the sources are the ones training split."""
+    import json
+
+    from fttool.data import sources_of
+    from fttool.data.sources import fingerprint
+
+    record = run_dir / runfiles.DATA
+    if spec.data.test_path or not spec.data.test_ratio or not record.is_file():
+        return
+    trained = [s[0] for s in json.loads(record.read_text()).get("key", {}).get("sources", []) if len(s) > 2]
+    now = [fingerprint(s.path, s.split, s.key) for s in sources_of(spec.data)]
+    if trained and now != trained[: len(now)]:
+        log.warning(
+            "eval: the data sources changed since training (their content hash differs from data.json): the "
+            "test split may now contain rows the model was trained on; evaluate on a fixed file with "
+            "data.test_path=FILE for scores you can trust."
+        )
+
+
+def run_eval(spec, run_dir: Path, weights: Path, own=None, tokenizer=None) -> Dict:
+    """Evaluate a run folder's weights and write eval.json, eval.md and eval_samples.jsonl into the run folder."""
+    from fttool import data
+    from fttool.after import report
+    from fttool.worker import model as model_lib
+
+    warn_if_data_changed(spec, run_dir)
+    precision = model_lib.resolve_precision(spec)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(spec)
+        data.training_template(spec, tokenizer)
+    tuned, base = model_loaders(spec, weights, precision, own)
+    result = evaluate(spec, tokenizer, tuned, base, where=f"run={run_dir}", checkpoint=str(weights))
+    written = report.write(run_dir, result)
+    for line in report.console(result, spec.eval.show):
+        log.info(line)
+    log.info(f"eval: results in {', '.join(str(p) for p in written)}")
+    return result

@@ -1,0 +1,141 @@
+"""`fttool export run=RUN output=DIR`: a standalone model folder anyone can load with
+`AutoModelForCausalLM.from_pretrained(DIR)`.
+
+LoRA and QLoRA adapters are merged into a full-precision reload of the base model: the quantized base is never
+saved (on CPU a 4-bit base saved after any forward is corrupt, and a merged 4-bit model loses the adapter's
+precision). The folder gets safetensors weights, the tokenizer with the training chat template, a generation
+config that stops at the end-of-turn token, a model card (README.md) and the run's record under fttool/.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from fttool.config import methods
+from fttool.data.tokenizer import with_pad
+from fttool.errors import UserError
+from fttool.launch import rundir, runfiles
+
+log = logging.getLogger("fttool")
+RECORD = (
+    runfiles.SPEC,
+    runfiles.COMMAND,
+    runfiles.ENV,
+    runfiles.DATA,
+    runfiles.RESULT,
+    "eval.json",
+    "eval.md",
+    "loss.png",
+)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def export_dtype(spec, requested: str) -> str:
+    """auto: the dtype the base model was published in (its config), float32 when it names none."""
+    if requested != "auto":
+        return requested
+    from transformers import AutoConfig
+
+    from fttool import assets
+
+    try:
+        cfg = AutoConfig.from_pretrained(
+            assets.resolve(spec.model.name_or_path),
+            revision=spec.model.revision,
+            trust_remote_code=spec.model.trust_remote_code,
+        )
+        found = str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "").replace("torch.", "")
+    except (OSError, ValueError):
+        found = ""
+    return found if found in DTYPES[1:] else "float32"
+
+
+def merged_model(spec, weights: Path, dtype: str):
+    """The fine-tuned model in plain transformers form, full precision, adapter merged into the weights."""
+    from transformers import AutoModelForCausalLM
+
+    from fttool.config.methods import torch_dtype
+    from fttool.worker.model import check_finite_weights
+
+    method = methods.of(spec)
+    source = method.export_source(spec, weights)
+    try:  # never with the run's quantization_config: the base is reloaded at full precision
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=spec.model.revision if method.adapter else None,
+            dtype=torch_dtype(dtype),
+            trust_remote_code=spec.model.trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load {source} to export: {str(e).splitlines()[0]}")
+    if not method.adapter:
+        check_finite_weights(model, str(weights))
+        return model
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(weights))
+    check_finite_weights(model, str(weights))  # named here, not as peft's "NaNs detected in the merged weights"
+    return model.merge_and_unload(safe_merge=True)
+
+
+def generation_config(model, tokenizer):
+    """The model's generation config, stopping at the end-of-turn token as well as EOS, padding with the pad token."""
+    from fttool.after.evaluate import stop_ids
+
+    gen = model.generation_config
+    gen.eos_token_id = stop_ids(tokenizer, model)
+    gen.pad_token_id = tokenizer.pad_token_id
+    return gen
+
+
+def export(
+    run_dir: Path, spec, output: Path, checkpoint: str = rundir.FINAL, dtype: str = "auto", overwrite: bool = False
+) -> Path:
+    from fttool.after import card
+    from fttool.logs import setup_logging
+
+    if dtype not in DTYPES:
+        raise UserError(f"dtype={dtype}: expected one of {', '.join(DTYPES)}.")
+    output = output.expanduser().resolve()
+    if output == run_dir or run_dir in output.parents:
+        raise UserError(f"output={output} is inside the run folder; export to a folder of its own.")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise UserError(f"output={output} already exists; choose another folder, or add overwrite=true to replace it.")
+    weights = rundir.weights_dir(run_dir, spec, checkpoint)
+    setup_logging(run_dir, log_file="export.log")
+    dtype = export_dtype(spec, dtype)
+    t0 = time.time()
+    log.info(f"export: {weights} ({spec.method.name}) onto {spec.model.name_or_path} in {dtype}")
+    model = merged_model(spec, weights, dtype)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(weights))  # saved with the training chat template
+    with_pad(tok)
+    model.generation_config = generation_config(model, tok)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        (tmp / "fttool").mkdir()
+        for name in RECORD:
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, tmp / "fttool" / name)
+        n_params = sum(p.numel() for p in model.parameters())
+        (tmp / "README.md").write_text(card.model_card(run_dir, spec, weights, dtype, n_params, output.name))
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
+    log.info(
+        f"export: {output} ({size / 2**20:.1f} MiB, {n_params:,} parameters, {time.time() - t0:.1f} s); load it with "
+        f"AutoModelForCausalLM.from_pretrained({str(output)!r}), or try it: fttool chat model={output}"
+    )
+    return output

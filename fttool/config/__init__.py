@@ -1,0 +1,1 @@
+"""Configuration: overrides and recipes composed into one checked, frozen RunSpec (no torch here)."""

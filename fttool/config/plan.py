@@ -1,0 +1,186 @@
+"""What a run will do, worked out from the spec alone: processes, precision, batch, steps, parameters.
+
+Reads at most a model's config.json and counts data rows of local files; never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from fttool import assets
+from fttool.config import methods, strategies
+from fttool.config.spec import RunSpec, world_size
+
+
+def param_counts(spec: RunSpec) -> Optional[Dict[str, int]]:
+    """Total and trainable parameter estimates from a local config.json (Llama-style decoders)."""
+    cfg_file = Path(assets.resolve(spec.model.name_or_path)).expanduser() / "config.json"
+    if not cfg_file.is_file():
+        return None
+    c = json.loads(cfg_file.read_text())
+    try:
+        h, n, inter, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
+    except KeyError:
+        return None
+    heads = c.get("num_attention_heads", 1)
+    kv = c.get("num_key_value_heads", heads)
+    hd = c.get("head_dim") or h // heads
+    shapes = {
+        "q_proj": (h, heads * hd),
+        "k_proj": (h, kv * hd),
+        "v_proj": (h, kv * hd),
+        "o_proj": (heads * hd, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
+    per_layer = sum(i * o for i, o in shapes.values()) + 2 * h
+    emb = vocab * h * (1 if c.get("tie_word_embeddings") else 2)
+    base = n * per_layer + emb + h
+    method = methods.of(spec)
+    trainable = method.trainable(spec.method, base, n, shapes)
+    return {"total": base + trainable if method.adapter else base, "trainable": trainable}
+
+
+def local_rows(path: str) -> Optional[int]:
+    """Rows of a local JSONL/JSON source (file, folder or glob), counted without parsing JSONL lines."""
+    from fttool.data.sources import is_local, local_files
+    from fttool.errors import UserError
+
+    if not path or not is_local(path):
+        return None
+    try:
+        files = local_files(path)
+    except UserError:
+        return None
+    total = 0
+    for p in files:
+        if p.suffix == ".jsonl":
+            with open(p, "rb") as f:
+                total += sum(1 for line in f if line.strip())
+        elif p.suffix == ".json":
+            try:
+                data = json.loads(p.read_text())
+            except ValueError:
+                return None
+            if not isinstance(data, list):
+                return None
+            total += len(data)
+        else:
+            return None  # parquet/csv: counted when the data is read
+    return total
+
+
+def data_lines(spec: RunSpec) -> Tuple[List[str], Optional[int]]:
+    from fttool.data import sources_of
+
+    d = spec.data
+    lines = []
+    rows_total: Optional[int] = 0
+    for s in sources_of(d):
+        rows = local_rows(s.path)
+        taken = None if rows is None else round(rows * s.weight)
+        rows_total = None if rows_total is None or taken is None else rows_total + taken
+        weight = f", weight {s.weight:g}" if d.mix else ""
+        lines.append(
+            f"data        {s.path} (format {s.format}{weight})" + (f", {rows:,} rows" if rows is not None else "")
+        )
+    held = 1 - d.val_ratio - d.test_ratio
+    if rows_total is not None:
+        rows_total = round(rows_total * held)
+        if d.max_samples:
+            rows_total = min(rows_total, d.max_samples)
+    template = (
+        d.template if d.template and "{" not in d.template else ("custom" if d.template else "the tokenizer's own")
+    )
+    trained = "every token" if d.train_on_inputs else f"{'/'.join(d.train_roles)} turns ({d.train_turns})"
+    lines.append(
+        f"tokens      template {template}; trained: {trained}; max_length {d.max_length} ({d.truncation}); packing {d.packing}"
+    )
+    return lines, rows_total
+
+
+def eval_lines(spec: RunSpec) -> List[str]:
+    d, tr, ev = spec.data, spec.train, spec.eval
+    if d.val_ratio or d.val_path:
+        held = d.val_path or f"{d.val_ratio:g} of the rows"
+        stop = (
+            f"; early stopping after {tr.early_stopping_patience} without improvement"
+            if tr.early_stopping_patience
+            else ""
+        )
+        best = "; best checkpoint kept as checkpoints/best and final/" if tr.load_best else ""
+        lines = [f"validation  loss every {tr.eval_steps or tr.save_steps} steps on {held}{stop}{best}"]
+    else:
+        lines = [
+            "validation  none (set data.val_ratio=0.05 for a validation loss, early stopping and the best checkpoint)"
+        ]
+    test = d.test_path or (f"{d.test_ratio:g} of the rows" if d.test_ratio else None)
+    if not test:
+        return lines + ["test        none: `fttool eval run=RUN data.test_path=FILE` evaluates later"]
+    gate = ev.gate or {d.metrics[0]: 0.0}
+    when = "after training and with `fttool eval`" if ev.after_training else "with `fttool eval`"
+    against = (
+        (
+            " vs the base; verdict: "
+            + ", ".join(f"{k} {'beats base' if v == 0 else f'beats base by {v:g}'}" for k, v in gate.items())
+        )
+        if ev.compare_base
+        else ""
+    )
+    return lines + [f"test        {test} ({ev.samples or 'all'} examples), {when}: {', '.join(d.metrics)}{against}"]
+
+
+def describe(spec: RunSpec) -> List[str]:
+    hw, tr, m = spec.hardware, spec.train, spec.method
+    precision = (
+        hw.precision
+        if hw.precision != "auto"
+        else ("fp32" if hw.device == "cpu" else "bf16 (fp16 if the GPU lacks bf16)")
+    )
+    machines = hw.num_machines or 0
+    world = world_size(hw)
+    global_batch = tr.batch_size * tr.grad_accum * world
+    where = (
+        f"{hw.num_processes} per machine x {machines if machines else 'SLURM_NNODES'} machines"
+        if machines != 1
+        else f"{hw.num_processes}"
+    )
+    strategy = strategies.of(hw).about
+    offload = ", offload to CPU" if hw.offload else ""
+    lines = [
+        f"processes   {where} on {hw.device}, {strategy}{offload} (hardware={hw.name}), precision {precision}",
+        f"model       {spec.model.name_or_path} (dtype {spec.model.dtype}, attention {spec.model.attn_implementation})",
+    ]
+    lines.append(f"method      {methods.of(spec).describe(m)}")
+    counts = param_counts(spec)
+    if counts:
+        lines.append(
+            f"parameters  {counts['trainable']:,} trainable of {counts['total']:,} ({100 * counts['trainable'] / counts['total']:.2f}%)"
+        )
+    else:
+        lines.append("parameters  counted when the model loads (no local config.json)")
+    more, rows = data_lines(spec)
+    lines += more
+    if tr.max_steps:
+        steps = f"{tr.max_steps} steps"
+    elif rows:
+        steps = f"~{int(-(-rows * tr.epochs // global_batch)):,} steps ({tr.epochs:g} epochs)"
+    else:
+        steps = f"{tr.epochs:g} epochs"
+    lines.append(
+        f"schedule    {steps}, global batch {global_batch} ({tr.batch_size} x {tr.grad_accum} accum x {world if machines else '?'} proc), "
+        f"lr {tr.lr:g} {tr.lr_scheduler}, warmup {tr.warmup_ratio:g}"
+    )
+    lines.append(f"checkpoints every {tr.save_steps} steps, keep {tr.save_total_limit}; logging={spec.logging.backend}")
+    tolerate = (
+        f"skips up to {tr.nonfinite_tolerance} step(s) with a NaN/inf loss or gradient norm, then stops"
+        if tr.nonfinite_tolerance
+        else "stops at the first NaN/inf loss or gradient norm (exit 4)"
+    )
+    lines.append(f"guard       {tolerate}" + ("; batches padded on the right" if spec.data.packing == "none" else ""))
+    lines += eval_lines(spec)
+    lines.append(f"run folder  {Path(spec.output_dir) / str(spec.run_name)}")
+    return lines

@@ -1,0 +1,233 @@
+"""The typed run spec: every key a run can set, its type, its default and a one-line description.
+
+Defaults live here and only here. Hydra composes YAML from ``conf/`` onto these dataclasses, so an
+unknown key or a value of the wrong type is rejected at compose time. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelSpec:
+    """The base model: where it comes from and how it is loaded."""
+
+    name_or_path: str = MISSING  # hub id, local folder, or fttool:NAME for a model bundled with the package
+    revision: Optional[str] = None  # hub revision (branch, tag or commit) to pin
+    dtype: str = "auto"  # weight dtype when loading: auto follows hardware precision (auto|float32|bfloat16|float16)
+    attn_implementation: str = "sdpa"  # attention kernel: sdpa, eager, flash_attention_2
+    trust_remote_code: bool = False  # run modelling code shipped with the model; only ever set by the user
+    lr_scale: float = (
+        1.0  # multiplies the method's default learning rate when train.lr is unset (small models take more)
+    )
+
+
+FORMATS = ("chat", "sharegpt", "alpaca", "completion", "segments", "preference")
+PACKING = ("none", "padding_free", "bins")
+
+
+@dataclass
+class SourceSpec:
+    """One dataset of a mixture (data.mix); unset fields follow the data block."""
+
+    path: str = MISSING  # local file, folder or glob, hub dataset id, or fttool:NAME
+    format: Optional[str] = None  # row format of this source; unset = data.format
+    split: Optional[str] = None  # hub split of this source; unset = data.split
+    columns: Dict[str, str] = field(default_factory=dict)  # column mapping of this source; empty = data.columns
+    weight: float = 1.0  # rows taken = weight x rows (0.5 = a seeded half, 2 = every row twice)
+
+
+@dataclass
+class DataSpec:
+    """The dataset: where it is, what shape its rows have and how they become tokens."""
+
+    path: Optional[str] = None  # local file (.jsonl/.json/.parquet/.csv), folder, glob, hub dataset id, or fttool:NAME
+    format: str = "chat"  # row format: chat, sharegpt, alpaca, completion, segments or preference
+    columns: Dict[str, str] = field(
+        default_factory=dict
+    )  # format field -> column name in your rows, e.g. {messages: dialog}
+    split: str = "train"  # split to read when the path is a hub dataset
+    mix: List[SourceSpec] = field(default_factory=list)  # several datasets with weights (instead of path)
+    template: Optional[str] = (
+        None  # chat template: unset = the tokenizer's own; a name (chatml, llama-3, ...), a .jinja file or Jinja text
+    )
+    allow_template_change: bool = (
+        False  # train with data.template although the tokenizer has a different one of its own
+    )
+    template_kwargs: Dict[str, Any] = field(
+        default_factory=dict
+    )  # variables for every render of the template, e.g. {enable_thinking: false}
+    system_prompt: Optional[str] = None  # system message prepended to every conversation that has none
+    roles: Dict[str, str] = field(
+        default_factory=dict
+    )  # extra role names -> user, assistant, system or tool (e.g. {bot: assistant})
+    train_on_inputs: bool = False  # train on every token of the conversation (prompts too), not only on train_roles
+    train_roles: List[str] = field(default_factory=lambda: ["assistant"])  # roles whose turns are trained
+    train_turns: str = "all"  # which turns of train_roles are trained: all or last
+    max_length: int = 1024  # longest tokenized sample; longer ones follow `truncation`
+    truncation: str = "truncate"  # samples over max_length: truncate (keep the start) or drop
+    packing: str = (
+        "none"  # none (padded batches), padding_free (samples concatenated, no padding) or bins (fixed max_length rows)
+    )
+    val_ratio: float = 0.0  # fraction of rows held out for validation (seeded)
+    test_ratio: float = 0.0  # fraction of rows held out as the test split (seeded)
+    val_path: Optional[str] = None  # validation rows from a file instead of val_ratio
+    test_path: Optional[str] = (
+        None  # test rows from a file instead of test_ratio (used by the base-vs-fine-tuned comparison)
+    )
+    dedup: bool = False  # drop exact duplicate rows (the count is reported)
+    skip_bad_rows: bool = False  # skip malformed rows (counted and reported) instead of stopping at the first
+    max_samples: Optional[int] = None  # use at most this many training rows (for smoke runs)
+    num_proc: int = 0  # processes that tokenize; 0 = as many as the data size and cores warrant
+    cache_dir: Optional[str] = None  # tokenized-data cache; unset = $FTTOOL_CACHE or ~/.cache/fttool/data
+    metrics: List[str] = field(
+        default_factory=lambda: ["exact_match", "token_f1", "rouge_l", "perplexity"]
+    )  # test-split scores: exact_match, token_f1, rouge_l, json_valid, json_schema, perplexity
+    json_schema: Optional[str] = None  # JSON Schema file the replies must satisfy (adds the json_schema metric)
+
+
+@dataclass
+class FullSpec:
+    """Full fine-tune: every weight is trained."""
+
+    name: str = "full"  # method name (set by the group option)
+    default_lr: float = 2e-5  # learning rate used when train.lr is unset
+
+
+@dataclass
+class LoraSpec:
+    """LoRA: low-rank adapters on chosen projections, base weights frozen."""
+
+    name: str = "lora"  # method name (set by the group option)
+    default_lr: float = 2e-4  # learning rate used when train.lr is unset
+    rank: int = 16  # adapter rank r
+    alpha: float = 32.0  # adapter scaling numerator (scale = alpha / rank)
+    dropout: float = 0.05  # dropout on the adapter input
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )  # module names that get adapters
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank)
+
+
+@dataclass
+class QloraSpec(LoraSpec):
+    """QLoRA: LoRA on a base model quantized to 4 or 8 bits with bitsandbytes."""
+
+    name: str = "qlora"  # method name (set by the group option)
+    bits: int = 4  # quantization width: 4 (nf4/fp4) or 8 (LLM.int8)
+    quant_type: str = "nf4"  # 4-bit data type: nf4 or fp4
+    double_quant: bool = True  # quantize the quantization constants too (saves ~0.4 bit/param)
+    compute_dtype: str = "auto"  # dtype of the 4-bit matmuls: auto follows precision (bfloat16|float16|float32)
+
+
+@dataclass
+class HardwareSpec:
+    """Where the run executes: device, processes per machine, how the model is spread over them, machines."""
+
+    name: str = "cpu"  # option name (set by the group option)
+    device: str = "cpu"  # cpu or cuda
+    num_processes: int = 1  # processes on each machine (one per GPU); 1 = train in the fttool process itself
+    precision: str = "auto"  # mixed precision: auto (bf16 where supported, else fp32), fp32, bf16, fp16
+    strategy: str = "none"  # none (one process), ddp, fsdp2 (full shard by decoder layer), zero2 or zero3 (DeepSpeed)
+    offload: bool = False  # fsdp2: parameters on the CPU; zero3: parameters and optimizer state on the CPU
+    activation_checkpointing: bool = False  # fsdp2: recompute each decoder layer in backward (FSDP's own checkpointing)
+    num_machines: int = 1  # machines in the job; 0 = from SLURM (SLURM_NNODES)
+    machine_rank: Optional[int] = 0  # this machine's rank, 0 .. num_machines-1; -1 = from SLURM (SLURM_NODEID)
+    main_address: Optional[str] = (
+        "127.0.0.1"  # address of machine 0, reachable from every machine; "slurm" = first node of the job
+    )
+    main_port: int = 29500  # free TCP port on machine 0 for the rendezvous
+    join_timeout_s: int = 600  # machines other than 0 wait this long for machine 0's run folder
+
+
+@dataclass
+class LoggingSpec:
+    """Where metrics go besides the run folder's metrics.jsonl."""
+
+    backend: str = "none"  # none or wandb
+    project: Optional[str] = None  # W&B project (default: fttool)
+    entity: Optional[str] = None  # W&B entity (team or user)
+    mode: str = "online"  # W&B mode: online, offline or disabled
+    group: Optional[str] = None  # W&B run group; sweeps set it to the sweep's name
+    tags: List[str] = field(default_factory=list)  # W&B run tags
+
+
+@dataclass
+class TrainSpec:
+    """The optimisation schedule, shared by every method."""
+
+    lr: Optional[float] = None  # peak learning rate; unset = method.default_lr * model.lr_scale
+    lr_scheduler: str = "cosine"  # learning-rate schedule: cosine, linear, constant_with_warmup, ...
+    warmup_ratio: float = 0.03  # fraction of the steps spent warming up
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping norm
+    batch_size: int = 4  # micro-batch size per process
+    grad_accum: int = 4  # micro-batches accumulated per optimizer step
+    epochs: float = 3.0  # passes over the data (ignored when max_steps is set)
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs)
+    optim: str = "adamw_torch"  # optimizer name as transformers knows it
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    logging_steps: int = 10  # log metrics every N steps
+    save_steps: int = 200  # write a checkpoint every N steps
+    save_total_limit: int = 2  # keep at most this many checkpoints
+    dataloader_workers: int = 0  # dataloader worker processes
+    eval_steps: Optional[int] = (
+        None  # validation loss every N steps (needs a validation split); unset = at every checkpoint
+    )
+    early_stopping_patience: int = 0  # stop after this many validations without improvement (0 = never stop early)
+    early_stopping_threshold: float = 0.0  # a validation loss must drop by more than this to count as an improvement
+    load_best: bool = (
+        True  # with validation during training: keep the best checkpoint (checkpoints/best) and save it as final/
+    )
+    nonfinite_tolerance: int = (
+        0  # optimizer steps with a NaN/inf loss or gradient norm to skip (update dropped, counted) before the run stops
+    )
+
+
+@dataclass
+class EvalSpec:
+    """Evaluation on the held-out test split (after training and by `fttool eval`), fine-tuned vs base model."""
+
+    after_training: bool = True  # evaluate when training ends (when the data has a test split)
+    samples: Optional[int] = None  # test examples to evaluate; unset = all
+    max_new_tokens: int = 64  # generation budget per example (greedy decoding)
+    batch_size: int = 16  # examples generated at once
+    compare_base: bool = True  # evaluate the base model too, side by side, and give a verdict
+    gate: Dict[str, float] = field(
+        default_factory=dict
+    )  # metric -> margin the fine-tune must beat the base by; empty = {first of data.metrics: 0}
+    show: int = 3  # examples printed side by side
+
+
+@dataclass
+class RunSpec:
+    """One fine-tuning run."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)  # group `model`
+    data: DataSpec = field(default_factory=DataSpec)  # group `data`
+    method: Any = MISSING  # group `method`: full, lora or qlora
+    hardware: HardwareSpec = field(default_factory=HardwareSpec)  # group `hardware`
+    logging: LoggingSpec = field(default_factory=LoggingSpec)  # group `logging`
+    train: TrainSpec = field(default_factory=TrainSpec)  # the schedule
+    eval: EvalSpec = field(default_factory=EvalSpec)  # held-out evaluation against the base model
+    output_dir: str = "runs"  # folder that holds run folders
+    run_name: Optional[str] = None  # this run's folder name; unset = <model>-<method>-<timestamp>
+    resume: str = "never"  # never (fail if the run folder exists) or auto (continue from its newest checkpoint)
+    resume_data: str = "same"  # on resume: same (refuse if the data changed since the run began) or changed (continue on the new data, recorded in data.json)
+    seed: int = 42  # seed for data order, initialisation and dropout
+
+
+def world_size(hw: HardwareSpec) -> int:
+    """Processes over all machines (num_machines 0, from SLURM, counts as 1 until the job fills it in)."""
+    return hw.num_processes * max(hw.num_machines, 1)
+
+
+GROUP_SCHEMAS = {"model": ModelSpec, "data": DataSpec, "hardware": HardwareSpec, "logging": LoggingSpec}
+GROUPS = ("model", "data", "method", "hardware", "logging")

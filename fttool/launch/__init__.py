@@ -1,0 +1,1 @@
+"""Launching and the run folder: the verbs on a checked spec, the run folder and its checkpoints, processes and machines, sweeps."""

@@ -1,0 +1,140 @@
+"""A checked spec -> `check` output, a data preview or a launched run; and the Hydra task that does the same for
+each trial of a sweep (or a run given Hydra's own flags), with the spec the command line already checked."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from fttool.errors import UserError, fail
+
+
+def _hydra_context():
+    """(recipe name, job number in a multirun or None, group choices, this job's overrides, sweep folder)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    choices = dict(hc.runtime.choices)
+    if hc.mode != RunMode.MULTIRUN:
+        return choices.get("recipe"), None, choices, [], None
+    return choices.get("recipe"), hc.job.num, choices, list(hc.overrides.task), Path(hc.sweep.dir).resolve()
+
+
+def run_task(
+    verb: str,
+    cfg,
+    overrides: List[str],
+    argv: List[str],
+    samples: Optional[int] = None,
+    output: Optional[str] = None,
+    checked: Optional[list] = None,
+) -> None:
+    from fttool.config import compose, validation
+
+    recipe, job_num, choices, job_overrides, sweep_dir = _hydra_context()
+    if sweep_dir is not None and verb == "train":
+        return _run_trial(cfg, overrides, argv, recipe, job_num, choices, job_overrides, sweep_dir, checked)
+    try:
+        one = checked[0] if checked and job_num is None else None
+        spec = one.spec if one else validation.build(cfg, compose.user_keys(overrides), recipe, job_num)
+    except UserError as e:
+        fail(str(e), e.exit_code)
+    run_checked(verb, spec, choices, argv, samples, output)
+
+
+def run_checked(
+    verb: str, spec, choices, argv: List[str], samples: Optional[int] = None, output: Optional[str] = None
+) -> None:
+    """What a verb does with a validated spec."""
+    try:
+        if verb == "check":
+            _print_check(spec)
+            return
+        if verb in ("preview", "preprocess"):
+            from fttool.data import preview
+
+            preview.run(verb, spec, samples, output=output)
+            return
+        from fttool.launch.launcher import launch
+
+        launch(spec, argv, choices)
+    except UserError as e:
+        fail(str(e), e.exit_code)
+
+
+def _checked_trial(checked: Optional[list], job_num: int, job_overrides: List[str]):
+    """The spec the command line checked for this trial, when it is the same trial (same overrides) and has nothing
+    left for the job to fill in (SLURM placeholders); else None and the trial validates its own config."""
+    from fttool.config.slurm import unresolved_slurm
+
+    if not checked or job_num is None or job_num >= len(checked):
+        return None
+    mine = checked[job_num]
+
+    def plain(overrides):
+        return sorted(o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/")))
+
+    if plain(mine.overrides) != plain(job_overrides) or unresolved_slurm(mine.spec.hardware):
+        return None
+    return mine.spec
+
+
+def _run_trial(
+    cfg, overrides, argv, recipe, job_num, choices, job_overrides, sweep_dir: Path, checked: Optional[list] = None
+) -> None:
+    """One trial of a sweep: an ordinary run whose folder is in the sweep folder. A failed trial is recorded and
+    the sweep goes on; the summary shows it and the command exits non-zero at the end."""
+    from dataclasses import replace
+
+    from fttool.config import compose, validation
+    from fttool.launch import rundir, sweep
+    from fttool.launch.launcher import launch
+
+    run_dir, spec = None, None
+    varied = compose.swept_keys(overrides)
+    shown = [o for o in job_overrides if o.split("=", 1)[0].lstrip("+~") in varied]  # what this trial varies
+    try:
+        spec = _checked_trial(checked, job_num, job_overrides) or validation.build(
+            cfg, compose.user_keys(overrides), recipe, job_num
+        )
+        name = spec.run_name if "run_name" in compose.user_keys(job_overrides) else sweep.trial_name(job_num, shown)
+        spec = replace(
+            spec,
+            output_dir=str(sweep_dir),
+            run_name=name,
+            logging=replace(spec.logging, group=spec.logging.group or sweep_dir.name),
+        )
+        run_dir = rundir.run_dir_of(spec)
+        print(f"fttool: sweep trial {job_num}: {' '.join(job_overrides)}", flush=True)
+        launch(spec, argv, choices)
+    except (UserError, Exception) as e:  # noqa: B014 - UserError first: its message is the whole story
+        print(f"fttool: error: trial {job_num}: {e}", file=sys.stderr, flush=True)
+        if spec is not None and spec.hardware.machine_rank not in (0, -1):
+            raise  # a machine other than 0 failing ends its task; machine 0 records the trial
+        sweep.record_trial(
+            sweep_dir,
+            job_num,
+            shown,
+            run_dir if run_dir and run_dir.exists() else None,
+            "failed",
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
+        return
+    if spec.hardware.machine_rank in (0, -1):  # one record per trial, not one per machine
+        sweep.record_trial(sweep_dir, job_num, shown, run_dir, "ok")
+
+
+def _print_check(spec) -> None:
+    from fttool.config import plan, slurm
+    from fttool.launch import rundir
+
+    slurm.check_resolved(spec.hardware)  # as train would refuse it
+
+    print("# resolved spec")
+    print(rundir.spec_to_yaml(spec), end="")
+    print("# plan")
+    for line in plan.describe(spec):
+        print(f"#   {line}")
+    print("# ok: the spec is valid", file=sys.stderr)

@@ -1,0 +1,362 @@
+"""The run folder, the unit of record: resolved spec, command, environment, metrics, checkpoints, result.
+
+Layout of <output_dir>/<run_name>/:
+  spec.yaml      the resolved, frozen RunSpec every worker reads
+  command.txt    the exact command line and working directory
+  env.json       python, platform, package versions, git revision of the working directory
+  train.log      the run's log; metrics.jsonl one JSON object per logging step
+  checkpoints/   checkpoint-N folders (resume=auto continues from the newest)
+  final/         the trained adapter (LoRA/QLoRA) or model (full), with its tokenizer
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+
+from fttool.config.spec import RunSpec
+from fttool.errors import UserError
+from fttool.launch import preemption, runfiles
+
+SPEC_FILE, CHECKPOINTS, FINAL, LOCK = runfiles.SPEC, runfiles.CHECKPOINTS, runfiles.FINAL, runfiles.LOCK
+PACKAGES = (
+    "fttool",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "bitsandbytes",
+    "deepspeed",
+    "hydra-core",
+    "omegaconf",
+    "wandb",
+    "tokenizers",
+    "safetensors",
+)
+# keys that may differ between a run and its resumption, or between the machines of one run
+RESUMABLE_DIFFS = {
+    "resume",
+    "resume_data",
+    "hardware.machine_rank",
+    "hardware.main_address",
+    "hardware.main_port",
+    "hardware.join_timeout_s",
+}
+
+
+def spec_to_yaml(spec: RunSpec) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(asdict(spec)))
+
+
+def load_spec(run_dir: Path) -> RunSpec:
+    from fttool.config.validation import to_spec
+
+    path = Path(run_dir) / SPEC_FILE
+    if not path.is_file():
+        raise UserError(f"{path} not found: {run_dir} is not an fttool run folder.")
+    return to_spec(OmegaConf.load(path))
+
+
+def run_dir_of(spec: RunSpec) -> Path:
+    return Path(spec.output_dir).expanduser().resolve() / str(spec.run_name)
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def spec_diff(old: RunSpec, new: RunSpec) -> List[str]:
+    a, b = _flatten(asdict(old)), _flatten(asdict(new))
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and k not in RESUMABLE_DIFFS
+    ]
+
+
+def package_versions() -> Dict[str, Optional[str]]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_revision(cwd: Path) -> Optional[Dict[str, Any]]:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> Dict[str, Any]:
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "packages": package_versions(),
+        "git": git_revision(Path.cwd()),
+        "slurm_job": preemption.slurm_job(),
+    }
+
+
+def _requeued_here(run_dir: Path) -> bool:
+    """This is a requeued SLURM job, and the job that created run_dir: it continues the run (as resume=auto)."""
+    if not preemption.requeued():
+        return False
+    try:
+        return json.loads((run_dir / runfiles.ENV).read_text()).get("slurm_job") == preemption.slurm_job()
+    except (OSError, ValueError):
+        return False
+
+
+def prepare(spec: RunSpec, argv: List[str], choices: Dict[str, Any]) -> tuple:
+    """Create (or, with resume=auto, reopen) the run folder and take its lock (see `lock`). Returns (run_dir,
+    created_now). Two launches of one run at once: one gets the lock, the other is refused."""
+    run_dir = run_dir_of(spec)
+    if spec.hardware.num_machines > 1 and spec.hardware.machine_rank > 0:
+        return join(spec, run_dir, argv), False
+    had_spec = (run_dir / SPEC_FILE).is_file()
+    if had_spec and spec.resume != "auto" and _requeued_here(run_dir):
+        print(
+            f"fttool: SLURM job {preemption.slurm_job()} was requeued (restart "
+            f"{os.environ.get('SLURM_RESTART_COUNT')}): continuing {run_dir} from its newest checkpoint",
+            flush=True,
+        )
+    elif had_spec and spec.resume != "auto":
+        raise UserError(
+            f"run folder {run_dir} already exists; continue that run with resume=auto run_name={spec.run_name}, "
+            "or choose another run_name=NAME."
+        )
+    existed = run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock(run_dir)
+    try:
+        if had_spec:
+            if (run_dir / runfiles.RESULT).is_file():
+                raise RunFinished(
+                    f"run {run_dir} has finished (result.json is there); there is nothing to resume. "
+                    "Start a new run_name to train again."
+                )
+            diffs = spec_diff(load_spec(run_dir), spec)
+            if diffs:
+                raise UserError(
+                    f"resume=auto: the spec differs from the one {run_dir} was started with ({'; '.join(diffs)}). "
+                    "Resume with the same settings, or start a new run_name."
+                )
+            old = load_spec(run_dir)
+            if old.resume_data != spec.resume_data:  # the workers read spec.yaml: this resume's choice goes there
+                (run_dir / SPEC_FILE).write_text(spec_to_yaml(replace(old, resume_data=spec.resume_data)))
+            _append(run_dir / runfiles.COMMAND, _command_line(argv))
+            return run_dir, False
+        if existed and any(p.name != LOCK for p in run_dir.iterdir()) and spec.resume != "auto":
+            raise UserError(
+                f"{run_dir} exists and is not an fttool run folder (no {SPEC_FILE}); choose another "
+                "run_name=NAME or output_dir=DIR."
+            )
+        (run_dir / SPEC_FILE).write_text(spec_to_yaml(spec))
+        (run_dir / runfiles.COMMAND).write_text(_command_line(argv))
+        env = environment()
+        env["choices"] = {k: v for k, v in choices.items() if not str(k).startswith("hydra")}
+        (run_dir / runfiles.ENV).write_text(json.dumps(env, indent=2) + "\n")
+    except BaseException:
+        unlock(run_dir)
+        if not existed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return run_dir, not existed
+
+
+class RunFinished(UserError):
+    """resume=auto on a run that already finished: nothing to do, and not a failure."""
+
+    exit_code = 0
+
+
+# the lock holds {"pid", "host", "started", "slurm_job"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def lock(run_dir: Path) -> None:
+    """Take the run folder for this process: a lock file created atomically. Held by a live process (or by one on
+    another machine): refused, naming the holder. Held by a process of this machine that is gone, or by an earlier
+    start of this requeued SLURM job: taken over."""
+    path = run_dir / LOCK
+    mine = {
+        "pid": os.getpid(),
+        "host": platform.node(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "slurm_job": preemption.slurm_job(),
+    }
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            same_host = holder.get("host") == platform.node()
+            if same_host and holder.get("pid") == os.getpid():
+                return  # this process holds it already
+            gone = same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"])
+            earlier_start = preemption.requeued() and holder.get("slurm_job") == preemption.slurm_job()
+            if gone or earlier_start:
+                why = "which is gone" if gone else f"an earlier start of SLURM job {preemption.slurm_job()}"
+                print(
+                    f"fttool: warning: {path} was left by process {holder.get('pid')} ({why}); taking the run over",
+                    file=sys.stderr,
+                )
+                path.unlink(missing_ok=True)
+                continue
+            raise UserError(
+                f"run folder {run_dir} is in use: process {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')} has trained in it since {holder.get('started', '?')} (a second "
+                f"launch of the same run?). Wait for it to finish, or, if that process is gone, delete {path}."
+            )
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(mine) + "\n")
+        return
+    raise UserError(f"could not take {path}; delete it if no fttool process is training in {run_dir}.")
+
+
+def unlock(run_dir: Path) -> None:
+    """Give the run folder up (only this process's own lock)."""
+    path = Path(run_dir) / LOCK
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def join(spec: RunSpec, run_dir: Path, argv: List[str]) -> Path:
+    """Machines other than 0 use the run folder machine 0 creates (a shared filesystem), once it has the same spec."""
+    path = run_dir / SPEC_FILE
+    deadline = time.time() + spec.hardware.join_timeout_s
+    while not path.is_file():
+        if time.time() > deadline:
+            raise UserError(
+                f"machine {spec.hardware.machine_rank}: machine 0 did not create {run_dir} within "
+                f"hardware.join_timeout_s={spec.hardware.join_timeout_s} s. Start machine 0 with the same "
+                "run_name and output_dir, on a filesystem both machines share."
+            )
+        time.sleep(0.5)
+    time.sleep(0.2)  # machine 0 writes spec.yaml in one call; let it land
+    diffs = spec_diff(load_spec(run_dir), spec)
+    if diffs:
+        raise UserError(
+            f"machine {spec.hardware.machine_rank}: the spec differs from machine 0's in {run_dir} "
+            f"({'; '.join(diffs)}); run the same command on every machine except hardware.machine_rank."
+        )
+    _append(run_dir / runfiles.COMMAND, _command_line(argv))
+    return run_dir
+
+
+def _command_line(argv: List[str]) -> str:
+    prog, *args = argv
+    return f"cd {shlex.quote(os.getcwd())} && {' '.join([prog, shlex.join(args)]).strip()}\n"
+
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def discard(run_dir: Path) -> None:
+    """Remove a run folder that failed before training started (nothing half-written stays)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def open_run(path: str, key: str = "run") -> Path:
+    """A run folder named on the command line (run=PATH), checked: it exists and holds spec.yaml."""
+    run_dir = Path(path).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise UserError(f"{key}={path}: no such folder; give a run folder (<output_dir>/<run_name>, e.g. runs/my-run).")
+    if not (run_dir / SPEC_FILE).is_file():
+        hint = " It looks like an exported model: use model=PATH." if (run_dir / "config.json").is_file() else ""
+        raise UserError(f"{key}={path}: not an fttool run folder (no {SPEC_FILE}).{hint}")
+    return run_dir
+
+
+def checkpoints(run_dir: Path) -> List[Path]:
+    """Complete checkpoints (their manifest is there and the sizes agree: see checkpoint.py), oldest first."""
+    from fttool.launch.checkpoint import complete
+
+    return complete(run_dir)
+
+
+def weights_dir(run_dir: Path, spec: RunSpec, checkpoint: str = FINAL) -> Path:
+    """The folder with the weights to use: final/ (default), best, last or a step number of checkpoints/, checked to
+    hold an adapter (LoRA/QLoRA) or a model (full)."""
+    done = checkpoints(run_dir)
+    steps = ", ".join(c.name for c in done) or "none"
+    if checkpoint == FINAL:
+        path = run_dir / FINAL
+        if not path.is_dir():
+            resume = f"fttool resume=auto run_name={spec.run_name} output_dir={spec.output_dir}"
+            raise UserError(
+                f"run={run_dir} has no final/: the run did not finish (interrupted or failed). Use a checkpoint "
+                f"with checkpoint=last ({steps}), or finish the run: {resume}"
+            )
+    elif checkpoint == "best":
+        path = run_dir / CHECKPOINTS / "best"
+        if not path.exists():
+            raise UserError(
+                f"run={run_dir} has no best checkpoint (it is kept when the run validates during training: "
+                f"data.val_ratio > 0 and train.load_best=true); use checkpoint=final or one of: {steps}."
+            )
+    elif checkpoint == "last":
+        if not done:
+            raise UserError(f"run={run_dir} has no complete checkpoint in checkpoints/; use checkpoint=final.")
+        path = done[-1]
+    elif checkpoint.isdigit():
+        path = run_dir / CHECKPOINTS / f"checkpoint-{checkpoint}"
+        if path not in done:
+            raise UserError(f"checkpoint={checkpoint}: {path} is not a complete checkpoint; available: {steps}.")
+    else:
+        raise UserError(f"checkpoint={checkpoint}: expected final, best, last or a step number.")
+    path = path.resolve()
+    from fttool.config import methods
+
+    method = methods.of(spec)
+    problem = method.weights_problem(path)
+    if problem:
+        raise UserError(
+            f"{path} holds no {method.holds} ({problem}) although the run trained method={spec.method.name}; "
+            "it may be incomplete or copied without its files: use another checkpoint=."
+        )
+    return path

@@ -1,0 +1,1 @@
+"""The worker: one training process, from spec.yaml to final/ (model, Trainer, callbacks, guard)."""

@@ -1,0 +1,99 @@
+"""The layout's rules (docs/ARCHITECTURE.md): every module imports; no import cycles between modules (imports inside
+functions count); configuration and data never reach into the worker or what runs after training; configuration
+never into launching; and composing a config imports no torch."""
+
+import ast
+import importlib
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import fttool
+
+ROOT = Path(fttool.__file__).resolve().parent
+
+
+def _modules():
+    out = {}
+    for p in ROOT.rglob("*.py"):
+        parts = p.relative_to(ROOT.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = p
+    return out
+
+
+def _graph():
+    mods = _modules()
+
+    def owner(name):
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for name, path in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fttool"):
+                for a in node.names:
+                    full = f"{node.module}.{a.name}"
+                    deps.add(full if full in mods else owner(node.module))
+            elif isinstance(node, ast.Import):
+                deps.update(owner(a.name) for a in node.names if a.name.startswith("fttool"))
+        deps.discard(name)
+        deps.discard("fttool")
+        graph[name] = deps
+    return graph
+
+
+def test_every_module_imports():
+    for m in pkgutil.walk_packages(fttool.__path__, "fttool."):
+        importlib.import_module(m.name)
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    state, path, cycles = {}, [], []
+
+    def visit(v):
+        state[v] = "open"
+        path.append(v)
+        for w in sorted(graph.get(v, ())):
+            if state.get(w) == "open":
+                cycles.append(path[path.index(w) :] + [w])
+            elif w not in state:
+                visit(w)
+        path.pop()
+        state[v] = "done"
+
+    for v in sorted(graph):
+        if v not in state:
+            visit(v)
+    assert not cycles, cycles
+
+
+def test_layers_point_one_way():
+    forbidden = {
+        "fttool.config": ("fttool.worker", "fttool.after", "fttool.launch"),
+        "fttool.data": ("fttool.worker", "fttool.after", "fttool.launch"),
+    }
+    back = [
+        f"{m} imports {d}"
+        for m, deps in _graph().items()
+        for layer, bad in forbidden.items()
+        if m == layer or m.startswith(layer + ".")
+        for d in deps
+        if d.startswith(bad)
+    ]
+    assert not back, back
+
+
+def test_composing_a_config_imports_no_torch():
+    code = (
+        "import sys; from fttool.config import compose, registry; registry.register(); "
+        "compose.precheck(['method=qlora', 'hardware=zero2']); "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
