@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from fttool.config import methods
+from fttool.data.tokenize import IGNORE
 from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
 from fttool.launch import runfiles
@@ -111,7 +112,7 @@ def nll(model, encoded: Dict[str, list]) -> List[Tuple[float, int]]:
             [encoded["input_ids"][k] + [0] * (width - len(encoded["input_ids"][k])) for k in batch], device=device
         )
         labels = torch.tensor(
-            [encoded["labels"][k] + [-100] * (width - len(encoded["labels"][k])) for k in batch], device=device
+            [encoded["labels"][k] + [IGNORE] * (width - len(encoded["labels"][k])) for k in batch], device=device
         )
         mask = (
             torch.arange(width, device=device)[None, :]
@@ -121,10 +122,10 @@ def nll(model, encoded: Dict[str, list]) -> List[Tuple[float, int]]:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         target = labels[:, 1:]
         loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="none"
+            logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="none"
         )
         loss = loss.view(target.shape).sum(dim=1).tolist()
-        counts = (target != -100).sum(dim=1).tolist()
+        counts = (target != IGNORE).sum(dim=1).tolist()
         for k, lo, c in zip(batch, loss, counts):
             out[k] = (lo, c)
         i = j

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from fttool.config.spec import effective_gate
 from fttool.metrics import METRICS, improvement
 
 FILES = ("eval.json", "eval.md", "eval_samples.jsonl")
@@ -15,7 +16,7 @@ FILES = ("eval.json", "eval.md", "eval_samples.jsonl")
 
 def gate_of(spec) -> Dict[str, float]:
     """metric -> margin the verdict requires; by default the first metric the data group names, margin 0."""
-    return dict(spec.eval.gate) if spec.eval.gate else {spec.data.metrics[0]: 0.0}
+    return effective_gate(spec)
 
 
 def verdict(tuned: Dict[str, float], base: Optional[Dict[str, float]], gate: Dict[str, float]) -> Dict:

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 from fttool import assets
 from fttool.config import methods, strategies
-from fttool.config.spec import RunSpec, world_size
+from fttool.config.spec import RunSpec, effective_gate, has_validation, world_size
 
 
 def param_counts(spec: RunSpec) -> Optional[Dict[str, int]]:
@@ -104,7 +104,7 @@ def data_lines(spec: RunSpec) -> Tuple[List[str], Optional[int]]:
 
 def eval_lines(spec: RunSpec) -> List[str]:
     d, tr, ev = spec.data, spec.train, spec.eval
-    if d.val_ratio or d.val_path:
+    if has_validation(spec):
         held = d.val_path or f"{d.val_ratio:g} of the rows"
         stop = (
             f"; early stopping after {tr.early_stopping_patience} without improvement"
@@ -120,7 +120,7 @@ def eval_lines(spec: RunSpec) -> List[str]:
     test = d.test_path or (f"{d.test_ratio:g} of the rows" if d.test_ratio else None)
     if not test:
         return lines + ["test        none: `fttool eval run=RUN data.test_path=FILE` evaluates later"]
-    gate = ev.gate or {d.metrics[0]: 0.0}
+    gate = effective_gate(spec)
     when = "after training and with `fttool eval`" if ev.after_training else "with `fttool eval`"
     against = (
         (

@@ -224,6 +224,21 @@ class RunSpec:
     seed: int = 42  # seed for data order, initialisation and dropout
 
 
+# -- derived properties: each decided here once ------------------------------------------------------------------
+def has_validation(spec) -> bool:
+    """The run holds out validation rows (data.val_ratio or data.val_path): validation loss, early stopping, best."""
+    return bool(spec.data.val_ratio or spec.data.val_path)
+
+
+def has_test(spec) -> bool:
+    return bool(spec.data.test_ratio or spec.data.test_path)
+
+
+def effective_gate(spec) -> Dict[str, float]:
+    """metric -> margin the fine-tune must beat the base by; unset = the first of data.metrics, by any margin."""
+    return dict(spec.eval.gate) if spec.eval.gate else {spec.data.metrics[0]: 0.0}
+
+
 def world_size(hw: HardwareSpec) -> int:
     """Processes over all machines (num_machines 0, from SLURM, counts as 1 until the job fills it in)."""
     return hw.num_processes * max(hw.num_machines, 1)

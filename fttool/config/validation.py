@@ -248,7 +248,7 @@ def check_eval(cfg: DictConfig) -> None:
                 f"eval.gate.{m}={margin}: expected a margin >= 0 in the metric's own units "
                 "(0.05 = 5 points for a score; 0 = must simply beat the base)."
             )
-    has_val = bool(d.val_ratio or d.val_path)
+    has_val = bool(d.val_ratio or d.val_path)  # on the config tree: spec.has_validation once it is a spec
     if t.early_stopping_patience and not has_val:
         raise UserError(
             f"train.early_stopping_patience={t.early_stopping_patience} watches the validation loss, but the "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
-IGNORE = -100
+from fttool.data.tokenize import IGNORE
 
 
 def bins_of(lengths: Sequence[int], capacity: int) -> List[List[int]]:

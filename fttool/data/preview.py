@@ -7,6 +7,7 @@ import sys
 from typing import List, Optional, TextIO
 
 from fttool.data.stats import histogram_lines
+from fttool.data.tokenize import IGNORE
 
 ON, OFF = "\033[42;30m", "\033[0m"  # trained tokens: black on green
 
@@ -15,7 +16,7 @@ def highlight(tokenizer, ids: List[int], labels: List[int], color: bool) -> str:
     """The sample's text with trained tokens marked: colour in a terminal, [[...]] otherwise."""
     out, run, trained = [], [], None
     for tok_id, label in list(zip(ids, labels)) + [(None, None)]:
-        flag = label is not None and label != -100
+        flag = label is not None and label != IGNORE
         if run and (tok_id is None or flag != trained):
             text = tokenizer.decode(run, skip_special_tokens=False)
             out.append((f"{ON}{text}{OFF}" if color else f"[[{text}]]") if trained else text)
@@ -112,7 +113,7 @@ def _run(verb: str, spec, samples: int, out: TextIO) -> None:
         legend = "trained tokens on green" if color else "trained tokens in [[...]]"
         for i in range(min(samples, len(prepared.train))):
             row = prepared.train[i]
-            trained = sum(1 for x in row["labels"] if x != -100)
+            trained = sum(1 for x in row["labels"] if x != IGNORE)
             print(
                 f"\n── sample {i} · {row['loc']} · {len(row['input_ids'])} tokens, {trained} trained ({legend})",
                 file=out,

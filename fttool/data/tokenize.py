@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fttool.errors import UserError
 
-IGNORE = -100
+IGNORE = -100  # the label of a token that is not trained (what Hugging Face losses skip); fttool's one definition
 Span = Tuple[int, int]
 TOOLS_INTRO = "You can call these tools (JSON schemas):\n"
 # Private-use characters (plane 15) that no dataset contains: they mark literal special-token text in data, and

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from fttool.config import methods, strategies
+from fttool.config.spec import has_test, has_validation
 from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
 from fttool.launch import rundir, runfiles
@@ -25,15 +26,10 @@ from fttool.worker import memory
 log = logging.getLogger("fttool")
 
 
-def validates(spec) -> bool:
-    """Whether the run computes a validation loss during training (it has a validation split)."""
-    return bool(spec.data.val_ratio or spec.data.val_path)
-
-
 def validation_args(spec) -> dict:
     """Validation loss every eval_steps (default: at every checkpoint); the best checkpoint kept and loaded at the end."""
     t = spec.train
-    if not validates(spec):
+    if not has_validation(spec):
         return {"eval_strategy": "no"}
     out = {
         "eval_strategy": "steps",
@@ -185,7 +181,7 @@ def train(run_dir: Path) -> dict:
     record = prepared.record()
     if before is not None:
         record["history"] = _data_history(spec, run_dir, before, prepared)
-    if validates(spec) and not (prepared.validation is not None and len(prepared.validation)):
+    if has_validation(spec) and not (prepared.validation is not None and len(prepared.validation)):
         d = spec.data
         source = (
             f"data.val_path={d.val_path}"
@@ -280,7 +276,7 @@ def train(run_dir: Path) -> dict:
     summary["stopped_early"] = bool(spec.train.early_stopping_patience) and out.global_step < trainer.state.max_steps
     if eval_loss is not None:
         log.info(f"validation loss {eval_loss:.4f} on {len(prepared.validation):,} held-out samples")
-    if spec.eval.after_training and (spec.data.test_path or spec.data.test_ratio):
+    if spec.eval.after_training and has_test(spec):
         summary["eval"] = _evaluate(spec, run_dir, final, model if args.world_size == 1 else None, tok)
     runfiles.write_json(run_dir / runfiles.RESULT, summary)
     tracking.log_eval(summary.get("eval"))
