@@ -35,25 +35,9 @@ def spec_for(overrides, out: Path):
 
 def small_model(folder: Path) -> Path:
     """A 2-layer Llama with phi-3-mini's real tokenizer (random weights: speed only)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from fttool.testing import random_llama
 
-    tok = AutoTokenizer.from_pretrained(str(PHI3))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
+    random_llama(folder, PHI3, hidden_size=128, intermediate_size=256, max_position_embeddings=2048)
     return folder
 
 

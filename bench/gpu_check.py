@@ -116,30 +116,20 @@ def tokenizer(work: Path):
 
 
 def build_model(work: Path, device: str, shape: dict):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from fttool.testing import random_llama
 
     tok, where = tokenizer(work)
-    cfg = LlamaConfig(
+    folder = work / "model"
+    params = random_llama(
+        folder,
+        tok,
+        device=device,
+        dtype="bfloat16" if device == "cuda" else "float32",
         vocab_size=-(-len(tok) // 64) * 64,
         max_position_embeddings=4096,
         tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        dtype="bfloat16" if device == "cuda" else "float32",
         **shape,
     )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16 if device == "cuda" else torch.float32)
-    folder = work / "model"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    params = sum(p.numel() for p in model.parameters())
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return folder, params, where, tok.padding_side
 
 

@@ -39,28 +39,14 @@ def phi3_model(tmp_path_factory):
     """A tiny randomly initialised Llama whose tokenizer is the real phi-3-mini one (padding_side: left)."""
     if not PHI3.is_dir():
         pytest.skip("../shared/data not present")
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
+
+    from fttool.testing import random_llama
 
     out = tmp_path_factory.mktemp("phi3-tiny")
     tok = AutoTokenizer.from_pretrained(PHI3)
     assert tok.padding_side == "left"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
+    random_llama(out, tok, tie_word_embeddings=True)
     return out
 
 

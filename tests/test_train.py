@@ -234,23 +234,13 @@ def test_embedded_default_beats_the_base_model(tmp_path):
 def test_qlora_on_the_cpu_refuses_layer_sizes_its_4bit_kernel_cannot_take(tmp_path):
     """bitsandbytes' CPU kernel asserts 'N must be divisible by block_n' at the first forward without gradients
     (validation, eval) on CPUs with AVX512-BF16: say so before training, on every CPU."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from fttool import assets
+    from fttool.testing import random_llama
 
-    tok = AutoTokenizer.from_pretrained(assets.resolve("fttool:tiny-chat"))
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=172,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        eos_token_id=tok.eos_token_id,
-    )
     model_dir = tmp_path / "odd-sizes"
-    LlamaForCausalLM(cfg).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    random_llama(
+        model_dir, assets.resolve("fttool:tiny-chat"), intermediate_size=172, num_hidden_layers=1, num_attention_heads=2
+    )
     r = run_cli(
         "method=qlora", f"model.name_or_path={model_dir}", *FAST, "run_name=odd", f"output_dir={tmp_path}", cwd=tmp_path
     )
