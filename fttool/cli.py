@@ -9,14 +9,8 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from fttool.errors import UserError, fail, suggestion
+from fttool.verbs import VERBS, on
 
-VERBS = {
-    "train": "compose, validate, write the run folder and train (the default verb)",
-    "check": "compose and validate, print the resolved spec and the plan; loads no model",
-    "preview": "show N tokenized samples with the trained tokens marked, and data statistics (--samples N, default 3)",
-    "preprocess": "tokenize the data into the cache without training, and print its statistics",
-}
-RUN_VERBS = ("eval", "export", "generate", "chat")  # work on a run folder: fttool/after/verbs.py
 HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--version"}
 HYDRA_PRINT_FLAGS = {"--cfg", "-c"}
 MULTIRUN_FLAGS = {"-m", "--multirun"}
@@ -46,11 +40,12 @@ Groups, their options and the composed config follow.
 
 
 def split_verb(argv: List[str]):
-    if argv and (argv[0] in VERBS or argv[0] in RUN_VERBS):
+    if argv and argv[0] in VERBS:
         return argv[0], argv[1:]
     if argv and not argv[0].startswith("-") and "=" not in argv[0] and not argv[0].startswith(("+", "~")):
         raise UserError(
-            f"unknown verb '{argv[0]}'.{suggestion(argv[0], [*VERBS, *RUN_VERBS])} Verbs: {', '.join([*VERBS, *RUN_VERBS])}; overrides look like key=value."
+            f"unknown verb '{argv[0]}'.{suggestion(argv[0], VERBS)} Verbs: {', '.join(VERBS)}; overrides look "
+            "like key=value."
         )
     return "train", argv
 
@@ -134,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     cpu_threads_env()
     try:
         verb, rest = split_verb(argv)
-        if verb in RUN_VERBS:
+        if VERBS[verb].on == "run":
             from fttool.after import verbs
 
             try:
@@ -157,12 +152,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise UserError(f"could not read a recipe file: {e}".replace("\n", " "))
         info_only = any(a in HYDRA_INFO_FLAGS for a in rest)
         if info_only and any(a in ("--help", "-h") for a in rest):
-            from fttool.after.verbs import VERBS as RUN
-
             print(
                 USAGE.format(
-                    verbs="\n".join(f"  {k:<11}{v}" for k, v in VERBS.items()),
-                    run_verbs="\n".join(f"  {k:<11}{v.about}" for k, v in RUN.items()),
+                    verbs="\n".join(f"  {k:<11}{v.about}" for k, v in on("spec").items()),
+                    run_verbs="\n".join(f"  {k:<11}{v.about}" for k, v in on("run").items()),
                 )
             )
         overrides = _overrides(rest)

@@ -174,6 +174,41 @@ def test_bad_eval_config(overrides, message, tmp_path):
     assert message in str(e.value)
 
 
+def test_run_verb_overrides_use_the_same_parser_and_key_checks_as_a_new_run(tmp_path):
+    """`fttool eval run=... eval.gate=...` changes a frozen spec through compose.override_spec."""
+    from fttool.after.verbs import parse
+    from fttool.config.compose import override_spec
+
+    spec = make_spec(["+recipe=tiny_cpu"], tmp_path)
+    own, overrides = parse("eval", ["run=r", "eval.gate={exact_match:0.05}", "data.metrics=[exact_match,token_f1]"])
+    assert own == {"run": "r"} and overrides == ["eval.gate={exact_match:0.05}", "data.metrics=[exact_match,token_f1]"]
+    changed = override_spec(spec, overrides)
+    assert dict(changed.eval.gate) == {"exact_match": 0.05} and list(changed.data.metrics) == [
+        "exact_match",
+        "token_f1",
+    ]
+    assert changed.train == spec.train and changed.model == spec.model  # nothing else moves
+    with pytest.raises(UserError, match=r"unknown key 'eval.gat'\. Did you mean eval.gate\?"):
+        override_spec(spec, ["eval.gat={exact_match:0.05}"])
+    with pytest.raises(UserError, match="eval.gate.bleu: the verdict can only use a metric"):
+        override_spec(spec, ["eval.gate={bleu:0.1}"])
+    with pytest.raises(UserError, match="could not read an override"):
+        override_spec(spec, ["eval.gate={exact_match:"])
+    with pytest.raises(UserError, match=r"eval: unknown key 'eval_gate'"):
+        parse("eval", ["run=r", "eval_gate=1"])
+
+
+def test_every_verb_in_the_table_has_its_handler():
+    import inspect
+
+    from fttool.verbs import VERBS
+
+    for name, verb in VERBS.items():
+        assert verb.on in ("spec", "run"), name
+        params = list(inspect.signature(verb.call()).parameters)
+        assert len(params) == (1 if verb.on == "spec" else 3), (name, params)
+
+
 def test_bad_schema_file_names_the_line(tmp_path):
     bad = tmp_path / "s.json"
     bad.write_text('{\n  "type": "object",\n  "required": name\n}')

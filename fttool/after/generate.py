@@ -123,7 +123,8 @@ def read_prompts(path: str, system: List[Dict]) -> List[Tuple[str, List[Dict]]]:
     return out
 
 
-def main(verb: str, own: Dict[str, str]) -> None:
+def main(verb: str, own: Dict[str, str], overrides: List[str] = ()) -> None:
+    """`generate` and `chat` (their own keys only: `overrides` is empty, the verbs allow no run settings)."""
     from fttool.after.evaluate import generate
 
     opts = _options(own)

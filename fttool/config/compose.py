@@ -265,4 +265,40 @@ def _check_keys(combo: List[str]) -> None:
         _check_key(base, key.lstrip("+~"))
 
 
-__all__ = ["compose", "precheck", "trials", "user_keys", "recipe_of"]
+def override_spec(spec, overrides: List[str]):
+    """A frozen spec (a run folder's) with key=value overrides applied: parsed by the same grammar and keys checked
+    by the same code as a new run's overrides, then derived, typed and validated again. Returns the new RunSpec."""
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fttool.config import validation
+
+    cfg = OmegaConf.create(asdict(spec))
+    OmegaConf.set_struct(cfg, True)
+    for key in registry.OPEN_DICTS:
+        OmegaConf.set_struct(OmegaConf.select(cfg, key), False)
+    for ov in parse(overrides):
+        key, value = ov.key_or_group.lstrip("+~"), ov.value()
+        _check_key(cfg, key)
+        if key in registry.OPEN_DICTS:
+            OmegaConf.update(cfg, key, {}, merge=False)  # a mapping given on the command line replaces the run's one
+            OmegaConf.set_struct(OmegaConf.select(cfg, key), False)
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as e:
+            raise UserError(f"{key}={ov.get_value_element_as_str()}: {str(e).splitlines()[0]}")
+    for key in ("data.test_path", "data.json_schema"):
+        OmegaConf.update(cfg, key, validation._absolute(OmegaConf.select(cfg, key)))
+    validation.derive_metrics(cfg)
+    try:
+        typed = validation.to_spec(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "a value"
+        raise UserError(f"{key}: {str(e).splitlines()[0]}")
+    validation.check(OmegaConf.create(asdict(typed)))
+    return typed
+
+
+__all__ = ["compose", "precheck", "trials", "user_keys", "recipe_of", "override_spec"]

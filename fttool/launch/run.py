@@ -47,21 +47,26 @@ def run_task(
 def run_checked(
     verb: str, spec, choices, argv: List[str], samples: Optional[int] = None, output: Optional[str] = None
 ) -> None:
-    """What a verb does with a validated spec."""
+    """What a verb does with a validated spec: its handler in the verb table (fttool/verbs.py)."""
+    from fttool.verbs import VERBS, SpecCall
+
     try:
-        if verb == "check":
-            _print_check(spec)
-            return
-        if verb in ("preview", "preprocess"):
-            from fttool.data import preview
-
-            preview.run(verb, spec, samples, output=output)
-            return
-        from fttool.launch.launcher import launch
-
-        launch(spec, argv, choices)
+        VERBS[verb].call()(SpecCall(verb, spec, choices, argv, samples, output))
     except UserError as e:
         fail(str(e), e.exit_code)
+
+
+def train(call) -> None:
+    from fttool.launch.launcher import launch
+
+    launch(call.spec, call.argv, call.choices)
+
+
+def preview(call) -> None:
+    """`preview` and `preprocess`."""
+    from fttool.data import preview as data_preview
+
+    data_preview.run(call.verb, call.spec, call.samples, output=call.output)
 
 
 def _checked_trial(checked: Optional[list], job_num: int, job_overrides: List[str]):
@@ -126,7 +131,8 @@ def _run_trial(
         sweep.record_trial(sweep_dir, job_num, shown, run_dir, "ok")
 
 
-def _print_check(spec) -> None:
+def check(call) -> None:
+    spec = call.spec
     from fttool.config import plan, slurm
     from fttool.launch import rundir
 

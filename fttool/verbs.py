@@ -1,0 +1,133 @@
+"""Every verb of the command line, in one table: what it works on, what it does, its help, and the function that
+carries it out (imported only when the verb runs, so `--help` and config errors stay fast).
+
+- A verb `on="spec"` composes and validates a run from overrides (Hydra's grammar, recipes, `-m` sweeps) and hands
+  the checked spec to its handler: `handler(SpecCall)`.
+- A verb `on="run"` works on a finished run folder (or an exported model) with key=value arguments: its own `keys`,
+  and the run settings named in `spec_keys` (parsed and checked by the same override code as a new run's);
+  `handler(verb, own, spec_overrides)`.
+
+Adding a verb is one row here and its function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class Verb:
+    on: str  # "spec" or "run"
+    about: str
+    handler: str  # "module:function"
+    keys: Dict[str, str] = field(default_factory=dict)  # run verbs: own key -> description
+    required: Tuple[Tuple[str, ...], ...] = ()  # run verbs: each tuple, exactly one of these keys must be given
+    spec_keys: Tuple[str, ...] = ()  # run verbs: run settings (or prefixes ending in '.') that may be changed
+    example: str = ""
+
+    def call(self):
+        from importlib import import_module
+
+        module, _, name = self.handler.partition(":")
+        return getattr(import_module(module), name)
+
+
+@dataclass(frozen=True)
+class SpecCall:
+    """What a spec verb's handler gets: the verb, the checked spec, the group choices, the command line and the
+    preview verb's own options."""
+
+    verb: str
+    spec: object
+    choices: Dict[str, str]
+    argv: List[str]
+    samples: Optional[int] = None
+    output: Optional[str] = None
+
+
+CHECKPOINT = "weights to use: final (default), best, last, or a checkpoint's step number"
+GEN_KEYS = {
+    "run": "run folder to load (its final/ adapter or model, with the training chat template)",
+    "model": "a model folder instead of a run (an export: fttool export ... output=DIR)",
+    "checkpoint": CHECKPOINT,
+    "system": "system message to start the conversation with",
+    "max_new_tokens": "most tokens in a reply (default 256)",
+    "temperature": "0 = greedy (default); > 0 samples",
+    "top_p": "nucleus sampling mass when temperature > 0 (default 1.0)",
+    "device": "cpu or cuda (default: the run's hardware.device; cuda when a model= folder and a GPU are there)",
+}
+
+VERBS: Dict[str, Verb] = {
+    "train": Verb(
+        "spec",
+        "compose, validate, write the run folder and train (the default verb)",
+        "fttool.launch.run:train",
+    ),
+    "check": Verb(
+        "spec",
+        "compose and validate, print the resolved spec and the plan; loads no model",
+        "fttool.launch.run:check",
+    ),
+    "preview": Verb(
+        "spec",
+        "show N tokenized samples with the trained tokens marked, and data statistics (--samples N, default 3)",
+        "fttool.launch.run:preview",
+    ),
+    "preprocess": Verb(
+        "spec",
+        "tokenize the data into the cache without training, and print its statistics",
+        "fttool.launch.run:preview",
+    ),
+    "eval": Verb(
+        "run",
+        "score the fine-tuned model and the base on the test split; results and a verdict into the run folder",
+        "fttool.after.verbs:evaluate",
+        {"run": "run folder to evaluate", "checkpoint": CHECKPOINT},
+        (("run",),),
+        ("eval.", "data.metrics", "data.json_schema", "data.test_path", "hardware.device", "hardware.precision"),
+        "fttool eval run=runs/my-run eval.gate={exact_match:0.05} data.test_path=holdout.jsonl",
+    ),
+    "export": Verb(
+        "run",
+        "merge the adapter into a full-precision base and write a standalone model folder with a model card",
+        "fttool.after.verbs:export",
+        {
+            "run": "run folder to export",
+            "output": "folder to write (must not exist unless overwrite=true)",
+            "checkpoint": CHECKPOINT,
+            "dtype": "weights dtype: auto (the base model's), float32, bfloat16 or float16",
+            "overwrite": "true to replace an existing output folder",
+        },
+        (("run",), ("output",)),
+        (),
+        "fttool export run=runs/my-run output=exports/my-model",
+    ),
+    "generate": Verb(
+        "run",
+        "reply to one prompt, or to every row of a JSONL file, with a run or an exported model",
+        "fttool.after.generate:main",
+        {
+            **GEN_KEYS,
+            "prompt": "the user message to reply to",
+            "input": 'JSONL file: one {"prompt": ...} or {"messages": [...]} per line',
+            "output": "JSONL file for the replies to input= (default: print them)",
+        },
+        (("run", "model"), ("prompt", "input")),
+        (),
+        "fttool generate run=runs/my-run prompt='Reverse the words: a b c'",
+    ),
+    "chat": Verb(
+        "run",
+        "talk to a run or an exported model in the terminal (/reset starts over, /exit or Ctrl-D leaves)",
+        "fttool.after.generate:main",
+        GEN_KEYS,
+        (("run", "model"),),
+        (),
+        "fttool chat run=runs/my-run",
+    ),
+}
+
+
+def on(kind: str) -> Dict[str, Verb]:
+    return {name: v for name, v in VERBS.items() if v.on == kind}
