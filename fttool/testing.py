@@ -41,3 +41,27 @@ def random_llama(folder: Path, tokenizer, seed: int = 0, device: str = "cpu", dt
     if device == "cuda":
         torch.cuda.empty_cache()
     return params
+
+
+def reverse_pairs(rows, seed: int = 0):
+    """Preference pairs from the demo's reverse-the-words rows ({"messages": [user, assistant]}): the correct reversal
+    is chosen; the rejected reply is the words in their original order, or the reversal with two words swapped."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for r in rows:
+        prompt, reply = r["messages"][0]["content"], r["messages"][1]["content"]
+        words = reply.split()
+        if len(words) < 2:
+            continue
+        if rng.random() < 0.5:
+            wrong = list(reversed(words))
+        else:
+            wrong = list(words)
+            i = rng.randrange(len(wrong) - 1)
+            wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
+        if wrong == words:
+            continue
+        out.append({"prompt": prompt, "chosen": reply, "rejected": " ".join(wrong)})
+    return out

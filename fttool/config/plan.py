@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from fttool import assets
-from fttool.config import methods, strategies
+from fttool.config import methods, objectives, strategies
 from fttool.config.spec import RunSpec, effective_gate, has_validation, world_size
 
 
@@ -155,6 +155,7 @@ def describe(spec: RunSpec) -> List[str]:
         f"model       {spec.model.name_or_path} (dtype {spec.model.dtype}, attention {spec.model.attn_implementation})",
     ]
     lines.append(f"method      {methods.of(spec).describe(m)}")
+    lines.append(f"objective   {objectives.of(spec).describe(spec.objective)}")
     counts = param_counts(spec)
     if counts:
         lines.append(

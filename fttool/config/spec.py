@@ -128,6 +128,20 @@ class QloraSpec(LoraSpec):
 
 
 @dataclass
+class ObjectiveSpec:
+    """What the training optimises: sft (next-token loss on the trained tokens) or a preference objective on pairs of
+    replies (dpo, orpo). `method` stays how the weights are trained (full, LoRA, QLoRA)."""
+
+    name: str = "sft"  # sft, dpo or orpo (set by the group option)
+    beta: float = 0.1  # dpo: strength of the pull towards the reference model (DPO's beta); orpo: weight of the odds-ratio term (ORPO's lambda)
+    loss_type: str = "sigmoid"  # dpo: sigmoid (the DPO paper), ipo, hinge or robust (TRL's loss types)
+    label_smoothing: float = 0.0  # dpo: assumed fraction of flipped preference labels (conservative DPO, robust)
+    precompute_ref_log_probs: bool = (
+        False  # dpo: score every pair with the reference once before training, so no reference forward runs per step
+    )
+
+
+@dataclass
 class HardwareSpec:
     """Where the run executes: device, processes per machine, how the model is spread over them, machines."""
 
@@ -213,6 +227,7 @@ class RunSpec:
     model: ModelSpec = field(default_factory=ModelSpec)  # group `model`
     data: DataSpec = field(default_factory=DataSpec)  # group `data`
     method: Any = MISSING  # group `method`: full, lora or qlora
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)  # group `objective`: sft, dpo or orpo
     hardware: HardwareSpec = field(default_factory=HardwareSpec)  # group `hardware`
     logging: LoggingSpec = field(default_factory=LoggingSpec)  # group `logging`
     train: TrainSpec = field(default_factory=TrainSpec)  # the schedule
@@ -244,5 +259,11 @@ def world_size(hw: HardwareSpec) -> int:
     return hw.num_processes * max(hw.num_machines, 1)
 
 
-GROUP_SCHEMAS = {"model": ModelSpec, "data": DataSpec, "hardware": HardwareSpec, "logging": LoggingSpec}
-GROUPS = ("model", "data", "method", "hardware", "logging")
+GROUP_SCHEMAS = {
+    "model": ModelSpec,
+    "data": DataSpec,
+    "objective": ObjectiveSpec,
+    "hardware": HardwareSpec,
+    "logging": LoggingSpec,
+}
+GROUPS = ("model", "data", "method", "objective", "hardware", "logging")

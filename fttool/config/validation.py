@@ -13,7 +13,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from fttool.config import methods, strategies
+from fttool.config import methods, objectives, strategies
 from fttool.config.spec import DTYPES, FORMATS, PACKING, PRECISIONS, RunSpec, world_size
 from fttool.errors import UserError, suggestion
 
@@ -163,6 +163,7 @@ def _check_combinations(cfg: DictConfig, user_keys: set) -> None:
         )
     methods.of(cfg).check(cfg.method)
     _check_data(cfg.data)
+    objectives.of(cfg).check(cfg, data_formats(cfg.data), user_keys)
     check_eval(cfg)
     _check_topology(cfg)
     if cfg.model.trust_remote_code and "model.trust_remote_code" not in user_keys:
@@ -272,6 +273,11 @@ def check_eval(cfg: DictConfig) -> None:
         )
 
 
+def data_formats(d) -> List[str]:
+    """The format of each data source (data.format, or each data.mix entry's)."""
+    return [m.format or d.format for m in d.mix] if d.mix else [d.format]
+
+
 def _check_data(d: DictConfig) -> None:
     from fttool.data.formats import check_columns
     from fttool.data.templates import resolve
@@ -349,7 +355,8 @@ def build(
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # detach from Hydra, resolve interpolations
     derive_metrics(cfg)
     if cfg.train.lr is None:
-        cfg.train.lr = float(cfg.method.default_lr * cfg.model.lr_scale)
+        own = objectives.of(cfg).default_lr(methods.of(cfg).adapter)
+        cfg.train.lr = float((own if own is not None else cfg.method.default_lr) * cfg.model.lr_scale)
     if cfg.run_name is None:
         cfg.run_name = default_run_name(cfg, recipe, job_num)
     for key in LOCAL_PATH_KEYS:  # the run folder must not depend on the directory it was started from

@@ -7,6 +7,7 @@ cache folder they live in. The held-out test rows are read by `test_rows(spec)` 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import multiprocessing
@@ -18,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from fttool.config import objectives
 from fttool.data import cache, templates
 from fttool.data.formats import Formatter
+from fttool.data.pairs import encode_pairs
 from fttool.data.sources import fingerprint, read_rows
 from fttool.data.stats import DataStats, histogram
 from fttool.data.tokenize import IGNORE, Encoder, auto_num_proc
@@ -98,6 +101,7 @@ def build(spec, tokenizer, use_cache: bool = True) -> Prepared:
     d = spec.data
     template = training_template(spec, tokenizer)
     srcs = sources_of(d)
+    pairs = objectives.of(spec).pairs  # a chosen and a rejected sequence per row (a preference objective)
     extra = [(k, p) for k, p in (("data.val_path", d.val_path), ("data.test_path", d.test_path)) if p]
     parts = cache.key(
         d,
@@ -106,6 +110,7 @@ def build(spec, tokenizer, use_cache: bool = True) -> Prepared:
         template,
         [[fingerprint(s.path, s.split, s.key), s.format, s.split, s.columns, s.weight] for s in srcs]
         + [[k, fingerprint(p, "train", k)] for k, p in extra],
+        pairs=pairs,
     )
     where = cache.folder(d, parts)
     paths = [s.path for s in srcs] + [p for _, p in extra]
@@ -123,8 +128,8 @@ def build(spec, tokenizer, use_cache: bool = True) -> Prepared:
         )
     train_rows, val_rows, _, stats = _rows(spec, srcs)
     encoder = Encoder(tokenizer, template, d)  # only when tokenizing: a cache hit needs none
-    train_ds = _encode(encoder, train_rows, d, stats, count=True)
-    val_ds = _encode(encoder, val_rows, d, DataStats(), count=False) if val_rows else None
+    train_ds = _encode(encoder, train_rows, d, stats, count=True, pairs=pairs)
+    val_ds = _encode(encoder, val_rows, d, DataStats(), count=False, pairs=pairs) if val_rows else None
     if use_cache:
         cache.write(where, parts, {"train": train_ds, "validation": val_ds}, stats.to_dict(), paths)
     return Prepared(train_ds, val_ds, stats, where, False, time.perf_counter() - t0, parts)
@@ -222,23 +227,26 @@ def _test_example(loc: str, ex: Dict) -> Optional[Dict]:
 
 
 # -- tokens -----------------------------------------------------------------------------------------------
-def _encode_fn(encoder: Encoder, skip: bool) -> Callable:
+def _encode_fn(encoder: Encoder, skip: bool, pairs: bool) -> Callable:
     def fn(batch):
         if multiprocessing.current_process().name != "MainProcess":
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (no traceback per worker)
-        return encoder.encode_batch(batch["loc"], [json.loads(x) for x in batch["example"]], skip_bad=skip)
+        examples = [json.loads(x) for x in batch["example"]]
+        if pairs:
+            return encode_pairs(encoder, batch["loc"], examples, skip)
+        return encoder.encode_batch(batch["loc"], examples, skip_bad=skip)
 
     return fn
 
 
-def _encode(encoder: Encoder, rows: Rows, d, stats: DataStats, count: bool):
+def _encode(encoder: Encoder, rows: Rows, d, stats: DataStats, count: bool, pairs: bool = False):
     import datasets
 
     datasets.disable_progress_bars()
     raw = datasets.Dataset.from_dict({"loc": [loc for loc, _ in rows], "example": [json.dumps(ex) for _, ex in rows]})
     nproc = auto_num_proc(len(rows), d.num_proc)
     enc = raw.map(
-        _encode_fn(encoder, d.skip_bad_rows),
+        _encode_fn(encoder, d.skip_bad_rows, pairs),
         batched=True,
         batch_size=256,
         remove_columns=["example"],
@@ -246,10 +254,11 @@ def _encode(encoder: Encoder, rows: Rows, d, stats: DataStats, count: bool):
         load_from_cache_file=False,
         desc=None,
     )
-    return _length_policy(enc, d, stats, count)
+    return _length_policy(enc, d, stats, count, pairs)
 
 
 NO_TRAINED_WHY = {
+    "same": "its chosen and rejected replies are the same tokens",
     "truncated": "its replies were cut off by data.max_length",
     "empty": "the template rendered its trained replies empty (e.g. reasoning stripped from an earlier turn)",
     "none": "it has no turn of data.train_roles to train",
@@ -271,12 +280,19 @@ def fate(ids: List[int], labels: List[int], d, empty_replies: int = 0):
     return ids, labels, truncated, ""
 
 
-def _length_policy(enc, d, stats: DataStats, count: bool):
+def _length_policy(enc, d, stats: DataStats, count: bool, pairs: bool = False):
+    """data.max_length and data.truncation on every sample (or both sequences of a pair: a pair is kept only when
+    both are; truncation counts once per pair), counted in stats."""
     import datasets
 
     keep: Dict[str, list] = {"input_ids": [], "labels": [], "length": [], "loc": []}
+    if pairs:
+        keep.update({"rejected_input_ids": [], "rejected_labels": []})
+    rejected = zip(enc["rejected_input_ids"], enc["rejected_labels"]) if pairs else itertools.repeat(None)
     lengths = []
-    for loc, ids, labels, err, c in zip(enc["loc"], enc["input_ids"], enc["labels"], enc["error"], _counters(enc)):
+    for loc, ids, labels, err, c, other in zip(
+        enc["loc"], enc["input_ids"], enc["labels"], enc["error"], _counters(enc), rejected
+    ):
         if err:
             stats.bad_rows_skipped += 1
             if len(stats.bad_row_examples) < BAD_ROW_EXAMPLES:
@@ -287,6 +303,9 @@ def _length_policy(enc, d, stats: DataStats, count: bool):
         stats.literal_markers += c["literal_markers"]
         stats.empty_replies += c["empty_replies"]
         ids, labels, truncated, why = fate(ids, labels, d, c["empty_replies"])
+        if other is not None:
+            r_ids, r_labels, r_truncated, r_why = fate(other[0], other[1], d, c["empty_replies"])
+            truncated, why = truncated or r_truncated, why or r_why or (NO_TRAINED_WHY["same"] if r_ids == ids else "")
         stats.truncated += truncated
         if why:
             if why.startswith("longer than"):
@@ -296,11 +315,18 @@ def _length_policy(enc, d, stats: DataStats, count: bool):
                 stats.no_trained_why[why] = stats.no_trained_why.get(why, 0) + 1
             continue
         trained = sum(1 for x in labels if x != IGNORE)
+        length = len(ids)
+        if other is not None:
+            keep["rejected_input_ids"].append(r_ids)
+            keep["rejected_labels"].append(r_labels)
+            trained += sum(1 for x in r_labels if x != IGNORE)
+            length = max(length, len(r_ids))
+            stats.tokens += len(r_ids)
         keep["input_ids"].append(ids)
         keep["labels"].append(labels)
-        keep["length"].append(len(ids))
+        keep["length"].append(length)
         keep["loc"].append(loc)
-        lengths.append(len(ids))
+        lengths.append(length)
         stats.samples += 1
         stats.tokens += len(ids)
         stats.trained_tokens += trained
@@ -310,15 +336,11 @@ def _length_policy(enc, d, stats: DataStats, count: bool):
             raise UserError(
                 f"data: every sample was dropped ({stats.summary()}); raise data.max_length or fix the data."
             )
-    features = datasets.Features(
-        {
-            "input_ids": datasets.Sequence(datasets.Value("int32")),
-            "labels": datasets.Sequence(datasets.Value("int32")),
-            "length": datasets.Value("int32"),
-            "loc": datasets.Value("string"),
-        }
-    )
-    return datasets.Dataset.from_dict(keep, features=features)
+    ints = datasets.Sequence(datasets.Value("int32"))
+    features = {"input_ids": ints, "labels": ints, "length": datasets.Value("int32"), "loc": datasets.Value("string")}
+    if pairs:
+        features.update(rejected_input_ids=ints, rejected_labels=ints)
+    return datasets.Dataset.from_dict(keep, features=datasets.Features(features))
 
 
 def drift(old: Dict, new: Dict, spec) -> List[str]:

@@ -56,10 +56,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def key(data_spec, seed: int, tokenizer, template: Optional[str], sources: list) -> Dict[str, Any]:
-    """The key's parts (kept in meta.json so a person can see why two runs share a cache or not)."""
+def key(data_spec, seed: int, tokenizer, template: Optional[str], sources: list, pairs: bool = False) -> Dict[str, Any]:
+    """The key's parts (kept in meta.json so a person can see why two runs share a cache or not). `pairs`: features
+    for a preference objective (a chosen and a rejected sequence per row), cached apart from SFT's."""
     fields = {k: v for k, v in dataclasses.asdict(data_spec).items() if k not in NOT_IN_KEY}
     return {
+        **({"features": "pairs"} if pairs else {}),
         "version": VERSION,
         "sources": sources,
         "tokenizer": tokenizer_fingerprint(tokenizer),

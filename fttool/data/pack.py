@@ -91,6 +91,28 @@ class RightPadCollator:
         }
 
 
+class PairCollator:
+    """Preference pairs as one batch: the chosen sequences, then the rejected ones (the layout TRL's DPOTrainer
+    reads), right-padded together. `completion_mask` marks the scored tokens, exactly the tokens fttool's masking
+    trains (each reply and the token closing its turn); precomputed reference log-probs ride along."""
+
+    def __init__(self, pad_id: int, multiple: int = 8):
+        self.pad = RightPadCollator(pad_id, multiple)
+
+    def __call__(self, features):
+        import torch
+
+        rows = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+        rows += [{"input_ids": f["rejected_input_ids"], "labels": f["rejected_labels"]} for f in features]
+        batch = self.pad(rows)
+        labels = batch.pop("labels")
+        batch["completion_mask"] = (labels != IGNORE).long()
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in features[0]:
+                batch[key] = torch.tensor([f[key] for f in features])
+        return batch
+
+
 def pad_id(tokenizer) -> int:
     """The id padding is written with: the tokenizer's pad token, else its EOS (padding is never attended or trained)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

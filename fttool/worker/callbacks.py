@@ -23,13 +23,17 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+STANDARD = {"loss", "learning_rate", "grad_norm", "epoch", "num_tokens", "num_input_tokens_seen"}
+
+
 class MetricsCallback(TrainerCallback):
     """Append one JSON object per logging step to metrics.jsonl and print step/total, loss, grad norm, lr, tokens/s,
     peak memory and ETA. A NaN is written and shown as NaN; steps the non-finite guard skipped are counted."""
 
-    def __init__(self, run_dir: Path, guard=None):
+    def __init__(self, run_dir: Path, guard=None, progress=()):
         self.path = Path(run_dir) / METRICS_FILE
         self.guard = guard
+        self.progress = tuple(progress)  # (metric key, label): the objective's own figures on the progress line
         self.peaks = memory.PeakTracker()
         self.t0 = self.t_last = time.time()
         self.tokens_last = 0
@@ -64,6 +68,8 @@ class MetricsCallback(TrainerCallback):
                 elapsed_s=round(now - self.t0, 2),
                 **peaks,
             )
+            own = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and k not in STANDARD and k not in rec}
+            rec.update(own)  # the objective's metrics (rewards/accuracies, rewards/margins, ...)
             skipped = len(self.guard.skipped) if self.guard is not None else 0
             if skipped:
                 rec["nonfinite_steps"] = skipped
@@ -75,6 +81,7 @@ class MetricsCallback(TrainerCallback):
                 f"step {state.global_step}/{state.max_steps} ({100 * state.global_step / max(state.max_steps, 1):.0f}%) | "
                 f"loss {logs['loss']:.4f}"
                 + (f" | grad norm {norm:.3g}" if norm is not None else "")
+                + "".join(f" | {label} {logs[k]:.3g}" for k, label in self.progress if k in logs)
                 + f" | lr {logs.get('learning_rate', 0):.2e} | {rec['tokens_per_s']:,.0f} tok/s | {memory.describe(peaks)}"
                 + (f" | {skipped} non-finite step(s) skipped" if skipped else "")
                 + f" | elapsed {_hms(now - self.t0)} | eta {_hms(eta)}"
@@ -87,6 +94,9 @@ class MetricsCallback(TrainerCallback):
                 self.best_val = val if best else self.best_val
                 log.info(
                     f"step {state.global_step}/{state.max_steps} | validation loss {val:.4f}"
+                    + "".join(
+                        f" | {label} {logs['eval_' + k]:.3g}" for k, label in self.progress if "eval_" + k in logs
+                    )
                     + (" (best so far)" if best else "")
                 )
         self._append(rec)

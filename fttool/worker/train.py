@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional, Tuple
 
-from fttool.config import methods, strategies
+from fttool.config import methods, objectives, strategies
 from fttool.config.spec import has_test, has_validation
 from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
@@ -42,12 +42,12 @@ def validation_args(spec) -> dict:
 
 
 def training_args(spec, run_dir: Path, precision: str):
-    from transformers import TrainingArguments
-
+    """The objective's TrainingArguments class (transformers', or TRL's DPOConfig) with every run's settings."""
     from fttool.launch import distributed
 
     t = spec.train
-    return TrainingArguments(
+    objective = objectives.of(spec)
+    return objective.arguments_class()(
         output_dir=str(run_dir / CHECKPOINTS),
         seed=spec.seed,
         data_seed=spec.seed,
@@ -80,6 +80,7 @@ def training_args(spec, run_dir: Path, precision: str):
         save_only_model=False,
         **validation_args(spec),
         **distributed.training_kwargs(spec, run_dir),
+        **objective.extra_args(spec.objective),
     )
 
 
@@ -128,16 +129,16 @@ def log_data(prepared) -> None:
 def log_format_notes(spec) -> None:
     from fttool.data import sources_of
 
-    if any(s.format == "preference" for s in sources_of(spec.data)):
+    if any(s.format == "preference" for s in sources_of(spec.data)) and not objectives.of(spec).pairs:
         log.info(
-            "data: preference pairs: training supervised on the chosen replies (preference optimisation such as "
-            "DPO is not built yet); `fttool preview` shows what is trained"
+            "data: preference pairs under objective=sft: training supervised on the chosen replies (objective=dpo "
+            "or objective=orpo trains on the pairs); `fttool preview` shows what is trained"
         )
 
 
 def as_batches(spec, split, tok):
-    """A tokenized split as the collator wants it: samples, or bins of max_length tokens."""
-    ds = split.select_columns(["input_ids", "labels"])
+    """A tokenized split as the collator wants it: samples (or pairs), or bins of max_length tokens."""
+    ds = split.select_columns(list(objectives.of(spec).columns()))
     if spec.data.packing != "bins":
         return ds
     import datasets
@@ -167,7 +168,7 @@ def train(run_dir: Path) -> dict:
     from fttool.worker import callbacks, tracking
     from fttool.worker import model as model_lib
     from fttool.worker.guard import NonFiniteGuard, NonFiniteStep, TrainingDiverged, diverged_message
-    from fttool.worker.safe_trainer import Preemption, RunTrainer
+    from fttool.worker.safe_trainer import Preemption
 
     strategies.of(spec).before_worker(spec.hardware)
     set_seed(spec.seed)
@@ -208,17 +209,19 @@ def train(run_dir: Path) -> dict:
     if spec.train.early_stopping_patience:
         extra.append(callbacks.EarlyStopping(spec.train.early_stopping_patience, spec.train.early_stopping_threshold))
     guard = NonFiniteGuard(tolerance=spec.train.nonfinite_tolerance, fp16=precision == "fp16")
-    metrics_cb = callbacks.MetricsCallback(run_dir, guard)
+    objective = objectives.of(spec)
+    metrics_cb = callbacks.MetricsCallback(run_dir, guard, objective.progress)
     preempt = Preemption()
-    trainer = RunTrainer(
+    trainer = objective.trainer_class()(
         model=model,
         args=args,
         train_dataset=as_batches(spec, prepared.train, tok),
         eval_dataset=as_batches(spec, prepared.validation, tok) if prepared.validation is not None else None,
-        data_collator=pack.collator(spec.data.packing, tok),
+        data_collator=objective.collator(spec, tok),
         processing_class=tok,
         callbacks=[metrics_cb, callbacks.LayoutCallback(), preempt, *extra],
         guard=guard,
+        **objective.trainer_kwargs(spec.objective),
     )
     trainer.keep_checkpoints = spec.train.save_total_limit
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line per logging step

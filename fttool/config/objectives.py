@@ -1,0 +1,186 @@
+"""What the training optimises: one object per objective, answering what differs between them.
+
+An objective owns how a data row becomes features (one sequence, or a chosen and a rejected sequence), the length
+policy's unit (a sample or a pair), the collator, the Trainer class that runs it (transformers' Trainer for SFT,
+TRL's DPOTrainer for DPO, ORPO's loss on the same pairs), its TrainingArguments class and extra arguments, the
+learning rate it defaults to, the metrics its progress line shows and its rules against the rest of the spec. The
+worker assembles these answers; nothing switches on an objective's name. Light: no torch at module level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from fttool.errors import UserError
+
+KEYS = ("beta", "loss_type", "label_smoothing", "precompute_ref_log_probs")  # objective.* besides name
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def _load(path: str):
+    from importlib import import_module
+
+    module, _, name = path.partition(":")
+    return getattr(import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Supervised fine-tuning: next-token loss on the trained tokens."""
+
+    name: str
+    about: str  # one line for `fttool check`, the README and the model card
+    pairs: bool = False  # features: a chosen and a rejected sequence per row (preference data only)
+    keys: Tuple[str, ...] = ()  # the objective.* keys it reads
+    trainer: str = "fttool.worker.safe_trainer:RunTrainer"
+    args_class: str = "transformers:TrainingArguments"
+    lr_full: Optional[float] = None  # train.lr when unset; None = the method's default_lr
+    lr_adapter: Optional[float] = None
+    progress: Tuple[Tuple[str, str], ...] = ()  # (metric key, label) shown on the progress line after the loss
+
+    def default_lr(self, adapter: bool) -> Optional[float]:
+        return self.lr_adapter if adapter else self.lr_full
+
+    def describe(self, o) -> str:
+        return self.about
+
+    def collator(self, spec, tokenizer):
+        from fttool.data import pack
+
+        if self.pairs:
+            return pack.PairCollator(pack.pad_id(tokenizer))
+        return pack.collator(spec.data.packing, tokenizer)
+
+    def columns(self) -> Tuple[str, ...]:
+        """The dataset columns its collator reads."""
+        return ("input_ids", "labels") + (("rejected_input_ids", "rejected_labels") if self.pairs else ())
+
+    def trainer_class(self):
+        return _load(self.trainer)
+
+    def arguments_class(self):
+        return _load(self.args_class)
+
+    def extra_args(self, o) -> Dict:
+        """TrainingArguments beyond the ones every run sets."""
+        return {}
+
+    def trainer_kwargs(self, o) -> Dict:
+        return {}
+
+    def check(self, cfg, formats: List[str], user_keys: set) -> None:
+        """Rules against the rest of the composed config (formats: each data source's format)."""
+        unused = [k for k in KEYS if f"objective.{k}" in user_keys and k not in self.keys]
+        if unused:
+            users = [n for n, o in OBJECTIVES.items() if unused[0] in o.keys]
+            raise UserError(
+                f"objective.{unused[0]} applies to objective={' / objective='.join(users)}, not "
+                f"objective={self.name}; choose one of those or drop the key."
+            )
+
+
+@dataclass(frozen=True)
+class Preference(Objective):
+    """A preference objective: trained on (prompt, chosen, rejected) pairs, each reply scored on its own tokens."""
+
+    pairs: bool = True
+
+    def check(self, cfg, formats: List[str], user_keys: set) -> None:
+        super().check(cfg, formats, user_keys)
+        other = sorted({f for f in formats if f != "preference"})
+        if other:
+            raise UserError(
+                f"objective={self.name} trains on preference pairs, but the data is data.format={other[0]}; use "
+                "data=preference data.path=PAIRS (rows of prompt, chosen, rejected), or objective=sft."
+            )
+        if cfg.data.packing != "none":
+            raise UserError(
+                f"objective={self.name} with data.packing={cfg.data.packing}: a chosen and a rejected reply are "
+                "scored as two padded sequences of one batch, so they cannot be packed; use data.packing=none."
+            )
+        if cfg.data.train_on_inputs:
+            raise UserError(
+                f"objective={self.name} with data.train_on_inputs=true: a preference objective compares the two "
+                "replies only; drop data.train_on_inputs."
+            )
+        o = cfg.objective
+        if not o.beta > 0:
+            raise UserError(f"objective.beta={o.beta} is out of range; expected a number > 0 (common: 0.1).")
+
+
+@dataclass(frozen=True)
+class Dpo(Preference):
+    def describe(self, o) -> str:
+        ref = ", reference log-probs precomputed once" if o.precompute_ref_log_probs else ""
+        return f"{self.about}: beta {o.beta:g}, loss {o.loss_type}{ref}"
+
+    def extra_args(self, o) -> Dict:
+        return dict(
+            beta=o.beta,
+            loss_type=[o.loss_type],
+            label_smoothing=o.label_smoothing,
+            precompute_ref_log_probs=o.precompute_ref_log_probs,
+            max_length=None,  # fttool's length policy already applied (data.max_length, counted)
+            disable_dropout=True,
+        )
+
+    def check(self, cfg, formats: List[str], user_keys: set) -> None:
+        super().check(cfg, formats, user_keys)
+        o = cfg.objective
+        if o.loss_type not in DPO_LOSSES:
+            from fttool.errors import suggestion
+
+            raise UserError(
+                f"objective.loss_type={o.loss_type} is not allowed; expected one of: {', '.join(DPO_LOSSES)}."
+                f"{suggestion(o.loss_type, DPO_LOSSES, '{}')}"
+            )
+        if not 0 <= o.label_smoothing < 0.5:
+            raise UserError(f"objective.label_smoothing={o.label_smoothing} is out of range; expected [0, 0.5).")
+
+
+@dataclass(frozen=True)
+class Orpo(Preference):
+    def describe(self, o) -> str:
+        return f"{self.about}: beta (lambda) {o.beta:g}"
+
+    def trainer_kwargs(self, o) -> Dict:
+        return {"beta": o.beta}
+
+
+PREFERENCE_PROGRESS = (
+    ("rewards/accuracies", "acc"),
+    ("rewards/margins", "margin"),
+)
+OBJECTIVES: Dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective("sft", "supervised: next-token loss on the trained tokens"),
+        Dpo(
+            "dpo",
+            "DPO: prefer the chosen reply over the rejected one relative to a frozen reference (TRL DPOTrainer)",
+            keys=KEYS,
+            trainer="fttool.worker.preference:DpoRunTrainer",
+            args_class="trl:DPOConfig",
+            lr_full=5e-7,
+            lr_adapter=5e-6,
+            progress=PREFERENCE_PROGRESS,
+        ),
+        Orpo(
+            "orpo",
+            "ORPO: the chosen reply's loss plus an odds-ratio preference term, no reference model",
+            keys=("beta",),
+            trainer="fttool.worker.preference:OrpoRunTrainer",
+            lr_full=8e-6,
+            lr_adapter=8e-5,
+            progress=PREFERENCE_PROGRESS,
+        ),
+    )
+}
+NAMES = tuple(OBJECTIVES)
+
+
+def of(spec_or_objective) -> Objective:
+    """The objective object of a spec (or of its `objective` section)."""
+    o = getattr(spec_or_objective, "objective", spec_or_objective)
+    return OBJECTIVES[o.name]

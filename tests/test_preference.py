@@ -1,0 +1,302 @@
+"""Preference objectives (DPO through TRL, ORPO): the objective seam, pair features with SFT's masks, the losses
+against their formulas, the reference model, training from the CLI, and bad inputs."""
+
+import gc
+import json
+import math
+
+import pytest
+
+from conftest import FAST, SHARED_DATA, make_spec, run_cli
+from fttool.errors import UserError
+
+PHI3 = SHARED_DATA / "tokenizers" / "phi-3-mini"
+
+
+def write_pairs(path, n=64, seed=0):
+    from fttool import assets
+    from fttool.testing import reverse_pairs
+
+    demo = assets.resolve("fttool:demo")
+    rows = [json.loads(line) for line in open(f"{demo}/train.jsonl")][: n * 2]
+    pairs = reverse_pairs(rows, seed)[:n]
+    with open(path, "w") as f:
+        for p in pairs:
+            f.write(json.dumps(p) + "\n")
+    return path
+
+
+def pair_spec(tmp_path, *overrides):
+    path = write_pairs(tmp_path / "pairs.jsonl")
+    return make_spec(["data=preference", f"data.path={path}", "objective=dpo", *FAST, *overrides], tmp_path)
+
+
+# -- configuration --------------------------------------------------------------------------------------------
+def test_objective_defaults_and_learning_rates(tmp_path):
+    spec = pair_spec(tmp_path)
+    o = spec.objective
+    assert (o.name, o.beta, o.loss_type, o.precompute_ref_log_probs) == ("dpo", 0.1, "sigmoid", False)
+    assert spec.train.lr == pytest.approx(5e-6 * spec.model.lr_scale)  # adapters
+    full = pair_spec(tmp_path, "method=full")
+    assert full.train.lr == pytest.approx(5e-7 * full.model.lr_scale)
+    orpo = pair_spec(tmp_path, "objective=orpo")
+    assert orpo.train.lr == pytest.approx(8e-5 * orpo.model.lr_scale)
+    assert pair_spec(tmp_path, "train.lr=1e-4").train.lr == 1e-4  # the user's value wins
+    sft = make_spec([], tmp_path)
+    assert sft.objective.name == "sft" and sft.train.lr == pytest.approx(sft.method.default_lr * sft.model.lr_scale)
+
+
+BAD = [
+    (["objective=dpo"], "objective=dpo trains on preference pairs, but the data is data.format=chat"),
+    (["objective=dpo", "data=preference", "data.packing=bins"], "cannot be packed; use data.packing=none"),
+    (["objective=orpo", "data=preference", "data.packing=padding_free"], "cannot be packed"),
+    (["objective=dpo", "data=preference", "objective.loss_type=sigmod"], "Did you mean sigmoid?"),
+    (["objective=dpo", "data=preference", "objective.beta=0"], "objective.beta=0.0 is out of range"),
+    (["objective.beta=0.2"], "objective.beta applies to objective=dpo / objective=orpo, not objective=sft"),
+    (["objective=orpo", "data=preference", "objective.loss_type=ipo"], "applies to objective=dpo, not"),
+    (["objective=dpo", "data=preference", "data.train_on_inputs=true"], "compares the two replies only"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_objective_config(overrides, message, tmp_path):
+    path = write_pairs(tmp_path / "p.jsonl")
+    extra = [f"data.path={path}"] if "data=preference" in overrides else []
+    with pytest.raises(UserError) as e:
+        make_spec([*overrides, *extra], tmp_path)
+    assert message in str(e.value)
+
+
+def test_check_shows_the_objective(tmp_path):
+    from fttool.config import plan
+
+    lines = plan.describe(pair_spec(tmp_path, "objective.beta=0.2"))
+    assert any(line.startswith("objective   DPO") and "beta 0.2, loss sigmoid" in line for line in lines), lines
+
+
+# -- features ---------------------------------------------------------------------------------------------------
+def test_pairs_are_masked_like_sft_replies_with_a_real_template(tmp_path):
+    """phi-3's template: each reply and its <|end|> are scored; the prompt and the template's trailing
+    <|endoftext|> are not; chosen and rejected share the prompt tokens."""
+    if not PHI3.is_dir():
+        pytest.skip("../shared/data not present")
+    from transformers import AutoTokenizer
+
+    from fttool import data
+    from fttool.data.tokenize import IGNORE
+
+    path = tmp_path / "p.jsonl"
+    rows = [
+        {"prompt": "Name a colour.", "chosen": "Blue is one.", "rejected": "A fish."},
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two plus two?"}],
+            "chosen": "4",
+            "rejected": "5, I think",
+        },
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = make_spec(
+        ["data=preference", f"data.path={path}", f"model.name_or_path={PHI3}", "objective=dpo", "data.val_ratio=0"],
+        tmp_path,
+    )
+    tok = AutoTokenizer.from_pretrained(PHI3)
+    prepared = data.build(spec, tok, use_cache=False)
+    ds = prepared.train
+    assert set(ds.column_names) >= {"input_ids", "labels", "rejected_input_ids", "rejected_labels"}
+    assert prepared.stats.samples == 2
+    by_reply = {}
+    for row in ds:
+        for ids_key, labels_key in (("input_ids", "labels"), ("rejected_input_ids", "rejected_labels")):
+            ids, labels = row[ids_key], row[labels_key]
+            scored = [t for t, lab in zip(ids, labels) if lab != IGNORE]
+            by_reply[tok.decode(scored).strip()] = ids[: next(i for i, lab in enumerate(labels) if lab != IGNORE)]
+    assert set(by_reply) == {"Blue is one.<|end|>", "A fish.<|end|>", "4<|end|>", "5, I think<|end|>"}
+    assert by_reply["Blue is one.<|end|>"] == by_reply["A fish.<|end|>"]  # the same prompt tokens
+    assert by_reply["4<|end|>"] == by_reply["5, I think<|end|>"]
+
+
+def test_pair_length_policy_counts_pairs(tmp_path):
+    from fttool import data
+    from fttool.data.tokenizer import load_tokenizer
+
+    path = tmp_path / "p.jsonl"
+    long = " ".join(["word"] * 300)
+    rows = [{"prompt": "Hi", "chosen": "Hello there", "rejected": "Go away"}] * 3
+    rows += [{"prompt": "Hi", "chosen": "Short", "rejected": long}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["data=preference", f"data.path={path}", "objective=dpo", "data.val_ratio=0", "data.max_length=64"]
+    spec = make_spec(base, tmp_path)
+    tok = load_tokenizer(spec)
+    st = data.build(spec, tok, use_cache=False).stats
+    assert (st.samples, st.truncated) == (4, 1)  # the long rejected reply cut to 64 tokens; the pair kept
+    st = data.build(make_spec([*base, "data.truncation=drop"], tmp_path), tok, use_cache=False).stats
+    assert (st.samples, st.dropped_too_long) == (3, 1)  # a pair goes when either reply is too long
+
+
+def test_pair_collator_lays_out_chosen_then_rejected():
+    from fttool.data.pack import PairCollator
+
+    batch = PairCollator(pad_id=0, multiple=1)(
+        [
+            {
+                "input_ids": [5, 6, 7],
+                "labels": [-100, 6, 7],
+                "rejected_input_ids": [5, 8],
+                "rejected_labels": [-100, 8],
+            },
+            {
+                "input_ids": [9, 1],
+                "labels": [-100, 1],
+                "rejected_input_ids": [9, 2, 3, 4],
+                "rejected_labels": [-100, -100, 3, 4],
+            },
+        ]
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [9, 1, 0, 0], [5, 8, 0, 0], [9, 2, 3, 4]]
+    assert batch["completion_mask"].tolist() == [[0, 1, 1, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert "labels" not in batch  # TRL passes its own labels
+
+
+# -- losses and the reference -----------------------------------------------------------------------------------
+def _trainer(spec, tmp_path):
+    from fttool import data
+    from fttool.config import objectives
+    from fttool.data.tokenizer import load_tokenizer
+    from fttool.worker import model as model_lib
+    from fttool.worker.guard import NonFiniteGuard
+    from fttool.worker.train import as_batches, training_args
+
+    tok = load_tokenizer(spec)
+    prepared = data.build(spec, tok, use_cache=False)
+    model, precision = model_lib.load_model(spec)
+    objective = objectives.of(spec)
+    trainer = objective.trainer_class()(
+        model=model,
+        args=training_args(spec, tmp_path / "run", precision),
+        train_dataset=as_batches(spec, prepared.train, tok),
+        data_collator=objective.collator(spec, tok),
+        processing_class=tok,
+        guard=NonFiniteGuard(),
+        **objective.trainer_kwargs(spec.objective),
+    )
+    batch = objective.collator(spec, tok)([prepared.train[i] for i in range(4)])
+    return trainer, model, batch
+
+
+def _perturb_adapter(model):
+    import torch
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+
+
+def _sequence_logps(model, batch):
+    """Summed log-probs of each row's scored tokens, in float64, computed here independently."""
+    import torch
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return (logps * batch["completion_mask"][:, 1:]).sum(dim=1)
+
+
+def test_dpo_loss_equals_the_formula_and_the_lora_reference_is_the_disabled_adapter(tmp_path):
+    import torch
+    import torch.nn.functional as F
+    from transformers import PreTrainedModel
+
+    def models_alive():
+        gc.collect()
+        return sum(isinstance(o, PreTrainedModel) and hasattr(o, "lm_head") for o in gc.get_objects())
+
+    spec = pair_spec(tmp_path, "objective.beta=0.3")
+    before = models_alive()
+    trainer, model, batch = _trainer(spec, tmp_path)
+    # no second model: the reference is the base with the adapter disabled (TRL's "ref" adapter copy dropped)
+    assert trainer.ref_model is None and list(model.peft_config) == ["default"]
+    assert models_alive() == before + 1
+    _perturb_adapter(model)
+    model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch).item()
+        policy = _sequence_logps(model, batch)
+        with model.disable_adapter():
+            reference = _sequence_logps(model, batch)
+    pc, pr = policy.chunk(2)
+    rc, rr = reference.chunk(2)
+    expected = -F.logsigmoid(0.3 * ((pc - rc) - (pr - rr))).mean().item()
+    assert abs(expected - math.log(2)) > 1e-3  # the adapter moved the policy away from the reference
+    assert loss == pytest.approx(expected, abs=1e-5)
+
+
+def test_orpo_loss_equals_the_formula(tmp_path):
+    import torch
+
+    spec = pair_spec(tmp_path, "objective=orpo", "objective.beta=0.25")
+    trainer, model, batch = _trainer(spec, tmp_path)
+    _perturb_adapter(model)
+    model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch).item()
+        summed = _sequence_logps(model, batch)
+    counts = batch["completion_mask"][:, 1:].sum(dim=1).double()
+    mean = summed / counts
+    c, r = mean.chunk(2)
+    nll = -summed.chunk(2)[0].sum() / counts.chunk(2)[0].sum()
+    odds = lambda lp: lp - torch.log(1 - torch.exp(lp))  # noqa: E731 - log(p / (1 - p))
+    expected = (nll - 0.25 * torch.log(torch.sigmoid(odds(c) - odds(r))).mean()).item()
+    assert loss == pytest.approx(expected, abs=1e-5)
+
+
+# -- training from the command line -----------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("objective,method", [("dpo", "lora"), ("dpo", "full"), ("orpo", "lora"), ("dpo", "qlora")])
+def test_preference_objectives_train_and_the_loss_falls(objective, method, tmp_path):
+    path = write_pairs(tmp_path / "pairs.jsonl", n=64)
+    lr = {"dpo": "5e-4", "orpo": "2e-3"}[objective] if method != "full" else "1e-4"
+    r = run_cli(
+        f"objective={objective}",
+        f"method={method}",
+        "data=preference",
+        f"data.path={path}",
+        *FAST,
+        "train.max_steps=16",
+        f"train.lr={lr}",
+        "train.warmup_ratio=0",
+        "run_name=p",
+        f"output_dir={tmp_path / 'runs'}",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "p"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [x for x in rows if "loss" in x]
+    assert all("rewards/accuracies" in x and "rewards/margins" in x for x in train_rows)
+    first = sum(x["loss"] for x in train_rows[:4]) / 4
+    last = sum(x["loss"] for x in train_rows[-4:]) / 4
+    assert last < first, [x["loss"] for x in train_rows]
+    assert "| acc " in r.stderr + (run_dir / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_bad_preference_runs_write_nothing(tmp_path):
+    missing = tmp_path / "m.jsonl"
+    missing.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello"}) + "\n")
+    for args, message in (
+        ([f"data.path={missing}"], "m.jsonl:1"),
+        ([f"data.path={write_pairs(tmp_path / 'p.jsonl')}", "data.packing=bins"], "cannot be packed"),
+    ):
+        r = run_cli(
+            "objective=dpo",
+            "data=preference",
+            *args,
+            *FAST,
+            "run_name=bad",
+            f"output_dir={tmp_path}/runs",
+            cwd=tmp_path,
+        )
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert not (tmp_path / "runs" / "bad").exists()
