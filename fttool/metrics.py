@@ -19,6 +19,8 @@ class Metric:
     higher_is_better: bool
     about: str
     score: Optional[Callable[[str, str], float]] = None  # (prediction, reference) -> score; None: from the model's loss
+    rate: bool = True  # a fraction of examples (shown as %); False: a value in its own units
+    pairs: bool = False  # scored on preference pairs (chosen vs rejected log-probs): preference test data only
 
     @property
     def generative(self) -> bool:
@@ -127,7 +129,25 @@ METRICS: Dict[str, Metric] = {
         Metric(
             "json_schema", True, "reply is JSON that satisfies data.json_schema", None
         ),  # scorer built from the schema
-        Metric("perplexity", False, "exp of the mean loss on the reference replies' trained tokens (teacher-forced)"),
+        Metric(
+            "perplexity",
+            False,
+            "exp of the mean loss on the reference replies' trained tokens (teacher-forced)",
+            rate=False,
+        ),
+        Metric(
+            "preference_accuracy",
+            True,
+            "fraction of held-out pairs whose chosen reply the model gives a higher log-prob than the rejected one",
+            pairs=True,
+        ),
+        Metric(
+            "preference_margin",
+            True,
+            "mean log-prob of the chosen reply minus the rejected one's, over held-out pairs (nats)",
+            rate=False,
+            pairs=True,
+        ),
     )
 }
 

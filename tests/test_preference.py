@@ -300,3 +300,78 @@ def test_bad_preference_runs_write_nothing(tmp_path):
         )
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_preview_shows_both_replies_with_the_scored_tokens(tmp_path):
+    import io
+
+    from fttool.data import preview
+
+    spec = pair_spec(tmp_path, "data.val_ratio=0")
+    out = io.StringIO()
+    preview.run("preview", spec, 1, out=out)
+    text = out.getvalue()
+    assert "── sample 0 chosen" in text and "── sample 0 rejected" in text
+    first = json.loads((tmp_path / "pairs.jsonl").read_text().splitlines()[0])
+    assert f"[[{first['chosen']}<|im_end|>]]" in text and f"[[{first['rejected']}<|im_end|>]]" in text
+    assert "pairs         64 (from 64 rows" in text and "packing" not in text
+
+
+def test_preference_metrics_need_preference_data(tmp_path):
+    with pytest.raises(UserError, match="preference_accuracy, which scores preference pairs, but the data is"):
+        make_spec(["data.metrics=[preference_accuracy]"], tmp_path)
+
+
+@pytest.mark.slow
+def test_the_dpo_demo_recipe_raises_held_out_preference_accuracy(tmp_path):
+    """The embedded DPO demo as a user runs it: 2,000 generated pairs, 2 epochs, eval on 100 held-out pairs."""
+    r = run_cli("+recipe=tiny_dpo_cpu", "run_name=demo", f"output_dir={tmp_path}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "demo" / "eval.json").read_text())
+    base, tuned = result["base"], result["finetuned"]
+    assert result["verdict"] == "pass" and tuned["preference_accuracy"] >= base["preference_accuracy"] + 0.3
+    assert tuned["preference_margin"] > base["preference_margin"]
+    assert "preference_accuracy" in (tmp_path / "demo" / "eval.md").read_text()
+
+
+def _dpo_steps(tmp_path):
+    return [
+        "objective=dpo",
+        "data=preference",
+        f"data.path={write_pairs(tmp_path / 'pairs.jsonl')}",
+        "train.lr=5e-4",
+        "data.val_ratio=0",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_dpo_on_two_processes_matches_one(strategy, tmp_path):
+    from test_distributed import STEPS, TOL, losses, two_processes, weights
+
+    from conftest import train_run
+
+    (tmp_path / "two").mkdir()
+    one, _ = train_run([*STEPS, "train.grad_accum=2", *_dpo_steps(tmp_path)], tmp_path / "one")
+    two, r = two_processes(tmp_path / "two", strategy, "lora", *_dpo_steps(tmp_path))
+    assert "2 process(es)" in (two / "train.log").read_text()
+    assert losses(two) == pytest.approx(losses(one), abs=TOL) and losses(one)[-1] != losses(one)[0]
+    got, want = weights(two / "final"), weights(one / "final")
+    assert set(got) == set(want) and all((got[k] - want[k]).abs().max() < 1e-4 for k in want)
+
+
+@pytest.mark.slow
+def test_dpo_resume_equals_uninterrupted(tmp_path):
+    import shutil
+
+    from test_distributed import STEPS, TOL, losses
+
+    from conftest import train_run
+
+    run_dir, _ = train_run([*STEPS, *_dpo_steps(tmp_path)], tmp_path)
+    before = losses(run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "result.json").unlink()
+    run_dir, _ = train_run([*STEPS, *_dpo_steps(tmp_path), "resume=auto"], tmp_path)
+    assert losses(run_dir) == pytest.approx(before, abs=TOL)

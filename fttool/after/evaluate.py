@@ -132,18 +132,37 @@ def nll(model, encoded: Dict[str, list]) -> List[Tuple[float, int]]:
     return out
 
 
-def _encode(tokenizer, spec, examples: List[Dict]) -> Dict[str, list]:
-    """The test examples tokenized and masked exactly as training masks them, cut to data.max_length."""
+def _encode(tokenizer, spec, examples: List[Dict], pairs: bool = False) -> Dict[str, list]:
+    """The test examples tokenized and masked exactly as training masks them, cut to data.max_length. With `pairs`,
+    the chosen sequences then the rejected ones (preference test rows)."""
+    from fttool.data.pairs import encode_pairs
     from fttool.data.tokenize import Encoder
 
-    enc = Encoder(tokenizer, tokenizer.chat_template, spec.data).encode_batch(
-        [e["loc"] for e in examples], [e["example"] for e in examples]
-    )
+    encoder = Encoder(tokenizer, tokenizer.chat_template, spec.data)
+    locs, rows = [e["loc"] for e in examples], [e["example"] for e in examples]
+    enc = encode_pairs(encoder, locs, rows, skip_bad=False) if pairs else encoder.encode_batch(locs, rows)
     n = spec.data.max_length
-    return {"input_ids": [x[:n] for x in enc["input_ids"]], "labels": [x[:n] for x in enc["labels"]]}
+    ids, labels = enc["input_ids"], enc["labels"]
+    if pairs:
+        ids, labels = ids + enc["rejected_input_ids"], labels + enc["rejected_labels"]
+    return {"input_ids": [x[:n] for x in ids], "labels": [x[:n] for x in labels]}
 
 
-def score(model, tokenizer, spec, examples: List[Dict], encoded, scorers) -> Dict:
+def preference_scores(model, pair_encoded: Dict[str, list]) -> Tuple[Dict[str, float], List[Dict]]:
+    """Preference accuracy and mean margin: the chosen reply's summed log-prob minus the rejected one's, over the
+    tokens training scores (each reply and its end-of-turn token)."""
+    losses = nll(model, pair_encoded)
+    n = len(losses) // 2
+    margins = [rejected[0] - chosen[0] for chosen, rejected in zip(losses[:n], losses[n:])]
+    per = [{"preference_accuracy": float(m > 0), "preference_margin": m} for m in margins]
+    metrics = {
+        "preference_accuracy": sum(p["preference_accuracy"] for p in per) / n if n else float("nan"),
+        "preference_margin": sum(margins) / n if n else float("nan"),
+    }
+    return metrics, per
+
+
+def score(model, tokenizer, spec, examples: List[Dict], encoded, scorers, pair_encoded=None) -> Dict:
     """One model's scores on the examples: {"metrics": {name: value}, "replies": [...], "per_example": [...]}"""
     names = spec.data.metrics
     replies: List[Tuple[str, bool]] = []
@@ -173,6 +192,11 @@ def score(model, tokenizer, spec, examples: List[Dict], encoded, scorers) -> Dic
             )
         for p, (lo, c) in zip(per, losses):
             p["nll"] = lo / c if c else None
+    if pair_encoded is not None:
+        pair_metrics, pair_per = preference_scores(model, pair_encoded)
+        metrics.update(pair_metrics)
+        for p, q in zip(per, pair_per):
+            p.update(q)
     return {"metrics": {n: metrics[n] for n in names if n in metrics}, "replies": replies, "per_example": per}
 
 
@@ -212,12 +236,12 @@ def evaluate(spec, tokenizer, load_tuned, load_base, where: str, checkpoint: str
     schema = metric_lib.load_schema(spec.data.json_schema) if spec.data.json_schema else None
     scorers = metric_lib.scorers(spec.data.metrics, schema)
     encoded = _encode(tokenizer, spec, examples) if "perplexity" in spec.data.metrics else None
-    log.info(
-        f"eval: {len(examples)} test examples ({source}); metrics {', '.join(spec.data.metrics)}; greedy decoding, "
-        f"at most {spec.eval.max_new_tokens} new tokens"
-    )
+    paired = any(metric_lib.METRICS[m].pairs for m in spec.data.metrics)
+    pair_encoded = _encode(tokenizer, spec, examples, pairs=True) if paired else None
+    decoding = f"; greedy decoding, at most {spec.eval.max_new_tokens} new tokens" if scorers else ""
+    log.info(f"eval: {len(examples)} test examples ({source}); metrics {', '.join(spec.data.metrics)}{decoding}")
     model = load_tuned()
-    tuned = score(model, tokenizer, spec, examples, encoded, scorers)
+    tuned = score(model, tokenizer, spec, examples, encoded, scorers, pair_encoded)
     base = None
     if spec.eval.compare_base:
         separate = load_base()
@@ -227,7 +251,7 @@ def evaluate(spec, tokenizer, load_tuned, load_base, where: str, checkpoint: str
             del model
             ctx, m = nullcontext(), separate
         with ctx:
-            base = score(m, tokenizer, spec, examples, encoded, scorers)
+            base = score(m, tokenizer, spec, examples, encoded, scorers, pair_encoded)
     result = report.assemble(
         spec, examples, tuned, base, source=source, checkpoint=checkpoint, seconds=time.time() - t0
     )

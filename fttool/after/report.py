@@ -77,11 +77,11 @@ def assemble(
 def fmt(metric: str, value: Optional[float]) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    return f"{value:.3f}" if metric == "perplexity" else f"{100 * value:.1f}%"
+    return f"{100 * value:.1f}%" if METRICS[metric].rate else f"{value:.3f}"
 
 
 def fmt_diff(metric: str, value: float) -> str:
-    return f"{value:+.3f}" if metric == "perplexity" else f"{100 * value:+.1f} pts"
+    return f"{100 * value:+.1f} pts" if METRICS[metric].rate else f"{value:+.3f}"
 
 
 def table(result: Dict) -> List[str]:

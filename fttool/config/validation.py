@@ -229,6 +229,13 @@ def check_eval(cfg: DictConfig) -> None:
             raise UserError(
                 f"data.metrics: unknown metric '{m}'.{suggestion(m, METRICS, '{}')} Metrics: {', '.join(METRICS)}."
             )
+    paired = [m for m in d.metrics if METRICS[m].pairs]
+    other = sorted({f for f in data_formats(d) if f != "preference"})
+    if paired and other:
+        raise UserError(
+            f"data.metrics has {paired[0]}, which scores preference pairs, but the data is data.format={other[0]}; "
+            "use preference data (data=preference) or drop it from data.metrics."
+        )
     if "json_schema" in d.metrics and not d.json_schema:
         raise UserError(
             "data.metrics has json_schema but data.json_schema is not set; give the schema file: "

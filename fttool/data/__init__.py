@@ -120,7 +120,7 @@ def build(spec, tokenizer, use_cache: bool = True) -> Prepared:
         return Prepared(
             splits["train"],
             splits["validation"],
-            DataStats.from_dict(stats),
+            DataStats.from_dict({**stats, "unit": "pairs" if pairs else "samples"}),
             where,
             True,
             time.perf_counter() - t0,
@@ -128,6 +128,7 @@ def build(spec, tokenizer, use_cache: bool = True) -> Prepared:
         )
     train_rows, val_rows, _, stats = _rows(spec, srcs)
     encoder = Encoder(tokenizer, template, d)  # only when tokenizing: a cache hit needs none
+    stats.unit = "pairs" if pairs else "samples"
     train_ds = _encode(encoder, train_rows, d, stats, count=True, pairs=pairs)
     val_ds = _encode(encoder, val_rows, d, DataStats(), count=False, pairs=pairs) if val_rows else None
     if use_cache:

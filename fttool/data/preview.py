@@ -38,7 +38,7 @@ def stats_lines(spec, prepared) -> List[str]:
     lengths = prepared.train["length"]
     frac = st.trained_tokens / st.tokens if st.tokens else 0.0
     lines = [
-        f"samples       {st.samples:,} (from {st.rows:,} rows; validation {st.validation:,}, test {st.test:,})",
+        f"{st.unit:<14}{st.samples:,} (from {st.rows:,} rows; validation {st.validation:,}, test {st.test:,})",
         f"tokens        {st.tokens:,}, trained {st.trained_tokens:,} ({100 * frac:.1f}%)",
         f"length        max_length {d.max_length}, truncation={d.truncation}: truncated {st.truncated}, "
         f"dropped {st.dropped_too_long} over max_length, dropped {st.dropped_no_trained_tokens} with no trained tokens",
@@ -61,12 +61,13 @@ def stats_lines(spec, prepared) -> List[str]:
         lines.append(f"empty replies {st.empty_replies:,} trained replies the template rendered empty (not trained)")
     if st.tools_in_system:
         lines.append(f"tools         schemas written into the system message of {st.tools_in_system:,} rows")
-    pad = pack.padding_efficiency(lengths, spec.train.batch_size)
-    bins = pack.bin_efficiency(lengths, d.max_length)
-    lines.append(
-        f"packing       data.packing={d.packing}; real tokens per computed token: padded batches of "
-        f"{spec.train.batch_size} {100 * pad:.1f}%, padding_free 100%, bins of {d.max_length} {100 * bins:.1f}%"
-    )
+    if st.unit == "samples":  # pairs are always padded batches (a chosen and a rejected sequence each)
+        pad = pack.padding_efficiency(lengths, spec.train.batch_size)
+        bins = pack.bin_efficiency(lengths, d.max_length)
+        lines.append(
+            f"packing       data.packing={d.packing}; real tokens per computed token: padded batches of "
+            f"{spec.train.batch_size} {100 * pad:.1f}%, padding_free 100%, bins of {d.max_length} {100 * bins:.1f}%"
+        )
     lines.append("lengths")
     lines += histogram_lines(st.histogram)
     return lines
@@ -110,15 +111,21 @@ def _run(verb: str, spec, samples: int, out: TextIO) -> None:
     print(f"# {how} in {prepared.seconds:.2f} s: {prepared.cache_dir}", file=out)
     if verb == "preview":
         color = _use_color(out)
-        legend = "trained tokens on green" if color else "trained tokens in [[...]]"
+        pairs = "rejected_input_ids" in prepared.train.column_names
+        what = "scored" if pairs else "trained"
+        legend = f"{what} tokens on green" if color else f"{what} tokens in [[...]]"
         for i in range(min(samples, len(prepared.train))):
             row = prepared.train[i]
-            trained = sum(1 for x in row["labels"] if x != IGNORE)
-            print(
-                f"\n── sample {i} · {row['loc']} · {len(row['input_ids'])} tokens, {trained} trained ({legend})",
-                file=out,
-            )
-            print(highlight(tok, row["input_ids"], row["labels"], color), file=out)
+            sides = [("", "input_ids", "labels")]
+            if pairs:  # a preference objective: both sequences, each reply's scored tokens marked
+                sides = [(" chosen", "input_ids", "labels"), (" rejected", "rejected_input_ids", "rejected_labels")]
+            for side, ids_key, labels_key in sides:
+                trained = sum(1 for x in row[labels_key] if x != IGNORE)
+                print(
+                    f"\n── sample {i}{side} · {row['loc']} · {len(row[ids_key])} tokens, {trained} {what} ({legend})",
+                    file=out,
+                )
+                print(highlight(tok, row[ids_key], row[labels_key], color), file=out)
         print(file=out)
     for line in stats_lines(spec, prepared):
         print(line, file=out)

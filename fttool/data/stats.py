@@ -15,7 +15,8 @@ class DataStats:
     validation: int = 0  # rows held out for validation
     test: int = 0  # rows held out as the test split
     per_source: Dict[str, int] = field(default_factory=dict)  # training rows taken from each source after weights
-    samples: int = 0  # training samples kept
+    samples: int = 0  # training samples (preference objectives: pairs) kept
+    unit: str = "samples"  # what a sample is: "samples", or "pairs" (a chosen and a rejected sequence) for dpo/orpo
     tokens: int = 0  # their tokens
     trained_tokens: int = 0  # their tokens with a label
     truncated: int = 0  # samples cut to data.max_length
@@ -35,7 +36,7 @@ class DataStats:
     def summary(self) -> str:
         frac = self.trained_tokens / self.tokens if self.tokens else 0.0
         parts = [
-            f"{self.samples:,} samples from {self.rows:,} rows, {self.tokens:,} tokens ({100 * frac:.1f}% trained)",
+            f"{self.samples:,} {self.unit} from {self.rows:,} rows, {self.tokens:,} tokens ({100 * frac:.1f}% trained)",
             f"truncated {self.truncated}",
             f"dropped {self.dropped_too_long} over max_length {self.max_length}",
             f"dropped {self.dropped_no_trained_tokens} with no trained tokens{self._why()}",
