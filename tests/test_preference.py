@@ -178,7 +178,7 @@ def _trainer(spec, tmp_path):
         data_collator=objective.collator(spec, tok),
         processing_class=tok,
         guard=NonFiniteGuard(),
-        **objective.trainer_kwargs(spec.objective),
+        **objective.trainer_kwargs(spec),
     )
     batch = objective.collator(spec, tok)([prepared.train[i] for i in range(4)])
     return trainer, model, batch
@@ -375,3 +375,81 @@ def test_dpo_resume_equals_uninterrupted(tmp_path):
     (run_dir / "result.json").unlink()
     run_dir, _ = train_run([*STEPS, *_dpo_steps(tmp_path), "resume=auto"], tmp_path)
     assert losses(run_dir) == pytest.approx(before, abs=TOL)
+
+
+# -- chained runs: model.from_run --------------------------------------------------------------------------------
+def _fake_run(folder, tmp_path, adapter=True, final=True):
+    """A run folder as training leaves it, as far as model.from_run reads it (spec.yaml, final/)."""
+    from fttool.launch import rundir
+
+    folder.mkdir(parents=True)
+    spec = make_spec(["method=lora" if adapter else "method=full"], tmp_path)
+    (folder / "spec.yaml").write_text(rundir.spec_to_yaml(spec))
+    if final:
+        (folder / "final").mkdir()
+        (folder / "final" / ("adapter_config.json" if adapter else "config.json")).write_text("{}")
+    return folder
+
+
+def test_from_run_resolves_the_starting_model(tmp_path):
+    sft = _fake_run(tmp_path / "runs" / "sft", tmp_path)
+    spec = pair_spec(tmp_path, f"model.from_run={sft}")
+    assert spec.model.parent_adapter == str(sft / "final") and spec.model.name_or_path == "fttool:tiny-chat"
+    assert spec.model.from_run == str(sft) and spec.model.from_run_adapter == "merge"
+    full = _fake_run(tmp_path / "runs" / "full", tmp_path, adapter=False)
+    spec = pair_spec(tmp_path, f"model.from_run={full}")
+    assert spec.model.name_or_path == str(full / "final") and spec.model.parent_adapter is None
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    assert pair_spec(tmp_path, f"model.from_run={export}").model.name_or_path == str(export)
+
+
+def test_bad_from_run_says_what_to_give(tmp_path):
+    sft = _fake_run(tmp_path / "runs" / "sft", tmp_path)
+    unfinished = _fake_run(tmp_path / "runs" / "cut", tmp_path, final=False)
+    full = _fake_run(tmp_path / "runs" / "full", tmp_path, adapter=False)
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([f"model.from_run={tmp_path / 'nope'}"], "no such folder; give a finished run folder"),
+        ([f"model.from_run={tmp_path / 'empty'}"], "neither a run folder (no spec.yaml) nor a model folder"),
+        ([f"model.from_run={unfinished}"], "the run has no final/ (it did not finish)"),
+        ([f"model.from_run={sft}", "method=qlora"], "merging the run's adapter into a quantized base"),
+        ([f"model.from_run={sft}", "model.from_run_adapter=continue", "method=full"], "trains the full model"),
+        ([f"model.from_run={full}", "model.from_run_adapter=continue"], "holds a full model, not an adapter"),
+        ([f"model.from_run={sft}", "model.from_run_adapter=keep"], "expected one of: merge, continue"),
+        ([f"model.from_run={sft}", "model.name_or_path=x"], "drop model.name_or_path"),
+        (["model.parent_adapter=x"], "set by fttool from model.from_run"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(UserError) as e:
+            pair_spec(tmp_path, *overrides)
+        assert message in str(e.value), (overrides, str(e.value))
+
+
+@pytest.mark.slow
+def test_sft_then_dpo_records_the_lineage_and_exports(tmp_path):
+    pairs = write_pairs(tmp_path / "pairs.jsonl")
+    runs = tmp_path / "runs"
+    r = run_cli(
+        "+recipe=tiny_cpu", "train.max_steps=10", "eval.after_training=false", "run_name=sft", f"output_dir={runs}"
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = [*FAST, "objective=dpo", "data=preference", f"data.path={pairs}", f"output_dir={runs}"]
+    for mode in ("merge", "continue"):
+        r = run_cli(*steps, f"model.from_run={runs / 'sft'}", f"model.from_run_adapter={mode}", f"run_name={mode}")
+        assert r.returncode == 0, r.stderr[-2000:]
+        log = (runs / mode / "train.log").read_text()
+        assert ("adapter merged into" if mode == "merge" else "continuing the adapter of") in log
+        first = json.loads((runs / mode / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at the start
+        chain = json.loads((runs / mode / "data.json").read_text())["lineage"]
+        assert [e.get("base") or e["objective"] for e in chain] == ["fttool:tiny-chat", "sft", "dpo"]
+        assert chain[1]["run"] == str(runs / "sft") and chain[1]["data"] and chain[2]["data"] != chain[1]["data"]
+        assert json.loads((runs / mode / "result.json").read_text())["lineage"] == chain
+    r = run_cli("export", f"run={runs / 'merge'}", f"output={tmp_path / 'exported'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "- lineage: `fttool:tiny-chat` -> sft (lora, sft, data" in card and "-> merge (lora, dpo, data" in card
+    r = run_cli("check", *steps, f"model.from_run={tmp_path / 'exported'}", "run_name=third")
+    assert r.returncode == 0 and f"starts from {tmp_path / 'exported'} (its trained model)" in r.stdout, r.stderr

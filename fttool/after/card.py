@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from fttool.config import methods
+from fttool.config import methods, objectives
 from fttool.launch import rundir, runfiles
 
 
@@ -24,6 +24,17 @@ def _method_lines(spec) -> List[str]:
     m.pop("default_lr", None)
     lines = [f"- method: **{m.pop('name')}**" + "".join(f", {k} {v}" for k, v in m.items())]
     return lines + methods.of(spec).card_lines(spec.method)
+
+
+def _lineage_lines(data: Optional[Dict]) -> List[str]:
+    """base -> each earlier run (model.from_run) -> this run, with method, objective and data hash."""
+    chain = (data or {}).get("lineage") or []
+    if len(chain) < 2:
+        return []
+    steps = [f"`{chain[0].get('base')}`"] + [
+        f"{Path(e['run']).name} ({e['method']}, {e['objective']}, data `{e.get('data') or 'n/a'}`)" for e in chain[1:]
+    ]
+    return ["- lineage: " + " -> ".join(steps)]
 
 
 def _data_lines(spec, data: Optional[Dict]) -> List[str]:
@@ -110,6 +121,7 @@ def model_card(run_dir: Path, spec, weights: Path, dtype: str, n_params: int, na
         "tags:",
         "- fttool",
         f"- {spec.method.name}",
+        f"- {spec.objective.name}",
         "---",
         "",
     ]
@@ -137,7 +149,9 @@ def model_card(run_dir: Path, spec, weights: Path, dtype: str, n_params: int, na
         "## Training",
         "",
         f"- base model: `{base}`" + (f" (revision {spec.model.revision})" if spec.model.revision else ""),
+        *_lineage_lines(data),
         *_method_lines(spec),
+        f"- objective: {objectives.of(spec).describe(spec.objective)}",
         f"- schedule: lr {t.lr:g} ({t.lr_scheduler}, warmup {t.warmup_ratio:g}), batch {t.batch_size} x {t.grad_accum} "
         f"accumulation x {spec.hardware.num_processes * max(spec.hardware.num_machines, 1)} process(es), "
         + (f"max_steps {t.max_steps}" if t.max_steps else f"{t.epochs:g} epochs")

@@ -76,7 +76,9 @@ def merged_model(spec, weights: Path, dtype: str):
         return model
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(model, str(weights))
+    from fttool.worker.model import with_parent
+
+    model = PeftModel.from_pretrained(with_parent(spec, model), str(weights))
     check_finite_weights(model, str(weights))  # named here, not as peft's "NaNs detected in the merged weights"
     return model.merge_and_unload(safe_merge=True)
 

@@ -115,6 +115,13 @@ class Lora(Method):
         )
         return get_peft_model(model, cfg)
 
+    def continue_adapter(self, spec, model, adapter: str):
+        """The loaded base with an earlier run's adapter, trainable (model.from_run_adapter=continue): its rank and
+        targets are the adapter's own."""
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(self._ready(spec, model), adapter, is_trainable=True)
+
     def _ready(self, spec, model):
         if spec.train.gradient_checkpointing:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input with grad

@@ -66,7 +66,7 @@ class Objective:
         """TrainingArguments beyond the ones every run sets."""
         return {}
 
-    def trainer_kwargs(self, o) -> Dict:
+    def trainer_kwargs(self, spec) -> Dict:
         return {}
 
     def check(self, cfg, formats: List[str], user_keys: set) -> None:
@@ -125,6 +125,10 @@ class Dpo(Preference):
             disable_dropout=True,
         )
 
+    def trainer_kwargs(self, spec) -> Dict:
+        # continuing an earlier run's adapter: TRL's frozen copy of it ("ref") is the reference (the SFT policy)
+        return {"keep_ref_adapter": bool(spec.model.parent_adapter) and spec.model.from_run_adapter == "continue"}
+
     def check(self, cfg, formats: List[str], user_keys: set) -> None:
         super().check(cfg, formats, user_keys)
         o = cfg.objective
@@ -144,8 +148,8 @@ class Orpo(Preference):
     def describe(self, o) -> str:
         return f"{self.about}: beta (lambda) {o.beta:g}"
 
-    def trainer_kwargs(self, o) -> Dict:
-        return {"beta": o.beta}
+    def trainer_kwargs(self, spec) -> Dict:
+        return {"beta": spec.objective.beta}
 
 
 PREFERENCE_PROGRESS = (

@@ -156,6 +156,10 @@ def describe(spec: RunSpec) -> List[str]:
     ]
     lines.append(f"method      {methods.of(spec).describe(m)}")
     lines.append(f"objective   {objectives.of(spec).describe(spec.objective)}")
+    if spec.model.from_run:
+        how = {"merge": "its adapter merged into the base", "continue": "its adapter trained further"}
+        what = how[spec.model.from_run_adapter] if spec.model.parent_adapter else "its trained model"
+        lines.append(f"starts from {spec.model.from_run} ({what})")
     counts = param_counts(spec)
     if counts:
         lines.append(

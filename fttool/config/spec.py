@@ -27,6 +27,13 @@ class ModelSpec:
     lr_scale: float = (
         1.0  # multiplies the method's default learning rate when train.lr is unset (small models take more)
     )
+    from_run: Optional[str] = (
+        None  # start from a finished run folder's result (or an export folder): e.g. DPO after SFT
+    )
+    from_run_adapter: str = "merge"  # a from_run that trained an adapter: merge (into its base; a new adapter on top) or continue (train that adapter further)
+    parent_adapter: Optional[str] = (
+        None  # set by fttool from model.from_run: the parent's adapter folder (merged or continued)
+    )
 
 
 FORMATS = ("chat", "sharegpt", "alpaca", "completion", "segments", "preference")

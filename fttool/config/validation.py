@@ -13,7 +13,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from fttool.config import methods, objectives, strategies
+from fttool.config import lineage, methods, objectives, strategies
 from fttool.config.spec import DTYPES, FORMATS, PACKING, PRECISIONS, RunSpec, world_size
 from fttool.errors import UserError, suggestion
 
@@ -360,6 +360,7 @@ def build(
         resolve_slurm(cfg.hardware)  # inside the job; where it is submitted from, the placeholders stay
     check(cfg, user_keys)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # detach from Hydra, resolve interpolations
+    lineage.resolve(cfg, user_keys or set())  # model.from_run -> the starting model
     derive_metrics(cfg)
     if cfg.train.lr is None:
         own = objectives.of(cfg).default_lr(methods.of(cfg).adapter)

@@ -228,7 +228,7 @@ def _test_example(loc: str, ex: Dict) -> Optional[Dict]:
 
 
 # -- tokens -----------------------------------------------------------------------------------------------
-def _encode_fn(encoder: Encoder, skip: bool, pairs: bool) -> Callable:
+def _encode_fn(encoder: Encoder, skip: bool, pairs: bool = False) -> Callable:
     def fn(batch):
         if multiprocessing.current_process().name != "MainProcess":
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (no traceback per worker)

@@ -360,3 +360,28 @@ def weights_dir(run_dir: Path, spec: RunSpec, checkpoint: str = FINAL) -> Path:
             "it may be incomplete or copied without its files: use another checkpoint=."
         )
     return path
+
+
+def lineage(spec) -> List[Dict[str, Any]]:
+    """Where this run's starting model comes from, oldest first: the base model, then each run it continues
+    (model.from_run), each with its method, objective and data hash (the data cache key). This run's own entry is
+    added by the worker (data.json, result.json, the model card and exports carry the whole list)."""
+    if not spec.model.from_run:
+        return [{"base": spec.model.name_or_path}]
+    parent = Path(spec.model.from_run)
+    record = runfiles.read_json(parent / runfiles.DATA) or runfiles.read_json(parent / "fttool" / runfiles.DATA)
+    if record and record.get("lineage"):
+        return list(record["lineage"])
+    if not (parent / SPEC_FILE).is_file():  # an export folder made elsewhere
+        return [{"base": str(parent)}]
+    before = load_spec(parent)
+    return [{"base": before.model.name_or_path}, lineage_entry(parent, before, record)]
+
+
+def lineage_entry(run_dir: Path, spec, data_record: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    return {
+        "run": str(run_dir),
+        "method": spec.method.name,
+        "objective": spec.objective.name,
+        "data": Path(data_record["cache_dir"]).name if data_record and data_record.get("cache_dir") else None,
+    }

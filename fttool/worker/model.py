@@ -82,7 +82,7 @@ def load_base(spec, precision: str):
             f"model.name_or_path={spec.model.name_or_path}: could not load the model: {str(e).splitlines()[0]}"
         )
     model.config.use_cache = False  # the KV cache is never wanted in training (and corrupts packed batches)
-    return model
+    return with_parent(spec, model)
 
 
 def load_trained(spec, precision: str, final):
@@ -92,7 +92,8 @@ def load_trained(spec, precision: str, final):
     if not methods.of(spec).adapter:
         from dataclasses import replace
 
-        model = load_base(replace(spec, model=replace(spec.model, name_or_path=str(Path(final)))), precision)
+        trained = replace(spec.model, name_or_path=str(Path(final)), parent_adapter=None)  # the parent is in it
+        model = load_base(replace(spec, model=trained), precision)
     else:
         from peft import PeftModel
 
@@ -129,7 +130,27 @@ def load_model(spec) -> Tuple[object, str]:
     """(model ready to train, precision)."""
     check_device(spec)
     precision = resolve_precision(spec)
-    return methods.of(spec).prepare(spec, load_base(spec, precision)), precision
+    method, base = methods.of(spec), load_base(spec, precision)
+    if continues_parent(spec):
+        log.info(f"model: continuing the adapter of {spec.model.from_run} on {spec.model.name_or_path}")
+        return method.continue_adapter(spec, base, spec.model.parent_adapter), precision
+    return method.prepare(spec, base), precision
+
+
+def continues_parent(spec) -> bool:
+    """model.from_run's adapter is trained further (model.from_run_adapter=continue)."""
+    return bool(spec.model.parent_adapter) and spec.model.from_run_adapter == "continue"
+
+
+def with_parent(spec, model):
+    """The base as this run starts from it: with model.from_run's adapter merged in (from_run_adapter=merge)."""
+    if not spec.model.parent_adapter or continues_parent(spec):
+        return model
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, spec.model.parent_adapter).merge_and_unload()
+    log.info(f"model: {spec.model.from_run}'s adapter merged into {spec.model.name_or_path}")
+    return model
 
 
 CPU_4BIT_OUT, CPU_4BIT_IN = 32, 64  # bitsandbytes' CPU 4-bit kernel: output rows in blocks of 32, input in blocks of 64

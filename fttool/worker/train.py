@@ -180,6 +180,7 @@ def train(run_dir: Path) -> dict:
     with args.main_process_first(local=True, desc="data"):  # one process per machine tokenizes; the rest read its cache
         prepared = data.build(spec, tok)  # bad data fails here, before any model is loaded
     record = prepared.record()
+    record["lineage"] = rundir.lineage(spec) + [rundir.lineage_entry(run_dir, spec, record)]
     if before is not None:
         record["history"] = _data_history(spec, run_dir, before, prepared)
     if has_validation(spec) and not (prepared.validation is not None and len(prepared.validation)):
@@ -221,7 +222,7 @@ def train(run_dir: Path) -> dict:
         processing_class=tok,
         callbacks=[metrics_cb, callbacks.LayoutCallback(), preempt, *extra],
         guard=guard,
-        **objective.trainer_kwargs(spec.objective),
+        **objective.trainer_kwargs(spec),
     )
     trainer.keep_checkpoints = spec.train.save_total_limit
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line per logging step
@@ -271,6 +272,7 @@ def train(run_dir: Path) -> dict:
         **(best or {}),
         peak_memory=metrics_cb.peaks.run,
         nonfinite_steps=guard.skipped,
+        lineage=record["lineage"],
     )
     log.info(
         f"peak memory: {memory.describe(metrics_cb.peaks.run)}"
