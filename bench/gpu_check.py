@@ -6,8 +6,8 @@
 It builds a randomly initialised Llama-shaped model of about 1B parameters locally, with a real left-padding
 tokenizer (phi-3-mini's from ../shared/data when present, else one it trains itself), and GSM8K in alpaca form
 (../shared/data, else arithmetic rows it writes). Then, through fttool's own command line as a user runs it, for
-LoRA, QLoRA (nf4, bf16 compute) and full fine-tuning, each with padded and padding-free batches, it trains 30
-steps in bf16 and checks: every loss and gradient norm finite, the loss falls. It prints peak GPU memory and
+LoRA, QLoRA (nf4, bf16 compute) and full fine-tuning, each with padded and padding-free batches, and DPO with LoRA
+and QLoRA (pairs made from the same rows), it trains 30 steps in bf16 and checks: every loss and gradient norm finite, the loss falls. It prints peak GPU memory and
 tokens/s per run as a table. Then it exports the QLoRA run, reloads it with plain AutoModelForCausalLM, and checks
 that a left-padded batch of prompts of different lengths gives the logits of one prompt at a time (finite, equal
 within bf16 rounding), and compares batched greedy generation with one prompt at a time. It also reports
@@ -133,16 +133,34 @@ def build_model(work: Path, device: str, shape: dict):
     return folder, params, where, tok.padding_side
 
 
-def train_run(work: Path, model: Path, data: Path, method: str, packing: str, args) -> dict:
-    name = f"{method}-{'padded' if packing == 'none' else packing}"
+def pairs_file(work: Path, data: Path) -> Path:
+    """Preference pairs from the alpaca rows: the row's own answer is chosen, the next row's answer rejected."""
+    rows = json.loads(data.read_text())
+    path = work / "pairs.jsonl"
+    with open(path, "w") as f:
+        for a, b in zip(rows, rows[1:]):
+            prompt = (a["instruction"] + "\n" + a.get("input", "")).strip()
+            if a["output"] != b["output"]:
+                f.write(json.dumps({"prompt": prompt, "chosen": a["output"], "rejected": b["output"]}) + "\n")
+    return path
+
+
+def run_name(method: str, packing: str, objective: str = "sft") -> str:
+    return f"{method}-dpo" if objective == "dpo" else f"{method}-{'padded' if packing == 'none' else packing}"
+
+
+def train_run(work: Path, model: Path, data: Path, method: str, packing: str, args, objective: str = "sft") -> dict:
+    name = run_name(method, packing, objective)
     hw = ["hardware=single_gpu", "hardware.precision=bf16"] if args.device == "cuda" else ["hardware=cpu"]
+    rows = ["data=alpaca", f"data.path={data}"]
+    if objective == "dpo":  # chosen and rejected batches padded together: the left-padding tokenizer's other path
+        rows = ["objective=dpo", "data=preference", f"data.path={pairs_file(work, data)}"]
     cmd = [
         sys.executable,
         "-m",
         "fttool",
         f"model.name_or_path={model}",
-        "data=alpaca",
-        f"data.path={data}",
+        *rows,
         f"data.max_samples={args.steps * args.batch}",
         "data.max_length=512",
         "data.val_ratio=0",
@@ -281,7 +299,7 @@ def main() -> int:
     ap.add_argument(
         "--runs",
         default="",
-        help="only these runs, comma-separated (e.g. qlora-padded,lora-padding_free); default: all six",
+        help="only these runs, comma-separated (e.g. qlora-padded,lora-padding_free,lora-dpo); default: all eight",
     )
     args = ap.parse_args()
     import torch
@@ -320,17 +338,17 @@ def main() -> int:
         )
         runs = []
         chosen = {r for r in args.runs.split(",") if r}
-        for method in ("lora", "qlora", "full"):
-            for packing in ("none", "padding_free"):
-                if chosen and f"{method}-{'padded' if packing == 'none' else packing}" not in chosen:
-                    continue
-                run = train_run(work, model, data, method, packing, args)
-                runs.append(run)
-                print(
-                    f"  {run['name']:<18} {'ok' if not run['problems'] else 'FAIL: ' + '; '.join(run['problems'])} "
-                    f"({run['wall_s']:.0f} s)",
-                    flush=True,
-                )
+        plan = [(m, p, "sft") for m in ("lora", "qlora", "full") for p in ("none", "padding_free")]
+        for method, packing, objective in plan + [("lora", "none", "dpo"), ("qlora", "none", "dpo")]:
+            if chosen and run_name(method, packing, objective) not in chosen:
+                continue
+            run = train_run(work, model, data, method, packing, args, objective)
+            runs.append(run)
+            print(
+                f"  {run['name']:<18} {'ok' if not run['problems'] else 'FAIL: ' + '; '.join(run['problems'])} "
+                f"({run['wall_s']:.0f} s)",
+                flush=True,
+            )
         qlora = next((r for r in runs if r["name"] == "qlora-padded"), None)
         gen_problems, export_side, gen_info = (
             export_and_generate(work, qlora["run_dir"], data, args.device)

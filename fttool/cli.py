@@ -130,10 +130,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         verb, rest = split_verb(argv)
         if VERBS[verb].on == "run":
-            from fttool.after import verbs
+            from fttool.after import run_verbs
 
             try:
-                return verbs.main(verb, rest)
+                return run_verbs.main(verb, rest)
             except KeyboardInterrupt:
                 fail(f"{verb} interrupted; nothing was left half-written.", 130)
         rest, samples, output = pop_samples(rest)

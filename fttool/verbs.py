@@ -82,7 +82,7 @@ VERBS: Dict[str, Verb] = {
     "eval": Verb(
         "run",
         "score the fine-tuned model and the base on the test split; results and a verdict into the run folder",
-        "fttool.after.verbs:evaluate",
+        "fttool.after.run_verbs:evaluate",
         {"run": "run folder to evaluate", "checkpoint": CHECKPOINT},
         (("run",),),
         ("eval.", "data.metrics", "data.json_schema", "data.test_path", "hardware.device", "hardware.precision"),
@@ -91,7 +91,7 @@ VERBS: Dict[str, Verb] = {
     "export": Verb(
         "run",
         "merge the adapter into a full-precision base and write a standalone model folder with a model card",
-        "fttool.after.verbs:export",
+        "fttool.after.run_verbs:export",
         {
             "run": "run folder to export",
             "output": "folder to write (must not exist unless overwrite=true)",

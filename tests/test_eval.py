@@ -176,7 +176,7 @@ def test_bad_eval_config(overrides, message, tmp_path):
 
 def test_run_verb_overrides_use_the_same_parser_and_key_checks_as_a_new_run(tmp_path):
     """`fttool eval run=... eval.gate=...` changes a frozen spec through compose.override_spec."""
-    from fttool.after.verbs import parse
+    from fttool.after.run_verbs import parse
     from fttool.config.compose import override_spec
 
     spec = make_spec(["+recipe=tiny_cpu"], tmp_path)

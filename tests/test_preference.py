@@ -279,14 +279,20 @@ def test_preference_objectives_train_and_the_loss_falls(objective, method, tmp_p
     last = sum(x["loss"] for x in train_rows[-4:]) / 4
     assert last < first, [x["loss"] for x in train_rows]
     assert "| acc " in r.stderr + (run_dir / "train.log").read_text()
+    from matplotlib.image import imread
+
+    assert imread(run_dir / "loss.png").shape[0] > 800  # a second panel: preference accuracy and margin
 
 
 @pytest.mark.slow
 def test_bad_preference_runs_write_nothing(tmp_path):
     missing = tmp_path / "m.jsonl"
     missing.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello"}) + "\n")
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello", "rejected": "Hello"}) + "\n")
     for args, message in (
         ([f"data.path={missing}"], "m.jsonl:1"),
+        ([f"data.path={same}"], "same.jsonl:1: chosen and rejected are the same reply"),
         ([f"data.path={write_pairs(tmp_path / 'p.jsonl')}", "data.packing=bins"], "cannot be packed"),
     ):
         r = run_cli(
@@ -453,3 +459,42 @@ def test_sft_then_dpo_records_the_lineage_and_exports(tmp_path):
     assert "- lineage: `fttool:tiny-chat` -> sft (lora, sft, data" in card and "-> merge (lora, dpo, data" in card
     r = run_cli("check", *steps, f"model.from_run={tmp_path / 'exported'}", "run_name=third")
     assert r.returncode == 0 and f"starts from {tmp_path / 'exported'} (its trained model)" in r.stdout, r.stderr
+
+
+@pytest.mark.slow
+def test_a_sweep_over_beta_with_wandb_gets_the_preference_metrics(tmp_path):
+    pytest.importorskip("wandb")
+    from test_sweep import sweep_dir_of
+
+    from wandb_records import records
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=32)
+    r = run_cli(
+        "-m",
+        "objective=dpo",
+        "data=preference",
+        f"data.path={pairs}",
+        *FAST,
+        "train.max_steps=2",
+        "objective.beta=0.1,0.5",
+        "logging=wandb",
+        "logging.mode=offline",
+        f"output_dir={tmp_path}",
+        env={"WANDB_MODE": "offline"},
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep = sweep_dir_of(tmp_path)
+    trials = sorted(p for p in sweep.iterdir() if p.name.startswith("trial-"))
+    assert [t.name for t in trials] == ["trial-00-objective.beta=0.1", "trial-01-objective.beta=0.5"]
+    for trial, beta in zip(trials, ("0.1", "0.5")):
+        assert f"beta: {beta}" in (trial / "spec.yaml").read_text()
+        (run,) = list((trial / "wandb").glob("offline-run-*/run-*.wandb"))
+        history = {
+            i.key or "/".join(i.nested_key)
+            for x in records(run)
+            if x.WhichOneof("record_type") == "history"
+            for i in x.history.item
+        }
+        assert any(k.endswith("rewards/accuracies") for k in history), history
+        assert any(k.endswith("rewards/margins") for k in history), history

@@ -36,6 +36,7 @@ PACKAGES = (
     "torch",
     "transformers",
     "peft",
+    "trl",
     "accelerate",
     "datasets",
     "bitsandbytes",
