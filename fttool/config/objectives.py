@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from fttool.errors import UserError
+from fttool.errors import UserError, suggestion
 
 KEYS = ("beta", "loss_type", "label_smoothing", "precompute_ref_log_probs")  # objective.* besides name
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
@@ -133,8 +133,6 @@ class Dpo(Preference):
         super().check(cfg, formats, user_keys)
         o = cfg.objective
         if o.loss_type not in DPO_LOSSES:
-            from fttool.errors import suggestion
-
             raise UserError(
                 f"objective.loss_type={o.loss_type} is not allowed; expected one of: {', '.join(DPO_LOSSES)}."
                 f"{suggestion(o.loss_type, DPO_LOSSES, '{}')}"
