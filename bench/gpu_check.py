@@ -207,6 +207,7 @@ def train_run(work: Path, model: Path, data: Path, method: str, packing: str, ar
         last=last,
         max_norm=max((n for n in norms if n is not None), default=float("nan")),
         peak=result.get("peak_memory", {}),
+        vs=result.get("plan_vs_measured", {}),
         tokens_per_s=result.get("tokens_per_s"),
         steps=result["steps"],
     )
@@ -356,17 +357,20 @@ def main() -> int:
             else (["no successful qlora-padded run to export"], None, "")
         )
         print(
-            "\n| run | loss first -> last | max grad norm | peak GPU alloc / reserved GiB | peak RSS GiB | tokens/s | check |"
+            "\n| run | loss first -> last | max grad norm | peak GPU alloc / reserved GiB | plan GiB (measured/plan) "
+            "| peak RSS GiB | tokens/s | check |"
         )
-        print("|---|---|---:|---|---:|---:|---|")
+        print("|---|---|---:|---|---|---:|---:|---|")
         for r in runs:
             if r["rc"] != 0:
-                print(f"| {r['name']} | | | | | | FAIL: {'; '.join(r['problems'])} |")
+                print(f"| {r['name']} | | | | | | | FAIL: {'; '.join(r['problems'])} |")
                 continue
             p = r["peak"]
             gpu = f"{p['gpu_alloc_gib']:.2f} / {p['gpu_reserved_gib']:.2f}" if "gpu_alloc_gib" in p else "n/a"
+            mem = r["vs"].get("peak_memory_gib")
+            planned = f"{mem['predicted']:.2f} ({mem['ratio']:.2f})" if mem else "n/a"
             print(
-                f"| {r['name']} | {r['first']:.3f} -> {r['last']:.3f} | {r['max_norm']:.3g} | {gpu} | "
+                f"| {r['name']} | {r['first']:.3f} -> {r['last']:.3f} | {r['max_norm']:.3g} | {gpu} | {planned} | "
                 f"{p.get('peak_rss_gib', float('nan')):.2f} | {r['tokens_per_s'] or 0:,.0f} | "
                 f"{'ok' if not r['problems'] else 'FAIL: ' + '; '.join(r['problems'])} |"
             )

@@ -6,7 +6,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from fttool.errors import UserError, fail, suggestion
 from fttool.verbs import VERBS, on
@@ -26,14 +26,19 @@ verbs:
 verbs on a finished run (fttool VERB --help for their keys):
 {run_verbs}
 
+verbs on fttool's files (fttool VERB --help for their subcommands):
+{tool_verbs}
+
 examples:
   fttool                                  the embedded demo: tiny model, demo data, CPU, a few minutes
   fttool check +recipe=qlora_7b           show the resolved spec and plan of a recipe
+  fttool plan +recipe=qlora_7b gpu=L4     memory per GPU, fit, cheapest fixes, time (exit 3: does not fit)
   fttool preview data=alpaca data.path=my.json --samples 5   what exactly will be trained
   fttool +recipe=tiny_cpu train.lr=1e-3   a recipe with one key overridden
   fttool -m +recipe=tiny_cpu method.rank=8,16   a sweep: one run per value
   fttool eval run=runs/NAME               fine-tuned vs base on the test split, with a verdict
   fttool export run=runs/NAME output=DIR  a merged, standalone model folder with a model card
+  fttool recipes                          every recipe on the search path, with its description and origin
 
 Groups, their options and the composed config follow.
 """
@@ -84,6 +89,20 @@ def pop_samples(argv: List[str]):
     return out, samples, output
 
 
+def pop_options(verb: str, argv: List[str]) -> Tuple[List[str], Dict[str, str]]:
+    """A spec verb's own key=value options (its row's `keys`, e.g. plan's gpu=) taken out before Hydra sees them."""
+    own = VERBS[verb].keys
+    options: Dict[str, str] = {}
+    rest = []
+    for a in argv:
+        key = a.split("=", 1)[0]
+        if "=" in a and key in own:
+            options[key] = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    return rest, options
+
+
 def _overrides(argv: List[str]) -> List[str]:
     out, skip = [], False
     for a in argv:
@@ -129,6 +148,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     cpu_threads_env()
     try:
         verb, rest = split_verb(argv)
+        if VERBS[verb].on == "tool":
+            return VERBS[verb].call()(verb, rest)
         if VERBS[verb].on == "run":
             from fttool.after import run_verbs
 
@@ -137,6 +158,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             except KeyboardInterrupt:
                 fail(f"{verb} interrupted; nothing was left half-written.", 130)
         rest, samples, output = pop_samples(rest)
+        rest, options = pop_options(verb, rest)
         if (samples is not None or output is not None) and verb != "preview":
             raise UserError(
                 "--samples and output= belong to the preview verb: fttool preview [overrides] --samples N "
@@ -144,20 +166,20 @@ def main(argv: Optional[List[str]] = None) -> None:
             )
         from fttool.config import registry
 
-        try:
-            registry.register()
-        except UserError:
-            raise
-        except Exception as e:  # a malformed recipe file
-            raise UserError(f"could not read a recipe file: {e}".replace("\n", " "))
+        registry.register()
         info_only = any(a in HYDRA_INFO_FLAGS for a in rest)
         if info_only and any(a in ("--help", "-h") for a in rest):
             print(
                 USAGE.format(
                     verbs="\n".join(f"  {k:<11}{v.about}" for k, v in on("spec").items()),
                     run_verbs="\n".join(f"  {k:<11}{v.about}" for k, v in on("run").items()),
+                    tool_verbs="\n".join(f"  {k:<11}{v.about}" for k, v in on("tool").items()),
                 )
             )
+            if VERBS[verb].keys:  # a spec verb's own options (plan's gpu=)
+                print(f"{verb} options (besides overrides):")
+                print("\n".join(f"  {k}=VALUE  {d}" for k, d in VERBS[verb].keys.items()))
+                print(f"example: {VERBS[verb].example}\n")
         overrides = _overrides(rest)
         multirun = any(a in MULTIRUN_FLAGS for a in rest)
         checked = []
@@ -174,9 +196,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         from fttool.launch.run import run_checked
 
         with _ctrl_c(verb):  # one run needs nothing of Hydra's beyond the compose it had
-            run_checked(verb, checked[0].spec, checked[0].choices, argv, samples, output)
+            run_checked(verb, checked[0].spec, checked[0].choices, argv, samples, output, options)
         return
-    _run_hydra(verb, rest, overrides, argv, samples, output, checked)
+    _run_hydra(verb, rest, overrides, argv, samples, output, checked, options)
     if not info_only and multirun and verb == "train":
         from fttool.config.compose import MAX_CHECKED_TRIALS
         from fttool.launch import sweep
@@ -240,6 +262,7 @@ def _run_hydra(
     samples: Optional[int],
     output: Optional[str],
     checked: list,
+    options: Optional[Dict[str, str]] = None,
 ) -> None:
     import hydra
 
@@ -248,7 +271,7 @@ def _run_hydra(
 
     @hydra.main(config_path=str(registry.conf_dir()), config_name="config", version_base=None)
     def _app(cfg) -> None:
-        run_task(verb, cfg, overrides, argv, samples, output, checked)
+        run_task(verb, cfg, overrides, argv, samples, output, checked, options)
 
     sys.argv = [_prog()] + rest
     with _ctrl_c(verb):

@@ -6,6 +6,8 @@ carries it out (imported only when the verb runs, so `--help` and config errors 
 - A verb `on="run"` works on a finished run folder (or an exported model) with key=value arguments: its own `keys`,
   and the run settings named in `spec_keys` (parsed and checked by the same override code as a new run's);
   `handler(verb, own, spec_overrides)`.
+- A verb `on="tool"` works on fttool's own files (recipes) with subcommands, each with its arguments, what it does
+  and an example (`subcommands`); its handler gets the raw arguments: `handler(verb, argv)`.
 
 Adding a verb is one row here and its function.
 """
@@ -18,13 +20,15 @@ from typing import Dict, List, Optional, Tuple
 
 @dataclass(frozen=True)
 class Verb:
-    on: str  # "spec" or "run"
+    on: str  # "spec", "run" or "tool"
     about: str
     handler: str  # "module:function"
-    keys: Dict[str, str] = field(default_factory=dict)  # run verbs: own key -> description
+    keys: Dict[str, str] = field(default_factory=dict)  # own key=value options -> description (not run settings)
     required: Tuple[Tuple[str, ...], ...] = ()  # run verbs: each tuple, exactly one of these keys must be given
     spec_keys: Tuple[str, ...] = ()  # run verbs: run settings (or prefixes ending in '.') that may be changed
     example: str = ""
+    # tool verbs: subcommand -> (its arguments, what it does, an example)
+    subcommands: Dict[str, Tuple[str, str, str]] = field(default_factory=dict)
 
     def call(self):
         from importlib import import_module
@@ -44,6 +48,7 @@ class SpecCall:
     argv: List[str]
     samples: Optional[int] = None
     output: Optional[str] = None
+    options: Dict[str, str] = field(default_factory=dict)  # the verb's own key=value options (Verb.keys)
 
 
 CHECKPOINT = "weights to use: final (default), best, last, or a checkpoint's step number"
@@ -68,6 +73,16 @@ VERBS: Dict[str, Verb] = {
         "spec",
         "compose and validate, print the resolved spec and the plan; loads no model",
         "fttool.launch.run:check",
+    ),
+    "plan": Verb(
+        "spec",
+        "memory per device (itemised), whether it fits, the cheapest fixes, and the training time; loads no model",
+        "fttool.launch.run:plan",
+        {
+            "gpu": "plan for this card (H100, A100-80GB, L4, RTX4090 ...; default: this machine's GPU)",
+            "gpu_memory": "plan for a GPU with this many GiB instead of a named card",
+        },
+        example="fttool plan +recipe=qlora_7b gpu=L4",
     ),
     "preview": Verb(
         "spec",
@@ -125,6 +140,32 @@ VERBS: Dict[str, Verb] = {
         (("run", "model"),),
         (),
         "fttool chat run=runs/my-run",
+    ),
+    "recipes": Verb(
+        "tool",
+        "list the recipes on the search path; show, compare or save one",
+        "fttool.launch.recipe_verbs:main",
+        example="fttool recipes diff tiny_cpu tiny_dpo_cpu",
+        subcommands={
+            "list": ("", "every recipe: name, description, folder, model, method, hardware", "fttool recipes"),
+            "show": (
+                "NAME [key=value ...]",
+                "the recipe file, then the spec it resolves to (as fttool check +recipe=NAME does)",
+                "fttool recipes show qlora_7b method.rank=32",
+            ),
+            "diff": (
+                "A [B]",
+                "the keys and group choices whose resolved values differ; A or B may be a run folder; no B = "
+                "the defaults against A",
+                "fttool recipes diff qlora_7b runs/my-run",
+            ),
+            "save": (
+                "run=RUN name=NAME [dir=FOLDER] [overwrite=true]",
+                "the smallest recipe that reproduces a finished run, into the first FTTOOL_RECIPE_PATH folder "
+                "(else ./recipes)",
+                "fttool recipes save run=runs/my-run name=support_bot",
+            ),
+        },
     ),
 }
 

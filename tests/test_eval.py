@@ -204,9 +204,10 @@ def test_every_verb_in_the_table_has_its_handler():
     from fttool.verbs import VERBS
 
     for name, verb in VERBS.items():
-        assert verb.on in ("spec", "run"), name
+        assert verb.on in ("spec", "run", "tool"), name
         params = list(inspect.signature(verb.call()).parameters)
-        assert len(params) == (1 if verb.on == "spec" else 3), (name, params)
+        assert len(params) == {"spec": 1, "run": 3, "tool": 2}[verb.on], (name, params)
+        assert bool(verb.subcommands) == (verb.on == "tool"), name  # a tool verb's help lists its subcommands
 
 
 def test_bad_schema_file_names_the_line(tmp_path):

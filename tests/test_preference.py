@@ -6,8 +6,10 @@ import json
 import math
 
 import pytest
+from omegaconf import OmegaConf
 
-from conftest import FAST, SHARED_DATA, make_spec, run_cli
+from conftest import FAST, ROOT, SHARED_DATA, make_spec, run_cli
+from fttool.config import recipes
 from fttool.errors import UserError
 
 PHI3 = SHARED_DATA / "tokenizers" / "phi-3-mini"
@@ -338,6 +340,10 @@ def test_the_dpo_demo_recipe_raises_held_out_preference_accuracy(tmp_path):
     assert result["verdict"] == "pass" and tuned["preference_accuracy"] >= base["preference_accuracy"] + 0.3
     assert tuned["preference_margin"] > base["preference_margin"]
     assert "preference_accuracy" in (tmp_path / "demo" / "eval.md").read_text()
+    # the recipe's own run is within the figures its meta header expects (tokens/s only as a lower bound)
+    meta = recipes.meta_of(OmegaConf.to_container(OmegaConf.load(ROOT / "recipes" / "tiny_dpo_cpu.yaml")))
+    summary = json.loads((tmp_path / "demo" / "result.json").read_text())
+    assert recipes.check_expected(meta["expected"][0], summary) == []
 
 
 def _dpo_steps(tmp_path):

@@ -13,7 +13,7 @@ from typing import Dict, Iterator, List, Optional
 
 from omegaconf import DictConfig
 
-from fttool.config import registry
+from fttool.config import recipes, registry
 from fttool.config.methods import SCHEMAS as METHOD_SCHEMAS
 from fttool.config.spec import GROUPS
 from fttool.errors import UserError, suggestion
@@ -67,17 +67,22 @@ def _check_recipe_defaults(name: str) -> None:
     from omegaconf import OmegaConf
 
     path = registry.recipe_files()[name]
-    for entry in OmegaConf.load(path).get("defaults", []) or []:
-        if not OmegaConf.is_dict(entry):
-            continue
-        for k, option in entry.items():
-            group = str(k).replace("override", "").strip().lstrip("/")
-            if group in GROUPS and str(option) not in registry.group_options(group):
-                options = registry.group_options(group)
-                raise UserError(
-                    f"recipe {name} ({path}) picks {group}={option}, which does not exist."
-                    f"{suggestion(str(option), options, group + '={}')} Available: {', '.join(options)}."
-                )
+    for group, option in recipes.group_choices(OmegaConf.to_container(registry.load_recipe(path))).items():
+        if group in GROUPS and option not in registry.group_options(group):
+            options = registry.group_options(group)
+            raise UserError(
+                f"recipe {name} ({path}) picks {group}={option}, which does not exist."
+                f"{suggestion(option, options, group + '={}')} Available: {', '.join(options)}."
+            )
+
+
+def _refuse_old_key(ov) -> None:
+    """A key an older recipe schema had (config/recipes.py MIGRATIONS): its replacement, before any did-you-mean."""
+    key = ov.key_or_group.lstrip("+~")
+    for value in _values(ov):
+        problem = recipes.migration(key, value)
+        if problem:
+            raise UserError(f"{problem}.")
 
 
 def _method_owners(key: str) -> List[str]:
@@ -233,6 +238,7 @@ def precheck(overrides: List[str], multirun: bool = False) -> List[Checked]:
             raise UserError(problem)
     parsed = parse(overrides)
     for ov in parsed:
+        _refuse_old_key(ov)
         if ov.is_sweep_override() and not multirun:
             raise UserError(
                 f"{ov.input_line} lists several values: add -m to run a sweep (one run per value), or give one value."
@@ -281,6 +287,7 @@ def override_spec(spec, overrides: List[str]):
         OmegaConf.set_struct(OmegaConf.select(cfg, key), False)
     for ov in parse(overrides):
         key, value = ov.key_or_group.lstrip("+~"), ov.value()
+        _refuse_old_key(ov)
         _check_key(cfg, key)
         if key in registry.OPEN_DICTS:
             OmegaConf.update(cfg, key, {}, merge=False)  # a mapping given on the command line replaces the run's one

@@ -32,6 +32,7 @@ class Objective:
     name: str
     about: str  # one line for `fttool check`, the README and the model card
     pairs: bool = False  # features: a chosen and a rejected sequence per row (preference data only)
+    reference: bool = False  # scores against a frozen reference model (a forward per step unless precomputed)
     keys: Tuple[str, ...] = ()  # the objective.* keys it reads
     trainer: str = "fttool.worker.safe_trainer:RunTrainer"
     args_class: str = "transformers:TrainingArguments"
@@ -163,6 +164,7 @@ OBJECTIVES: Dict[str, Objective] = {
             "DPO: prefer the chosen reply over the rejected one relative to a frozen reference (TRL DPOTrainer)",
             keys=KEYS,
             trainer="fttool.worker.preference:DpoRunTrainer",
+            reference=True,
             args_class="trl:DPOConfig",
             lr_full=5e-7,
             lr_adapter=5e-6,

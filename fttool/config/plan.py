@@ -14,34 +14,27 @@ from fttool.config import methods, objectives, strategies
 from fttool.config.spec import RunSpec, effective_gate, has_validation, world_size
 
 
-def param_counts(spec: RunSpec) -> Optional[Dict[str, int]]:
-    """Total and trainable parameter estimates from a local config.json (Llama-style decoders)."""
-    cfg_file = Path(assets.resolve(spec.model.name_or_path)).expanduser() / "config.json"
-    if not cfg_file.is_file():
-        return None
-    c = json.loads(cfg_file.read_text())
+def model_shape(spec):
+    """The model's shapes from its config.json, or None when it cannot be read without a download."""
+    from fttool.config import shapes
+    from fttool.errors import UserError
+
+    if spec.model.name_or_path and not Path(assets.resolve(spec.model.name_or_path)).expanduser().is_dir():
+        return None  # `check` never fetches; `plan` does
     try:
-        h, n, inter, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
-    except KeyError:
+        return shapes.of_model(spec.model.name_or_path, spec.model.revision)
+    except UserError:
         return None
-    heads = c.get("num_attention_heads", 1)
-    kv = c.get("num_key_value_heads", heads)
-    hd = c.get("head_dim") or h // heads
-    shapes = {
-        "q_proj": (h, heads * hd),
-        "k_proj": (h, kv * hd),
-        "v_proj": (h, kv * hd),
-        "o_proj": (heads * hd, h),
-        "gate_proj": (h, inter),
-        "up_proj": (h, inter),
-        "down_proj": (inter, h),
-    }
-    per_layer = sum(i * o for i, o in shapes.values()) + 2 * h
-    emb = vocab * h * (1 if c.get("tie_word_embeddings") else 2)
-    base = n * per_layer + emb + h
+
+
+def param_counts(spec: RunSpec) -> Optional[Dict[str, int]]:
+    """Total and trainable parameter estimates from a local config.json."""
+    shape = model_shape(spec)
+    if shape is None:
+        return None
     method = methods.of(spec)
-    trainable = method.trainable(spec.method, base, n, shapes)
-    return {"total": base + trainable if method.adapter else base, "trainable": trainable}
+    trainable = method.trainable(spec.method, shape.total, shape.layers, shape.linears)
+    return {"total": shape.total + trainable if method.adapter else shape.total, "trainable": trainable}
 
 
 def local_rows(path: str) -> Optional[int]:
@@ -165,6 +158,11 @@ def describe(spec: RunSpec) -> List[str]:
         lines.append(
             f"parameters  {counts['trainable']:,} trainable of {counts['total']:,} ({100 * counts['trainable'] / counts['total']:.2f}%)"
         )
+        from fttool.config import estimate
+
+        mem = estimate.memory(estimate.Setup.of(spec), model_shape(spec))
+        where = "per GPU" if spec.hardware.device == "cuda" else "for the CPU process"
+        lines.append(f"memory      ~{estimate.gib(mem.total)} GiB {where} (itemised, with fit and time: fttool plan)")
     else:
         lines.append("parameters  counted when the model loads (no local config.json)")
     more, rows = data_lines(spec)

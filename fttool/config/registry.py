@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 
+from fttool.config import recipes
 from fttool.config.methods import SCHEMAS as METHOD_SCHEMAS
 from fttool.config.spec import GROUPS, RunSpec
 
@@ -60,10 +61,13 @@ RESOLVER = re.compile(r"\$\{\s*[\w.-]+\s*:")  # ${oc.env:X}, ${now:...}: a resol
 def check_recipe(path: Path, node) -> None:
     """A recipe may set fttool keys and choose group options, nothing else: Hydra's own settings (hydra.callbacks,
     hydra.launcher, logging handlers), `_target_` (which Hydra instantiates) and resolver interpolations would let a
-    recipe shared by another team run code or read the environment."""
+    recipe shared by another team run code or read the environment. Its `meta:` header, schema version and old keys
+    are checked too (config/recipes.py)."""
     from fttool.errors import UserError
 
     tree = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+    if tree is not None and not isinstance(tree, dict):
+        raise UserError(f"recipe {path}: expected a mapping of keys (meta, defaults, model, train, ...), not a list.")
 
     def refuse(key: str, why: str):
         raise UserError(
@@ -91,6 +95,18 @@ def check_recipe(path: Path, node) -> None:
         if "hydra" in text.replace("hydra_", ""):
             refuse(f"defaults[{i}]", f"'{text}' chooses one of Hydra's own groups")
     walk({k: v for k, v in tree.items() if k != "defaults"} if isinstance(tree, dict) else tree, "")
+    if isinstance(tree, dict):
+        recipes.check_file(path, tree)
+
+
+def load_recipe(path: Path):
+    """A recipe file as an OmegaConf node (UserError naming the file when it is not YAML)."""
+    from fttool.errors import UserError
+
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # noqa: BLE001 - any parse error: the file and the parser's words
+        raise UserError(f"could not read a recipe file {path}: {' '.join(str(e).split())}")
 
 
 def recipe_problem(name: str) -> Optional[str]:
@@ -101,7 +117,7 @@ def recipe_problem(name: str) -> Optional[str]:
     if path is None:
         return None
     try:
-        check_recipe(path, OmegaConf.load(path))
+        check_recipe(path, load_recipe(path))
     except UserError as e:
         return str(e)
     return None
@@ -131,7 +147,8 @@ def schema_node():
 
 
 def register() -> None:
-    """Store the typed schemas and every recipe in Hydra's ConfigStore (idempotent)."""
+    """Store the typed schemas and every recipe in Hydra's ConfigStore (idempotent), each without its `meta:` header
+    (not a run key)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
@@ -139,9 +156,10 @@ def register() -> None:
     for name, schema in METHOD_SCHEMAS.items():
         cs.store(group="schema/method", name=name, node=schema)
     for name, path in recipe_files().items():
-        node = OmegaConf.load(path)
         if recipe_problem(name) is not None:
-            continue  # never composable; choosing it names the problem (recipe_problem)
+            continue  # never composable (unreadable, unsafe, old keys, bad meta): choosing it names the problem
+        node = load_recipe(path)
+        node.pop(recipes.META, None)
         cs.store(group="recipe", name=name, node=node, package="_global_", provider=str(path))
 
 

@@ -28,6 +28,11 @@ class Strategy:
     offload: bool = False  # can move parameters (and optimizer state) to CPU memory: hardware.offload
     drops_steps: bool = True  # a non-finite step can be dropped before the update (train.nonfinite_tolerance)
     own_checkpointing: bool = False  # has its own activation checkpointing (hardware.activation_checkpointing)
+    # for the plan's memory estimate (config/estimate.py):
+    bucket_copy: bool = False  # keeps a second copy of the gradients in its all-reduce buckets (DDP)
+    fp32_masters: bool = (
+        False  # under bf16/fp16 trains 16-bit weights with fp32 master copies, comm buckets (DeepSpeed)
+    )
 
     @property
     def distributed(self) -> bool:
@@ -222,7 +227,7 @@ STRATEGIES: Dict[str, Strategy] = {
     s.name: s
     for s in (
         Strategy("none", "in the fttool process"),
-        DDP("ddp", "DDP (each process holds the whole model)", "MULTI_GPU"),
+        DDP("ddp", "DDP (each process holds the whole model)", "MULTI_GPU", bucket_copy=True),
         FSDP2(
             "fsdp2",
             "FSDP2 full shard (parameters, gradients and optimizer state sharded)",
@@ -237,6 +242,7 @@ STRATEGIES: Dict[str, Strategy] = {
             "DEEPSPEED",
             shards="optimizer+gradients",
             drops_steps=False,
+            fp32_masters=True,
             stage=2,
         ),
         Zero(
@@ -246,6 +252,7 @@ STRATEGIES: Dict[str, Strategy] = {
             shards="all",
             offload=True,
             drops_steps=False,
+            fp32_masters=True,
             stage=3,
         ),
     )

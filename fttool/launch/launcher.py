@@ -49,6 +49,8 @@ def _run(spec: RunSpec, run_dir: Path, created: bool) -> None:
     from fttool.worker.model import resolve_precision
 
     try:
+        if spec.hardware.machine_rank in (0, -1, None):
+            record_plan(spec, run_dir)
         if distributed.is_distributed(spec.hardware):
             config = distributed.write_configs(spec, run_dir, resolve_precision(spec))
             run_workers(spec, run_dir, config)
@@ -60,6 +62,23 @@ def _run(spec: RunSpec, run_dir: Path, created: bool) -> None:
         if created and not training_began(run_dir):
             rundir.discard(run_dir)  # failed before training began: leave nothing half-written
         raise
+
+
+def record_plan(spec: RunSpec, run_dir: Path) -> None:
+    """The run's plan into its folder (plan.json) and its log; a plan that cannot be made (a model plan does not
+    model, a hub config not cached, a fault in the plan) is recorded as such and never stops the run."""
+    from fttool.config import budget
+
+    try:
+        p = budget.build(spec)
+    except Exception as e:  # noqa: BLE001 - the plan advises; nothing in it may cost the run
+        why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        runfiles.write_json(run_dir / runfiles.PLAN, {"error": why})
+        print(f"fttool: no plan for this run: {why}", flush=True)
+        return
+    runfiles.write_json(run_dir / runfiles.PLAN, p)
+    for line in budget.summary(p):
+        print(f"fttool: {line}", flush=True)
 
 
 def training_began(run_dir: Path) -> bool:

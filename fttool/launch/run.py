@@ -30,6 +30,7 @@ def run_task(
     samples: Optional[int] = None,
     output: Optional[str] = None,
     checked: Optional[list] = None,
+    options: Optional[dict] = None,
 ) -> None:
     from fttool.config import compose, validation
 
@@ -41,17 +42,23 @@ def run_task(
         spec = one.spec if one else validation.build(cfg, compose.user_keys(overrides), recipe, job_num)
     except UserError as e:
         fail(str(e), e.exit_code)
-    run_checked(verb, spec, choices, argv, samples, output)
+    run_checked(verb, spec, choices, argv, samples, output, options)
 
 
 def run_checked(
-    verb: str, spec, choices, argv: List[str], samples: Optional[int] = None, output: Optional[str] = None
+    verb: str,
+    spec,
+    choices,
+    argv: List[str],
+    samples: Optional[int] = None,
+    output: Optional[str] = None,
+    options: Optional[dict] = None,
 ) -> None:
     """What a verb does with a validated spec: its handler in the verb table (fttool/verbs.py)."""
     from fttool.verbs import VERBS, SpecCall
 
     try:
-        VERBS[verb].call()(SpecCall(verb, spec, choices, argv, samples, output))
+        VERBS[verb].call()(SpecCall(verb, spec, choices, argv, samples, output, dict(options or {})))
     except UserError as e:
         fail(str(e), e.exit_code)
 
@@ -144,3 +151,21 @@ def check(call) -> None:
     for line in plan.describe(spec):
         print(f"#   {line}")
     print("# ok: the spec is valid", file=sys.stderr)
+
+
+def plan(call) -> None:
+    """`fttool plan`: memory per device, fit, fixes and time; exit 3 when the run does not fit."""
+    from fttool.config import budget, slurm
+
+    slurm.check_resolved(call.spec.hardware)
+    gpu_memory = call.options.get("gpu_memory")
+    if gpu_memory is not None:
+        try:
+            gpu_memory = float(gpu_memory)
+        except ValueError:
+            raise UserError(f"gpu_memory={gpu_memory}: give the GPU's memory in GiB, e.g. gpu_memory=24.") from None
+    p = budget.build(call.spec, call.options.get("gpu"), gpu_memory)
+    for line in budget.lines(p):
+        print(line)
+    if p["fits"] is False:
+        raise SystemExit(3)

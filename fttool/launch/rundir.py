@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
+from fttool.config.recipes import flatten
 from fttool.config.spec import RunSpec
 from fttool.errors import UserError
 from fttool.launch import preemption, runfiles
@@ -75,16 +76,8 @@ def run_dir_of(spec: RunSpec) -> Path:
     return Path(spec.output_dir).expanduser().resolve() / str(spec.run_name)
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
 def spec_diff(old: RunSpec, new: RunSpec) -> List[str]:
-    a, b = _flatten(asdict(old)), _flatten(asdict(new))
+    a, b = flatten(asdict(old)), flatten(asdict(new))
     return [
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
         for k in sorted(set(a) | set(b))
@@ -119,6 +112,7 @@ def environment() -> Dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "hostname": platform.node(),
+        "cpus": os.cpu_count(),
         "packages": package_versions(),
         "git": git_revision(Path.cwd()),
         "slurm_job": preemption.slurm_job(),

@@ -14,6 +14,7 @@ ENV = "env.json"  # python, platform, package versions, git revision, SLURM job
 DATA = "data.json"  # the data fingerprint and statistics of what the run trained on
 METRICS = "metrics.jsonl"  # one JSON object per logging step
 RESULT = "result.json"  # the run's summary; its presence means the run finished
+PLAN = "plan.json"  # `fttool plan`'s memory and time estimate, made at launch (result.json sets the measured beside it)
 LOG = "train.log"
 CHECKPOINTS = "checkpoints"  # checkpoint-N folders, and `best` linking to the one with the lowest validation loss
 FINAL = "final"  # the trained adapter or model

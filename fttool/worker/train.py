@@ -278,6 +278,15 @@ def train(run_dir: Path) -> dict:
         f"peak memory: {memory.describe(metrics_cb.peaks.run)}"
         + (f"; {len(guard.skipped)} non-finite step(s) skipped: {guard.skipped}" if guard.skipped else "")
     )
+    plan = runfiles.read_json(run_dir / runfiles.PLAN)
+    if plan and "memory" in plan:
+        from fttool.config.budget import versus
+
+        summary["plan_vs_measured"] = versus(plan, summary)
+        log.info(
+            "plan vs measured: "
+            + ", ".join(f"{k} {v['predicted']} vs {v['measured']}" for k, v in summary["plan_vs_measured"].items())
+        )
     summary["stopped_early"] = bool(spec.train.early_stopping_patience) and out.global_step < trainer.state.max_steps
     if eval_loss is not None:
         log.info(f"validation loss {eval_loss:.4f} on {len(prepared.validation):,} held-out samples")

@@ -1,0 +1,237 @@
+"""A run's memory and time budget: what `fttool plan` prints, and what `train` writes into the run folder (plan.json)
+to set beside the measured figures in result.json. Arithmetic on the spec and the model's config.json; the CPU's
+speed is measured (numpy matmul, a fraction of a second)."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+from fttool.config import estimate, fit, shapes, workload
+from fttool.config.estimate import Setup, fmt_duration, gib
+
+# On a CPU, training reaches ~30% of numpy's best fp32 matmul rate and spends ~0.05 s per micro-batch besides
+# (python, autograd, the optimizer): measured on 2 cores with a 0.5M and a 19M Llama, full and LoRA.
+CPU_EFFICIENCY = 0.3
+CPU_OVERHEAD_S = 0.05
+
+
+def build(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = None, measure_cpu: bool = True) -> Dict:
+    """The plan as a JSON-able dict. UserError when the model's shape cannot be read (named, with the fix)."""
+    shape = shapes.of_model(spec.model.name_or_path, spec.model.revision)
+    t = fit.target(spec, gpu, gpu_memory)
+    precision = "fp16" if (t.kind == "gpu" and not t.bf16 and spec.hardware.precision == "auto") else None
+    s = Setup.of(spec, precision)
+    mem = estimate.memory(s, shape)
+    ok = fit.fits(mem.total, t, s)
+    fixes = fit.fixes(s, shape, t) if ok is False else []
+    return {
+        "model": {"name": spec.model.name_or_path, "shape": shape.describe(), "config": shape.source},
+        "parameters": {"total": shape.total, "trainable": estimate._trainable(s, shape)},
+        "setup": {
+            "method": s.method,
+            "precision": s.precision,
+            "micro_batch": s.batch,
+            "tokens_per_micro_batch": s.tokens,
+            "checkpointing": s.ckpt,
+            "strategy": s.strategy,
+            "processes": s.world,
+            "processes_per_machine": s.processes,
+            "optim": s.optim,
+        },
+        "memory": {
+            "device": s.device,
+            "per_device_gib": round(mem.total, 3),
+            "tensors_gib": round(mem.tensors, 3),
+            "host_gib": round(mem.host, 3),
+            "items": [
+                {"name": i.name, "gib": round(i.gib, 4), "note": i.note, **({"on_host": True} if i.on_host else {})}
+                for i in mem.items
+            ],
+        },
+        "target": {"name": t.name, "memory_gib": t.memory_gib, "tflops": t.tflops, "chosen_by": t.where},
+        "fits": ok,
+        "fixes": [{"overrides": f.overrides, "per_device_gib": round(f.total_gib, 3), "costs": f.costs} for f in fixes],
+        "time": _time(spec, s, shape, t, measure_cpu),
+    }
+
+
+def _time(spec, s: Setup, shape, t: fit.Target, measure_cpu: bool) -> Dict:
+    work = workload.sample(spec)
+    tr = spec.train
+    global_batch = s.batch * s.grad_accum * s.world
+    out: Dict = {}
+    if work is None:
+        out["note"] = "no local data to sample (a hub dataset): run `fttool preprocess` for its statistics"
+        return out
+    out.update(
+        rows=work.rows,
+        tokens_per_sample=round(work.mean_tokens, 1),
+        computed_per_sample=round(work.padded_tokens, 1),
+        sampled=work.how,
+    )
+    units, per_unit = work.rows, work.padded_tokens  # what one row of a micro-batch is, and its tokens computed
+    if spec.data.packing == "bins":  # rows of max_length tokens, samples packed into them
+        per_unit = float(spec.data.max_length * s.sequences)
+        units = None if work.rows is None else math.ceil(work.rows * work.mean_tokens / per_unit)
+    if tr.max_steps:
+        steps = tr.max_steps
+    elif units is not None:
+        steps = math.ceil(units * tr.epochs / global_batch)
+    else:
+        out["note"] = "row count unknown (a hub dataset): set train.max_steps or run `fttool preprocess`"
+        return out
+    computed = steps * global_batch * per_unit
+    context = work.padded_tokens / s.sequences
+    per_token = estimate.flops_per_token(s, shape, context)
+    out.update(steps=steps, tokens_computed=int(computed), flops=computed * per_token)
+    if work.rows is not None:
+        out["tokens_per_epoch"] = int(work.rows * work.mean_tokens)
+    if t.kind == "cpu":
+        if not measure_cpu:
+            return out
+        rate = workload.cpu_gflops() * 1e9 * CPU_EFFICIENCY
+        out["assumed"] = (
+            f"{CPU_EFFICIENCY:.0%} of this CPU's measured fp32 matmul rate = {rate / 1e9:.0f} GFLOP/s, "
+            f"+{CPU_OVERHEAD_S:g} s per micro-batch"
+        )
+    elif t.tflops:
+        util = estimate.utilisation(s)
+        rate = t.tflops * 1e12 * util * s.world
+        out["assumed"] = (
+            f"{util:.0%} of {t.name}'s {t.tflops:g} TFLOPS 16-bit peak"
+            + (f" x {s.world} GPUs" if s.world > 1 else "")
+            + f" ({s.method})"
+        )
+    else:
+        out["note"] = "name the GPU (gpu=H100, gpu=L4 ...) for a time estimate"
+        return out
+    seconds = computed * per_token / rate
+    if t.kind == "cpu":
+        seconds += steps * s.grad_accum * CPU_OVERHEAD_S
+    out["seconds"] = seconds
+    out["tokens_per_s"] = computed / seconds
+    return out
+
+
+def lines(p: Dict) -> List[str]:
+    """The plan as `fttool plan` prints it."""
+    mem, tm = p["memory"], p["time"]
+    st = p["setup"]
+    per = "per GPU" if mem["device"] == "cuda" else "for the CPU process"
+    out = [
+        f"model       {p['model']['name']}: {p['model']['shape']}",
+        f"            {p['parameters']['total']:,} parameters, {p['parameters']['trainable']:,} trained "
+        f"({st['method']}, {st['precision']}, {st['processes']} process{'es' if st['processes'] > 1 else ''}, "
+        f"strategy {st['strategy']}, micro-batch {st['micro_batch']} = {st['tokens_per_micro_batch']:,} tokens at most)",
+        f"memory      {per} (GiB):",
+    ]
+    width = max(len(i["name"]) for i in mem["items"])
+    for i in mem["items"]:
+        where = " (CPU memory)" if i.get("on_host") else ""
+        out.append(f"  {i['name']:<{width}}  {gib(i['gib']):>6}  {i['note']}{where}")
+    out.append(f"  {'total':<{width}}  {gib(mem['per_device_gib']):>6}")
+    if mem["host_gib"]:
+        out.append(f"  {'CPU memory':<{width}}  {gib(mem['host_gib']):>6}  offloaded (per process)")
+    out.append(_verdict(p))
+    for j, f in enumerate(p["fixes"], 1):
+        out.append(f"  {j}. {' '.join(f['overrides'])}  -> {gib(f['per_device_gib'])} GiB ({'; '.join(f['costs'])})")
+    if p["fits"] is False and not p["fixes"]:
+        out.append(
+            "  no change among micro-batch, checkpointing, 8-bit optimizer, QLoRA, ZeRO-3 and offload makes it fit: "
+            "a larger GPU, more GPUs (hardware=zero3 hardware.num_processes=N) or a shorter data.max_length"
+        )
+    out += _time_lines(tm)
+    return out
+
+
+def _verdict(p: Dict) -> str:
+    t, total = p["target"], p["memory"]["per_device_gib"]
+    if p["fits"] is None:
+        return (
+            f"fit         unknown: no GPU on this machine; name the target, e.g. gpu=H100, gpu=L4 or gpu_memory=24 "
+            f"({gib(total)} GiB needed per GPU)"
+        )
+    cap = t["memory_gib"]
+    n = p["setup"]["processes_per_machine"]
+    if p["memory"]["device"] == "cpu" and n > 1:  # the processes share this machine's memory
+        total = total * n
+    if p["fits"]:
+        return (
+            f"fit         FITS {t['name']} ({gib(cap)} GiB, {t['chosen_by']}): {gib(total)} GiB, "
+            f"{gib(cap - total)} GiB to spare"
+        )
+    return (
+        f"fit         DOES NOT FIT {t['name']} ({gib(cap)} GiB, {t['chosen_by']}): {gib(total)} GiB needed "
+        f"(plan keeps {100 - fit.HEADROOM * 100:.0f}% headroom). Cheapest changes that fit:"
+    )
+
+
+def _time_lines(tm: Dict) -> List[str]:
+    if "tokens_computed" not in tm and "rows" not in tm:
+        return [f"time        {tm.get('note', 'unknown')}"]
+    out = []
+    rows = f"{tm['rows']:,} rows x " if tm.get("rows") is not None else ""
+    epoch = f" = {tm['tokens_per_epoch']:,} tokens per epoch" if "tokens_per_epoch" in tm else ""
+    out.append(f"data        {rows}~{tm['tokens_per_sample']:.0f} tokens{epoch} ({tm['sampled']})")
+    if "steps" not in tm:
+        return out + [f"time        {tm.get('note', 'unknown')}"]
+    pad = tm["computed_per_sample"] / max(tm["tokens_per_sample"], 1e-9)
+    padding = f", {pad - 1:.0%} padding" if pad > 1.005 else ""
+    out.append(
+        f"compute     {tm['steps']:,} steps, {tm['tokens_computed']:,} tokens computed{padding}, "
+        f"{tm['flops'] / 1e15:.3g} PFLOP"
+    )
+    if "seconds" in tm:
+        out.append(
+            f"time        ~{fmt_duration(tm['seconds'])} of training ({tm['tokens_per_s']:,.0f} tokens/s at "
+            f"{tm['assumed']}); loading, evaluation and checkpoints come on top"
+        )
+    else:
+        out.append(f"time        {tm.get('note', 'not estimated')}")
+    return out
+
+
+def summary(p: Dict) -> List[str]:
+    """The plan in a line (and a warning when it does not fit), for the log of a run starting."""
+    mem = p["memory"]
+    where = "per GPU" if mem["device"] == "cuda" else "(CPU)"
+    fits = {True: "fits", False: "DOES NOT FIT", None: "fit unknown"}[p["fits"]]
+    eta = f", ~{fmt_duration(p['time']['seconds'])} of training" if "seconds" in p["time"] else ""
+    out = [
+        f"plan: {gib(mem['per_device_gib'])} GiB {where}, {fits} {p['target']['name']}"
+        f" ({gib(p['target']['memory_gib'] or 0)} GiB){eta}; details: fttool plan"
+    ]
+    if p["fits"] is False:
+        out.append(
+            "warning: the plan expects this run to run out of memory; `fttool plan` with the same overrides lists "
+            "the cheapest changes that fit."
+        )
+    return out
+
+
+def versus(plan: Dict, summary: Dict) -> Dict:
+    """Predicted beside measured, for result.json: peak memory per device and tokens per second."""
+    out: Dict = {}
+    peaks = summary.get("peak_memory") or {}
+    mem = plan.get("memory") or {}
+    if "gpu_reserved_gib" in peaks and mem.get("device") == "cuda":
+        measured = peaks["gpu_reserved_gib"] + estimate.CUDA_CONTEXT_GIB
+        out["peak_memory_gib"] = {
+            "predicted": mem.get("per_device_gib"),
+            "measured": round(measured, 3),
+            "measure": f"torch max reserved + {estimate.CUDA_CONTEXT_GIB} GiB CUDA context (about what nvidia-smi shows)",
+        }
+    elif "peak_rss_gib" in peaks and mem.get("device") == "cpu":
+        out["peak_memory_gib"] = {
+            "predicted": mem.get("per_device_gib"),
+            "measured": peaks["peak_rss_gib"],
+            "measure": "peak resident memory of the training process",
+        }
+    tps = (plan.get("time") or {}).get("tokens_per_s")
+    if tps and summary.get("tokens_per_s"):
+        out["tokens_per_s"] = {"predicted": round(tps, 1), "measured": round(summary["tokens_per_s"], 1)}
+    for v in out.values():
+        if v.get("predicted"):
+            v["ratio"] = round(v["measured"] / v["predicted"], 3)
+    return out
