@@ -10,10 +10,12 @@ from typing import Dict, List, Optional
 from fttool.config import estimate, fit, shapes, workload
 from fttool.config.estimate import Setup, fmt_duration, gib
 
-# On a CPU, training reaches ~30% of numpy's best fp32 matmul rate and spends ~0.05 s per micro-batch besides
-# (python, autograd, the optimizer): measured on 2 cores with a 0.5M and a 19M Llama, full and LoRA.
+# On a CPU, training reaches ~30% of numpy's best fp32 matmul rate and spends besides ~0.02 s per micro-batch
+# (python, autograd, the optimizer) and ~15 us per token (memory-bound elementwise work): measured on 2 cores with
+# a 0.5M and a 19M Llama, full and LoRA, padded batches of ~128 tokens and packed ones of 2,048.
 CPU_EFFICIENCY = 0.3
-CPU_OVERHEAD_S = 0.05
+CPU_OVERHEAD_S = 0.02
+CPU_TOKEN_S = 15e-6
 
 
 def build(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = None, measure_cpu: bool = True) -> Dict:
@@ -82,6 +84,7 @@ def _time(spec, s: Setup, shape, t: fit.Target, measure_cpu: bool) -> Dict:
         out["note"] = "row count unknown (a hub dataset): set train.max_steps or run `fttool preprocess`"
         return out
     computed = steps * global_batch * per_unit
+    real = computed if spec.data.packing == "bins" else steps * global_batch * work.mean_tokens  # no padding
     context = work.padded_tokens / s.sequences
     per_token = estimate.flops_per_token(s, shape, context)
     out.update(steps=steps, tokens_computed=int(computed), flops=computed * per_token)
@@ -93,7 +96,7 @@ def _time(spec, s: Setup, shape, t: fit.Target, measure_cpu: bool) -> Dict:
         rate = workload.cpu_gflops() * 1e9 * CPU_EFFICIENCY
         out["assumed"] = (
             f"{CPU_EFFICIENCY:.0%} of this CPU's measured fp32 matmul rate = {rate / 1e9:.0f} GFLOP/s, "
-            f"+{CPU_OVERHEAD_S:g} s per micro-batch"
+            f"+{CPU_OVERHEAD_S:g} s per micro-batch and {CPU_TOKEN_S * 1e6:g} us per token"
         )
     elif t.tflops:
         util = estimate.utilisation(s)
@@ -108,9 +111,9 @@ def _time(spec, s: Setup, shape, t: fit.Target, measure_cpu: bool) -> Dict:
         return out
     seconds = computed * per_token / rate
     if t.kind == "cpu":
-        seconds += steps * s.grad_accum * CPU_OVERHEAD_S
+        seconds += steps * s.grad_accum * CPU_OVERHEAD_S + computed * CPU_TOKEN_S
     out["seconds"] = seconds
-    out["tokens_per_s"] = computed / seconds
+    out["tokens_per_s"] = real / seconds  # non-padding tokens, as result.json measures them
     return out
 
 
@@ -184,7 +187,7 @@ def _time_lines(tm: Dict) -> List[str]:
     )
     if "seconds" in tm:
         out.append(
-            f"time        ~{fmt_duration(tm['seconds'])} of training ({tm['tokens_per_s']:,.0f} tokens/s at "
+            f"time        ~{fmt_duration(tm['seconds'])} of training ({tm['tokens_per_s']:,.0f} non-padding tokens/s at "
             f"{tm['assumed']}); loading, evaluation and checkpoints come on top"
         )
     else:

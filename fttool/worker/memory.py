@@ -11,7 +11,17 @@ GIB = 2**30
 
 
 def peak_rss_gib() -> float:
-    """The most resident memory this process has held since it started."""
+    """The most resident memory this process has held since it started.
+
+    On Linux, VmHWM of /proc/self/status: getrusage's ru_maxrss survives exec, so a process started by a large
+    parent (pytest, a notebook, a launcher) would report the parent's size at fork time as its own peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) * 1024 / GIB, 3)  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(peak * (1 if sys.platform == "darwin" else 1024) / GIB, 3)
 
