@@ -4,6 +4,7 @@ run folder beside what the run measured (CPU: peak RSS within 25%)."""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -123,8 +124,8 @@ def test_checkpointing_and_smaller_micro_batches_cut_activations(tmp_path):
     shape = shapes.from_config(LLAMA32_1B)
     base = Setup.of(_spec(tmp_path, LLAMA32_1B, "method=lora", "hardware=single_gpu", "data.max_length=2048"))
     act = {i.name: i.gib for i in estimate.memory(base, shape).items}
-    ckpt = {i.name: i.gib for i in estimate.memory(estimate.with_changes(base, ckpt=True), shape).items}
-    half = {i.name: i.gib for i in estimate.memory(estimate.with_changes(base, batch=2), shape).items}
+    ckpt = {i.name: i.gib for i in estimate.memory(replace(base, ckpt=True), shape).items}
+    half = {i.name: i.gib for i in estimate.memory(replace(base, batch=2), shape).items}
     assert ckpt["activations"] < act["activations"] / 4
     assert half["activations"] == pytest.approx(act["activations"] / 2)
     assert half["logits and loss"] == pytest.approx(act["logits and loss"] / 2)

@@ -29,7 +29,7 @@ def build(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = None, m
     fixes = fit.fixes(s, shape, t) if ok is False else []
     return {
         "model": {"name": spec.model.name_or_path, "shape": shape.describe(), "config": shape.source},
-        "parameters": {"total": shape.total, "trainable": estimate._trainable(s, shape)},
+        "parameters": {"total": shape.total, "trainable": estimate.trained_parameters(s.method_obj, s.mspec, shape)},
         "setup": {
             "method": s.method,
             "precision": s.precision,

@@ -8,8 +8,7 @@ non-quantized weight of a QLoRA base (embeddings, output layer, norms) to fp32; 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 from fttool.config import methods, objectives, strategies
@@ -157,9 +156,9 @@ class Memory:
 CONTEXT, RUNTIME, SLACK = "CUDA context", "runtime", "allocator slack"
 
 
-def _trainable(s: Setup, shape: ModelShape) -> int:
-    lin = {n: io for n, io in shape.linears.items()}
-    return s.method_obj.trainable(s.mspec, shape.total, shape.layers, lin)
+def trained_parameters(method: methods.Method, mspec, shape: ModelShape) -> int:
+    """Parameters the method trains on a model of this shape."""
+    return method.trainable(mspec, shape.total, shape.layers, shape.linears)
 
 
 def _factored_state(s: Setup, shape: ModelShape) -> int:
@@ -192,7 +191,7 @@ def memory(s: Setup, shape: ModelShape) -> Memory:
     mem = Memory(device=s.device)
     n = max(s.world, 1)
     total = shape.total
-    trainable = _trainable(s, shape)
+    trainable = trained_parameters(s.method_obj, s.mspec, shape)
     cb = s.compute_bytes
     shard_params = st.shards_parameters and m.shardable_base
     shard_states = st.shards != ""  # optimizer state (and gradients) divided over the processes
@@ -328,7 +327,7 @@ def flops_per_token(s: Setup, shape: ModelShape, context: float) -> float:
     adds a forward (2x) with checkpointing; attention adds 6 x layers x context x attention width (causal: half the
     context on average). DPO's reference adds one forward unless precomputed."""
     n = shape.matmul_params
-    trainable = _trainable(s, shape)
+    trainable = trained_parameters(s.method_obj, s.mspec, shape)
     if s.method_obj.adapter:
         f = 4 * n + 6 * trainable
     else:
@@ -345,10 +344,6 @@ def utilisation(s: Setup) -> float:
     return UTILISATION.get(s.method, DEFAULT_UTILISATION)
 
 
-def seconds(total_flops: float, peak_tflops: float, util: float, world: int) -> float:
-    return total_flops / (peak_tflops * 1e12 * util * max(world, 1))
-
-
 def fmt_duration(sec: float) -> str:
     if sec < 90:
         return f"{sec:.0f} s"
@@ -357,10 +352,6 @@ def fmt_duration(sec: float) -> str:
     if sec < 48 * 3600:
         return f"{sec / 3600:.1f} h"
     return f"{sec / 86400:.1f} days"
-
-
-def with_changes(s: Setup, **changes) -> Setup:
-    return replace(s, **changes)
 
 
 def count(n: float) -> str:
@@ -373,7 +364,3 @@ def count(n: float) -> str:
 
 def gib(x: float) -> str:
     return f"{x:.2f}" if x < 10 else f"{x:.1f}"
-
-
-def ceil_div(a: int, b: int) -> int:
-    return int(math.ceil(a / b))

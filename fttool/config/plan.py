@@ -27,14 +27,16 @@ def model_shape(spec):
         return None
 
 
-def param_counts(spec: RunSpec) -> Optional[Dict[str, int]]:
-    """Total and trainable parameter estimates from a local config.json."""
-    shape = model_shape(spec)
+def param_counts(spec: RunSpec, shape=None) -> Optional[Dict[str, int]]:
+    """Total and trainable parameter estimates from a local config.json (or the shape already read from it)."""
+    from fttool.config.estimate import trained_parameters
+
+    shape = shape or model_shape(spec)
     if shape is None:
         return None
     method = methods.of(spec)
-    trainable = method.trainable(spec.method, shape.total, shape.layers, shape.linears)
-    return {"total": shape.total + trainable if method.adapter else shape.total, "trainable": trainable}
+    n = trained_parameters(method, spec.method, shape)
+    return {"total": shape.total + n if method.adapter else shape.total, "trainable": n}
 
 
 def local_rows(path: str) -> Optional[int]:
@@ -153,14 +155,15 @@ def describe(spec: RunSpec) -> List[str]:
         how = {"merge": "its adapter merged into the base", "continue": "its adapter trained further"}
         what = how[spec.model.from_run_adapter] if spec.model.parent_adapter else "its trained model"
         lines.append(f"starts from {spec.model.from_run} ({what})")
-    counts = param_counts(spec)
+    shape = model_shape(spec)
+    counts = param_counts(spec, shape)
     if counts:
         lines.append(
             f"parameters  {counts['trainable']:,} trainable of {counts['total']:,} ({100 * counts['trainable'] / counts['total']:.2f}%)"
         )
         from fttool.config import estimate
 
-        mem = estimate.memory(estimate.Setup.of(spec), model_shape(spec))
+        mem = estimate.memory(estimate.Setup.of(spec), shape)
         where = "per GPU" if spec.hardware.device == "cuda" else "for the CPU process"
         lines.append(f"memory      ~{estimate.gib(mem.total)} GiB {where} (itemised, with fit and time: fttool plan)")
     else:
