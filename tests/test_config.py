@@ -2,13 +2,12 @@
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import make_spec, run_cli
+from conftest import make_spec, run_cli, run_cli_here
 from fttool.config import compose, registry
 from fttool.errors import UserError
 
@@ -104,7 +103,7 @@ def test_bad_team_recipe(body, message, tmp_path, monkeypatch):
     team.mkdir()
     (team / "bad_team.yaml").write_text("# @package _global_\n" + body)
     monkeypatch.chdir(tmp_path)
-    r = run_cli("check", "+recipe=bad_team", env={registry.RECIPE_PATH_ENV: str(team)})
+    r = run_cli_here("check", "+recipe=bad_team", env={registry.RECIPE_PATH_ENV: str(team)})
     assert r.returncode == 2 and message in r.stderr, r.stderr
 
 
@@ -145,20 +144,17 @@ def test_bad_input_message(overrides, message, tmp_path):
 
 
 def test_bad_input_from_the_cli_exits_2_fast_without_traceback(tmp_path):
-    t0 = time.time()
-    r = run_cli("train", "method.rnak=8", cwd=tmp_path)
-    elapsed = time.time() - t0
+    r = run_cli("train", "method.rnak=8", cwd=tmp_path)  # a real process: the exit code and stderr a shell sees
     assert r.returncode == 2
     assert r.stderr.strip() == (
         "fttool: error: unknown key 'method.rnak'. Did you mean method.rank? Keys in 'method' for "
         "method=lora: name, default_lr, rank, alpha, dropout, target_modules, use_rslora."
     )
-    assert "Traceback" not in r.stderr and not list(tmp_path.iterdir())
-    assert elapsed < 10  # generous: heavy imports alone would take 7-9 s
+    assert "Traceback" not in r.stderr and not list(tmp_path.iterdir())  # fast: test_architecture, no torch
 
 
 def test_unknown_verb(tmp_path):
-    r = run_cli("trian", cwd=tmp_path)
+    r = run_cli_here("trian", cwd=tmp_path)
     assert r.returncode == 2 and "unknown verb 'trian'. Did you mean train?" in r.stderr
 
 

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import SHARED_DATA, make_spec, run_cli
+from conftest import SHARED_DATA, make_spec, run_cli, run_cli_here
 from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
 
@@ -98,7 +98,7 @@ def test_wrong_format_is_named(tmp_path):
 
 
 def test_unknown_column_mapping_is_a_config_error(tmp_path):
-    r = run_cli("check", "data=alpaca", "data.path=x.json", "data.columns={instrction: q}", cwd=tmp_path)
+    r = run_cli_here("check", "data=alpaca", "data.path=x.json", "data.columns={instrction: q}", cwd=tmp_path)
     assert r.returncode == 2 and "data.columns.instrction" in r.stderr and "Did you mean 'instruction'" in r.stderr
 
 
@@ -249,7 +249,7 @@ def test_named_templates_close_every_reply(name, tmp_path):
 
 
 def test_unknown_template_name(tmp_path):
-    r = run_cli("check", "data.template=chatlm", cwd=tmp_path)
+    r = run_cli_here("check", "data.template=chatlm", cwd=tmp_path)
     assert r.returncode == 2 and "Did you mean chatml?" in r.stderr and "Named templates:" in r.stderr
 
 
@@ -498,7 +498,7 @@ def test_bad_paths(path, message, tmp_path):
     ],
 )
 def test_bad_data_config(overrides, message, tmp_path):
-    r = run_cli("check", *overrides, cwd=tmp_path)
+    r = run_cli_here("check", *overrides, cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert re.search(message, r.stderr), r.stderr
 
@@ -534,7 +534,7 @@ def test_preprocess_then_train_uses_the_cache(tmp_path):
 
 
 def test_samples_flag_belongs_to_preview(tmp_path):
-    r = run_cli("check", "--samples", "2", cwd=tmp_path)
+    r = run_cli_here("check", "--samples", "2", cwd=tmp_path)
     assert r.returncode == 2 and "--samples and output= belong to the preview verb" in r.stderr
 
 

@@ -14,9 +14,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_cli, train_run
+from conftest import ROOT, run_cli, run_cli_here, train_run
 
-pytest.importorskip("deepspeed")
 # LoRA dropout draws different random masks in 1 and 2 processes; without it the runs must agree exactly
 STEPS = [
     "method.dropout=0",
@@ -61,6 +60,8 @@ def one_process(tmp_path_factory):
 
 
 def two_processes(tmp_path, strategy, method, *extra, name="run"):
+    if strategy.startswith("zero"):
+        pytest.importorskip("deepspeed")  # DDP and FSDP2 need only torch and accelerate
     steps = STEPS if method == "lora" else STEPS[1:]
     r = run_cli(
         f"hardware={strategy}",
@@ -94,6 +95,8 @@ LAYOUT = {
 )
 @pytest.mark.slow
 def test_two_processes_match_one(strategy, method, one_process, tmp_path):
+    """Each strategy on 2 processes equals 1 process (losses, saved weights); the LoRA runs then lose their last
+    checkpoint and resume from the 2-process checkpoint of step 2 to the same losses."""
     run_dir, r = two_processes(tmp_path, strategy, method)
     log = (run_dir / "train.log").read_text()
     assert "2 process(es)" in log and LAYOUT[strategy] in log  # really 2 processes, really sharded where promised
@@ -115,18 +118,13 @@ def test_two_processes_match_one(strategy, method, one_process, tmp_path):
         assert got[key].shape == want[key].shape and (got[key] - want[key]).abs().max() < 1e-4, key
     if method == "lora":
         assert all(got[k].abs().max() > 0 for k in got if "lora_B" in k)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero2", "zero3"])
-def test_resume_from_a_two_process_checkpoint(strategy, tmp_path):
-    run_dir, _ = two_processes(tmp_path, strategy, "lora")
-    before = losses(run_dir)
-    for gone in ("checkpoints/checkpoint-4", "final", "result.json"):  # as if it had stopped after step 2's checkpoint
-        shutil.rmtree(run_dir / gone, ignore_errors=True) if (run_dir / gone).is_dir() else (run_dir / gone).unlink()
-    run_dir, r = two_processes(tmp_path, strategy, "lora", "resume=auto")
-    assert "resuming from" in r.stdout and "checkpoint-2" in r.stdout
-    assert losses(run_dir) == pytest.approx(before, abs=TOL)
+    if method == "lora" and strategy != "zero3_offload":  # resume from a 2-process checkpoint
+        before = losses(run_dir)
+        for gone in ("checkpoints/checkpoint-4", "final", "result.json"):  # as if it had stopped after step 2
+            shutil.rmtree(run_dir / gone) if (run_dir / gone).is_dir() else (run_dir / gone).unlink()
+        run_dir, r = two_processes(tmp_path, strategy, "lora", "resume=auto")
+        assert "resuming from" in r.stdout and "checkpoint-2" in r.stdout
+        assert losses(run_dir) == pytest.approx(before, abs=TOL)
 
 
 @pytest.mark.slow
@@ -283,18 +281,18 @@ def test_ctrl_c_stops_every_rank_and_leaves_a_checkpoint_to_resume(tmp_path):
 
 
 def test_topology_this_machine_cannot_provide(tmp_path):
-    r = run_cli("hardware=ddp", "hardware.num_processes=8", cwd=tmp_path)
+    r = run_cli_here("hardware=ddp", "hardware.num_processes=8", cwd=tmp_path)
     assert r.returncode == 2 and ("needs a CUDA GPU" in r.stderr or "needs 8 GPUs" in r.stderr)
     assert not (tmp_path / "runs").exists()
-    r = run_cli("check", "hardware=fsdp2", "hardware.num_processes=1", cwd=tmp_path)
+    r = run_cli_here("check", "hardware=fsdp2", "hardware.num_processes=1", cwd=tmp_path)
     assert r.returncode == 2 and "has nothing to spread over" in r.stderr
-    r = run_cli("check", "hardware=cpu", "hardware.num_processes=2", cwd=tmp_path)
+    r = run_cli_here("check", "hardware=cpu", "hardware.num_processes=2", cwd=tmp_path)
     assert r.returncode == 2 and "needs a strategy" in r.stderr
-    r = run_cli("check", "hardware=fsdp2", "hardware.device=cpu", "hardware.offload=true", cwd=tmp_path)
+    r = run_cli_here("check", "hardware=fsdp2", "hardware.device=cpu", "hardware.offload=true", cwd=tmp_path)
     assert r.returncode == 2 and "remove hardware.offload" in r.stderr
-    r = run_cli("check", "hardware=zero3", "method=qlora", cwd=tmp_path)
+    r = run_cli_here("check", "hardware=zero3", "method=qlora", cwd=tmp_path)
     assert r.returncode == 2 and "not supported yet" in r.stderr
-    r = run_cli("check", "hardware=multi_node", "hardware.main_address=10.0.0.1", cwd=tmp_path)
+    r = run_cli_here("check", "hardware=multi_node", "hardware.main_address=10.0.0.1", cwd=tmp_path)
     assert r.returncode == 2 and "hardware.machine_rank is not set" in r.stderr
 
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import FAST, SHARED_DATA, make_spec, run_cli, train_run
+from conftest import FAST, SHARED_DATA, make_spec, run_cli, run_cli_here, train_run
 from fttool import metrics
 from fttool.after import report
 from fttool.data.tokenizer import load_tokenizer
@@ -307,10 +307,10 @@ def test_eval_writes_the_comparison_and_the_verdict(trained, tmp_path):
 
 @pytest.mark.slow
 def test_eval_gate_decides_the_exit_code(trained, tmp_path):
-    r = run_cli("eval", f"run={trained}", "eval.samples=8", "data.metrics=[perplexity,token_f1]", cwd=tmp_path)
+    r = run_cli_here("eval", f"run={trained}", "eval.samples=8", "data.metrics=[perplexity,token_f1]", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]  # perplexity is the gate (first metric): the fine-tune beats the base
     assert json.loads((trained / "eval.json").read_text())["verdict"] == "pass"
-    r = run_cli(
+    r = run_cli_here(
         "eval",
         f"run={trained}",
         "eval.samples=8",
@@ -338,7 +338,7 @@ def test_eval_json_metrics_and_schema(trained, tmp_path):
         for w in ("a b", "c d", "e f")
     ]
     test.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = run_cli(
+    r = run_cli_here(
         "eval",
         f"run={trained}",
         f"data.test_path={test}",
@@ -365,16 +365,18 @@ def test_eval_bad_input(trained, tmp_path):
         (["data.metrics=[bleu]"], "unknown metric 'bleu'"),
     ]
     for extra, message in cases:
-        r = run_cli("eval", f"run={trained}", *extra, cwd=tmp_path)
+        r = run_cli_here("eval", f"run={trained}", *extra, cwd=tmp_path)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-1500:])
-    r = run_cli("eval", cwd=tmp_path)
+    r = run_cli_here("eval", cwd=tmp_path)
     assert r.returncode == 2 and "missing run=VALUE" in r.stderr
-    r = run_cli("eval", f"run={trained}", "checkpoint=best", "eval.samples=2", "eval.max_new_tokens=8", cwd=tmp_path)
+    r = run_cli_here(
+        "eval", f"run={trained}", "checkpoint=best", "eval.samples=2", "eval.max_new_tokens=8", cwd=tmp_path
+    )
     assert r.returncode in (0, 3), r.stderr[-1500:]  # the run validated, so it has a best checkpoint
     assert json.loads((trained / "eval.json").read_text())["checkpoint"] == str(
         (trained / "checkpoints" / "best").resolve()
     )
-    r = run_cli("eval", f"run={tmp_path}", cwd=tmp_path)
+    r = run_cli_here("eval", f"run={tmp_path}", cwd=tmp_path)
     assert r.returncode == 2 and "not an fttool run folder" in r.stderr
 
 
@@ -383,13 +385,13 @@ def test_run_folder_without_final_or_adapter(trained, tmp_path):
     shutil.copytree(trained, copy, symlinks=True)
     (copy / "final" / "adapter_config.json").unlink()
     for verb, extra in (("eval", []), ("export", [f"output={tmp_path / 'x'}"]), ("generate", ["prompt=hi"])):
-        r = run_cli(verb, f"run={copy}", *extra, cwd=tmp_path)
+        r = run_cli_here(verb, f"run={copy}", *extra, cwd=tmp_path)
         assert r.returncode == 2 and "holds no adapter (adapter_config.json missing)" in r.stderr, (
             verb,
             r.stderr[-1500:],
         )
     shutil.rmtree(copy / "final")
-    r = run_cli("export", f"run={copy}", f"output={tmp_path / 'x'}", cwd=tmp_path)
+    r = run_cli_here("export", f"run={copy}", f"output={tmp_path / 'x'}", cwd=tmp_path)
     assert r.returncode == 2 and "has no final/: the run did not finish" in r.stderr and "checkpoint=last" in r.stderr
     assert not (tmp_path / "x").exists()
 
@@ -400,7 +402,7 @@ def test_eval_of_a_run_without_a_test_split(tmp_path):
         ["+recipe=tiny_cpu", *FAST, "data.test_path=null", "eval.after_training=true"], tmp_path
     )
     assert "eval" not in summary  # nothing to evaluate after training, and no complaint
-    r = run_cli("eval", f"run={run_dir}", cwd=tmp_path)
+    r = run_cli_here("eval", f"run={run_dir}", cwd=tmp_path)
     assert (
         r.returncode == 2 and "the test split is empty (no test split" in r.stderr and "data.test_path=FILE" in r.stderr
     )
@@ -458,7 +460,7 @@ def test_export_reloads_with_plain_transformers_and_matches_base_plus_adapter(tr
     ):
         assert needle in card, needle
     assert (out / "fttool" / "spec.yaml").is_file() and (out / "fttool" / "loss.png").is_file()
-    again = run_cli("export", f"run={trained}", f"output={out}", cwd=tmp_path)
+    again = run_cli_here("export", f"run={trained}", f"output={out}", cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr and "overwrite=true" in again.stderr
 
 
@@ -564,16 +566,16 @@ def test_generate_bad_input(trained, tmp_path):
         (["chat", f"run={trained}", "checkpoint=nope"], "checkpoint=nope: expected final, best, last"),
     ]
     for args, message in cases:
-        r = run_cli(*args, cwd=tmp_path)
+        r = run_cli_here(*args, cwd=tmp_path)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1500:])
 
 
 def test_help_lists_the_run_verbs(tmp_path):
-    r = run_cli("--help", cwd=tmp_path)
+    r = run_cli_here("--help", cwd=tmp_path)
     assert r.returncode == 0 and "eval " in r.stdout and "export " in r.stdout and "chat " in r.stdout
-    r = run_cli("export", "--help", cwd=tmp_path)
+    r = run_cli_here("export", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "output" in r.stdout and "dtype" in r.stdout
-    r = run_cli("evaluate", cwd=tmp_path)
+    r = run_cli_here("evaluate", cwd=tmp_path)
     assert r.returncode == 2 and "Did you mean eval" in r.stderr
 
 
@@ -636,11 +638,11 @@ def test_a_gpu_run_on_a_machine_without_one_says_how_to_use_the_cpu(trained, tmp
     spec.write_text(
         spec.read_text().replace("device: cpu", "device: cuda").replace("precision: fp32", "precision: auto")
     )
-    r = run_cli("eval", f"run={copy}", cwd=tmp_path)
+    r = run_cli_here("eval", f"run={copy}", cwd=tmp_path)
     assert r.returncode == 2 and "add hardware.device=cpu" in r.stderr, r.stderr[-1500:]
-    r = run_cli("generate", f"run={copy}", "prompt=Reverse the words: ape cat", cwd=tmp_path)
+    r = run_cli_here("generate", f"run={copy}", "prompt=Reverse the words: ape cat", cwd=tmp_path)
     assert r.returncode == 2 and "add device=cpu" in r.stderr, r.stderr[-1500:]
-    r = run_cli("generate", f"run={copy}", "prompt=Reverse the words: ape cat", "device=cpu", cwd=tmp_path)
+    r = run_cli_here("generate", f"run={copy}", "prompt=Reverse the words: ape cat", "device=cpu", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip(), r.stderr[-1500:]
 
 

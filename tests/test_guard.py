@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from conftest import FAST, make_spec, run_cli, train_run
+from conftest import FAST, make_spec, run_cli, run_cli_here, train_run
 from fttool.errors import UserError
 from fttool.launch import rundir
 from fttool.worker.callbacks import read_metrics
@@ -196,7 +196,7 @@ def test_weights_with_nan_are_named_when_loaded(tmp_path):
     with pytest.raises(UserError, match="weight tensor\\(s\\) hold NaN or inf"):
         model_lib.load_trained(rundir.load_spec(run_dir), "fp32", run_dir / "final")
     for verb in (["eval", f"run={run_dir}"], ["export", f"run={run_dir}", f"output={tmp_path / 'out'}"]):
-        r = run_cli(*verb, cwd=tmp_path)
+        r = run_cli_here(*verb, cwd=tmp_path)
         assert r.returncode == 2 and "hold NaN or inf" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "out").exists()
 

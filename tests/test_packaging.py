@@ -55,7 +55,7 @@ def test_wheel_finds_configs_and_recipes_elsewhere(wheel_target, tmp_path):
 @pytest.mark.slow
 def test_wheel_trains_evaluates_exports_and_generates(wheel_target, tmp_path):
     """The installed package end to end, from an unrelated directory: bundled model, demo data and test file; the
-    shipped tiny_cpu recipe as it is, within the results its meta header expects (tokens/s only as a lower bound)."""
+    shipped tiny_cpu recipe as it is, within the loss (15%) and memory its meta header expects."""
     from omegaconf import OmegaConf
 
     from fttool.config import recipes
@@ -65,7 +65,8 @@ def test_wheel_trains_evaluates_exports_and_generates(wheel_target, tmp_path):
     run = tmp_path / "runs" / "w"
     assert json.loads((run / "eval.json").read_text())["examples"] == 16 and (run / "loss.png").is_file()
     meta = recipes.meta_of(OmegaConf.to_container(OmegaConf.load(ROOT / "recipes" / "tiny_cpu.yaml")))
-    assert recipes.check_expected(meta["expected"][0], json.loads((run / "result.json").read_text())) == []
+    untimed = {k: v for k, v in meta["expected"][0].items() if k != "tokens_per_s"}  # speed: bench/, not tests
+    assert recipes.check_expected(untimed, json.loads((run / "result.json").read_text())) == []
     r = _run(wheel_target, tmp_path, "-m", "fttool", "eval", "run=runs/w", "eval.samples=3", "eval.max_new_tokens=8")
     assert r.returncode in (0, 3) and "held-out evaluation, 3 examples" in r.stdout, r.stderr[-2000:]
     r = _run(wheel_target, tmp_path, "-m", "fttool", "export", "run=runs/w", "output=exported")

@@ -8,7 +8,7 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import FAST, ROOT, SHARED_DATA, make_spec, run_cli
+from conftest import FAST, ROOT, SHARED_DATA, make_spec, run_cli, run_cli_here
 from fttool.config import recipes
 from fttool.errors import UserError
 
@@ -259,7 +259,7 @@ def test_orpo_loss_equals_the_formula(tmp_path):
 def test_preference_objectives_train_and_the_loss_falls(objective, method, tmp_path):
     path = write_pairs(tmp_path / "pairs.jsonl", n=64)
     lr = {"dpo": "5e-4", "orpo": "2e-3"}[objective] if method != "full" else "1e-4"
-    r = run_cli(
+    r = run_cli_here(
         f"objective={objective}",
         f"method={method}",
         "data=preference",
@@ -297,7 +297,7 @@ def test_bad_preference_runs_write_nothing(tmp_path):
         ([f"data.path={same}"], "same.jsonl:1: chosen and rejected are the same reply"),
         ([f"data.path={write_pairs(tmp_path / 'p.jsonl')}", "data.packing=bins"], "cannot be packed"),
     ):
-        r = run_cli(
+        r = run_cli_here(
             "objective=dpo",
             "data=preference",
             *args,
@@ -340,10 +340,11 @@ def test_the_dpo_demo_recipe_raises_held_out_preference_accuracy(tmp_path):
     assert result["verdict"] == "pass" and tuned["preference_accuracy"] >= base["preference_accuracy"] + 0.3
     assert tuned["preference_margin"] > base["preference_margin"]
     assert "preference_accuracy" in (tmp_path / "demo" / "eval.md").read_text()
-    # the recipe's own run is within the figures its meta header expects (tokens/s only as a lower bound)
+    # the recipe's own run is within the loss (15%) and memory its meta header expects
     meta = recipes.meta_of(OmegaConf.to_container(OmegaConf.load(ROOT / "recipes" / "tiny_dpo_cpu.yaml")))
     summary = json.loads((tmp_path / "demo" / "result.json").read_text())
-    assert recipes.check_expected(meta["expected"][0], summary) == []
+    untimed = {k: v for k, v in meta["expected"][0].items() if k != "tokens_per_s"}  # speed: bench/, not tests
+    assert recipes.check_expected(untimed, summary) == []
 
 
 def _dpo_steps(tmp_path):

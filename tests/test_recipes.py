@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_cli_here
 from fttool import cli
 from fttool.config import compose, recipes, registry
 from fttool.errors import UserError
@@ -193,7 +193,7 @@ def test_old_key_in_a_run_verb_and_current_values_pass(tmp_path):
 
 
 def test_old_key_from_the_cli_exits_2(tmp_path):
-    r = run_cli("check", "data.chat_template=chatml", cwd=tmp_path)
+    r = run_cli_here("check", "data.chat_template=chatml", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == f"fttool: error: {MIGRATED['data.chat_template'][1]}."
 

@@ -27,7 +27,10 @@ def sweep_dir_of(out):
 def test_sweep_runs_every_trial_and_summarises(tmp_path):
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
-    r = run_cli("-m", *TINY, "method.rank=4,8", "train.lr=1e-3,2e-3", f"output_dir={tmp_path / 'runs'}", cwd=elsewhere)
+    cache = f"data.cache_dir={tmp_path / 'cache'}"  # its own: another test may have cached the same data already
+    r = run_cli(
+        "-m", *TINY, "method.rank=4,8", "train.lr=1e-3,2e-3", cache, f"output_dir={tmp_path / 'runs'}", cwd=elsewhere
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     sweep = sweep_dir_of(tmp_path / "runs")
     trials = sorted(p for p in sweep.iterdir() if p.name.startswith("trial-"))

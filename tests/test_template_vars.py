@@ -6,7 +6,7 @@ import json
 import pytest
 
 import template_cases as tc
-from conftest import SHARED_DATA, make_spec
+from conftest import SHARED_DATA, make_spec, run_cli, run_cli_here
 
 needs_shared = pytest.mark.skipif(
     not (SHARED_DATA / "tokenizers" / "phi-2").is_dir() or not tc.template_names(),
@@ -63,15 +63,15 @@ def test_template_kwargs_are_part_of_the_cache_key(tmp_path):
     assert cache.digest(cache.key(a, 0, tok, "t", [])) != cache.digest(cache.key(b, 0, tok, "t", []))
 
 
-def test_template_kwargs_from_the_command_line(cli, tmp_path):
-    ok = cli(
+def test_template_kwargs_from_the_command_line(tmp_path):
+    ok = run_cli_here(
         "check",
         "data.template_kwargs.enable_thinking=false",
         "data.template_kwargs.date_string=26 Jul 2024",
         cwd=tmp_path,
     )
     assert ok.returncode == 0, ok.stderr
-    bad = cli("check", "data.template_kwargs.add_generation_prompt=true", cwd=tmp_path)
+    bad = run_cli_here("check", "data.template_kwargs.add_generation_prompt=true", cwd=tmp_path)
     assert bad.returncode != 0 and "data.template_kwargs.add_generation_prompt: fttool sets" in bad.stderr
 
 
@@ -153,7 +153,7 @@ def test_why_a_sample_has_nothing_to_train(tmp_path):
 
 
 @pytest.mark.slow
-def test_mask_dump_from_the_command_line(cli, tmp_path):
+def test_mask_dump_from_the_command_line(tmp_path):
     """`fttool preview ... output=FILE.jsonl`: one object per row in file order, labels aligned with input_ids
     (-100 = not trained), refused rows with their error, truncation and drops marked; --samples limits it."""
     data = tmp_path / "d.jsonl"
@@ -164,7 +164,7 @@ def test_mask_dump_from_the_command_line(cli, tmp_path):
     ]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "masks.jsonl"
-    r = cli("preview", "data=chat", f"data.path={data}", "data.max_length=64", f"output={out}", cwd=tmp_path)
+    r = run_cli("preview", "data=chat", f"data.path={data}", "data.max_length=64", f"output={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "2 samples (1 truncated" in r.stdout and "1 refused rows" in r.stdout
     recs = [json.loads(line) for line in out.read_text().splitlines()]
@@ -174,6 +174,6 @@ def test_mask_dump_from_the_command_line(cli, tmp_path):
     assert any(x != -100 for x in first["labels"]) and first["labels"][0] == -100
     assert set(refused) == {"loc", "error"} and "no assistant reply" in refused["error"]
     assert long["truncated"] and len(long["input_ids"]) == 64
-    r = cli("preview", "data=chat", f"data.path={data}", f"output={out}", "--samples", "1", cwd=tmp_path)
+    r = run_cli("preview", "data=chat", f"data.path={data}", f"output={out}", "--samples", "1", cwd=tmp_path)
     assert r.returncode == 0 and len(out.read_text().splitlines()) == 1
     assert not list(tmp_path.glob(".masks.jsonl.tmp*"))  # written whole, then renamed

@@ -28,6 +28,7 @@ def test_every_template_file_has_a_reference():
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("name", tc.template_names())
 def test_trains_exactly_the_replies_and_their_end_marker(name, case, data_spec):
+    # "" = masked exactly right; "refused: ..." = the template cannot render this conversation and fttool refused
+    # it with its message (check() asserts that refusal): both are right, anything else raises
     verdict = tc.check(name, case, data_spec)
-    if verdict:
-        pytest.skip(f"{name} cannot render '{case}' ({verdict}); fttool refuses it with a message")
+    assert verdict == "" or verdict.startswith("refused: "), verdict

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import FAST, make_spec, run_cli, train_run
+from conftest import FAST, make_spec, run_cli, run_cli_here, train_run
 from fttool.errors import UserError
 from fttool.launch import rundir
 from fttool.worker.callbacks import read_metrics
@@ -63,7 +63,7 @@ def test_every_format_trains_from_the_cli(fmt, packing, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", FORMAT_ROWS[fmt](64))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    r = run_cli(
+    r = run_cli_here(
         f"data={fmt}",
         f"data.path={path}",
         f"data.packing={packing}",
@@ -172,7 +172,7 @@ def test_cli_train_end_to_end_from_another_directory(tmp_path):
     assert "step 4/4 (100%)" in r.stdout and "tok/s" in r.stdout and "eta" in r.stdout
     assert "held-out evaluation, 4 examples" in r.stdout and "verdict:" in r.stdout
     assert (run_dir / "eval.json").is_file() and (run_dir / "loss.png").is_file()
-    again = run_cli("+recipe=tiny_cpu", "run_name=e2e", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    again = run_cli_here("+recipe=tiny_cpu", "run_name=e2e", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
@@ -181,7 +181,7 @@ def test_bad_data_row_fails_with_file_line_and_leaves_nothing(tmp_path):
     data = tmp_path / "chats.jsonl"
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
     data.write_text(good + "\n" + good + "\n" + '{"messages": [}\n')
-    r = run_cli("data=chat", f"data.path={data}", "run_name=bad", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    r = run_cli_here("data=chat", f"data.path={data}", "run_name=bad", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
     assert r.returncode == 2
     assert f"{data}:3: not valid JSON" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "runs" / "bad").exists()
@@ -192,7 +192,7 @@ def test_gpu_hardware_without_gpu_fails_before_writing(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    r = run_cli("hardware=single_gpu", "run_name=gpu", f"output_dir={tmp_path}", cwd=tmp_path)
+    r = run_cli_here("hardware=single_gpu", "run_name=gpu", f"output_dir={tmp_path}", cwd=tmp_path)
     assert r.returncode == 2 and "hardware=single_gpu needs a CUDA GPU" in r.stderr
     assert not (tmp_path / "gpu").exists()
 
@@ -243,7 +243,7 @@ def test_qlora_on_the_cpu_refuses_layer_sizes_its_4bit_kernel_cannot_take(tmp_pa
     random_llama(
         model_dir, assets.resolve("fttool:tiny-chat"), intermediate_size=172, num_hidden_layers=1, num_attention_heads=2
     )
-    r = run_cli(
+    r = run_cli_here(
         "method=qlora", f"model.name_or_path={model_dir}", *FAST, "run_name=odd", f"output_dir={tmp_path}", cwd=tmp_path
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
