@@ -79,6 +79,7 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if STRICT and report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
         if not any(ok in reason for ok in SKIPS_THAT_HOLD_ON_CI):
             report.outcome = "failed"
             report.longrepr = f"skipped under FTTOOL_TEST_STRICT=1, where nothing may be missing: {reason}"
