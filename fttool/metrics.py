@@ -83,6 +83,31 @@ def rouge_l(pred: str, ref: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+_NUMBER = r"-?\$?\s*\d[\d,]*(?:\.\d+)?"
+_HASHES = re.compile(r"####\s*(" + _NUMBER + ")")
+_BOXED = re.compile(r"\\boxed\{\s*(" + _NUMBER + r")\s*\}")
+_ANY_NUMBER = re.compile(_NUMBER)
+
+
+def final_number(text: str) -> Optional[float]:
+    """The final answer of a worked solution as a number: after `#### ` (GSM8K), else in the last `\\boxed{}`
+    (MATH-style), else the last number in the text. Thousands separators and a `$` are ignored; None: no number."""
+    for pattern in (_HASHES, _BOXED, _ANY_NUMBER):
+        found = pattern.findall(text)
+        if found:
+            try:
+                return float(found[-1].replace(",", "").replace("$", "").replace(" ", ""))
+            except ValueError:
+                return None
+    return None
+
+
+def numeric_answer(pred: str, ref: str) -> float:
+    """1.0 when the reply's final number equals the reference's (the reasoning around it is not compared)."""
+    want, got = final_number(ref), final_number(pred)
+    return float(want is not None and got is not None and abs(want - got) <= 1e-6 * max(1.0, abs(want)))
+
+
 _FENCE = re.compile(r"^```[A-Za-z0-9_-]*\s*\n(.*?)\n?```$", re.S)
 
 
@@ -125,6 +150,12 @@ METRICS: Dict[str, Metric] = {
         Metric("exact_match", True, "reply equals the reference (surrounding whitespace aside)", exact_match),
         Metric("token_f1", True, "F1 of shared normalised words (SQuAD)", token_f1),
         Metric("rouge_l", True, "longest common word subsequence, F-measure", rouge_l),
+        Metric(
+            "numeric_answer",
+            True,
+            "final number of the reply equals the reference's (#### N, \\boxed{N}, else the last number)",
+            numeric_answer,
+        ),
         Metric("json_valid", True, "reply parses as JSON (one ``` fence allowed)", json_valid),
         Metric(
             "json_schema", True, "reply is JSON that satisfies data.json_schema", None

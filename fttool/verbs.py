@@ -113,6 +113,8 @@ VERBS: Dict[str, Verb] = {
             "checkpoint": CHECKPOINT,
             "dtype": "weights dtype: auto (the base model's), float32, bfloat16 or float16",
             "overwrite": "true to replace an existing output folder",
+            "format": "safetensors (a transformers folder) or gguf (one llama.cpp/Ollama file, with a Modelfile)",
+            "gguf_type": "format=gguf: f16, bf16, q8_0 or f32 weights (norms stay f32)",
         },
         (("run",), ("output",)),
         (),

@@ -148,6 +148,7 @@ SHARED_RUNS = {  # module -> its module-scoped fixture that trains or builds som
     "test_packaging.py": "wheel_target",
     "test_cuda_like.py": "phi3_model",
     "test_bad_day.py": "uninterrupted",
+    "test_real_model.py": "smol_run",
 }
 LONG = {"test_embedded_default_beats_the_base_model", "test_gpu_check_flow_runs_on_the_cpu",
         "test_the_dpo_demo_recipe_raises_held_out_preference_accuracy"}  # fmt: skip

@@ -33,7 +33,10 @@ def test_every_group_option_composes(group, tmp_path):
     for option in registry.group_options(group):
         extra = (
             ["data.path=x.jsonl"]
-            if (group == "data" and option in ("chat", "sharegpt", "alpaca", "completion", "segments", "preference"))
+            if (
+                group == "data"
+                and option in ("chat", "sharegpt", "alpaca", "completion", "segments", "preference", "gsm8k")
+            )
             else []
         )
         extra += ["hardware.precision=fp32"] if group == "hardware" else []
@@ -257,3 +260,71 @@ def test_no_name_switches_on_methods_or_strategies():
         if pattern.search(line)
     ]
     assert not hits, hits
+
+
+# -- a model of the user's own --------------------------------------------------------------------------------------
+def test_a_model_of_your_own_gets_generic_settings_not_the_demo_models(tmp_path):
+    (tmp_path / "m").mkdir()
+    spec = make_spec([f"model.name_or_path={tmp_path / 'm'}"], tmp_path)
+    assert spec.model.lr_scale == 1.0 and spec.model.dtype == "auto"
+    assert spec.train.lr == pytest.approx(2e-4)  # lora's default, not 2e-3 (the tiny demo's lr_scale 10)
+    kept = make_spec([f"model.name_or_path={tmp_path / 'm'}", "model.lr_scale=3", "model.dtype=bfloat16"], tmp_path)
+    assert (kept.model.lr_scale, kept.model.dtype, kept.train.lr) == (3.0, "bfloat16", pytest.approx(6e-4))
+    demo = make_spec([], tmp_path)
+    assert demo.model.lr_scale == 10.0 and demo.train.lr == pytest.approx(2e-3)
+    chosen = make_spec(["model=tiny_chat", "model.name_or_path=fttool:tiny-chat"], tmp_path)
+    assert chosen.model.lr_scale == 10.0  # a group chosen by name keeps its settings
+
+
+def test_check_names_where_the_derived_values_came_from(tmp_path):
+    (tmp_path / "m").mkdir()
+    r = run_cli_here("check", f"model.name_or_path={tmp_path / 'm'}", "train.lr=1e-4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("#   from")]
+    assert "train.lr 0.0001 (command line)" in line
+    assert "model.lr_scale 1 (schema default: a model of your own" in line
+    r = run_cli_here("check", cwd=tmp_path)
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("#   from")]
+    assert "train.lr 0.002 (method=lora's default_lr 0.0002 x model.lr_scale 10)" in line
+    assert "model.lr_scale 10 (model=tiny_chat)" in line
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.name_or_path=/nonexistent/model", "model.name_or_path=/nonexistent/model: no such model folder"),
+        ("model.name_or_path=./here/not", "no such model folder"),
+        ("data.path=/nope.jsonl", "data.path=/nope.jsonl: no such file or folder"),
+        ("data.test_path=missing.jsonl", "data.test_path=missing.jsonl: no such file or folder"),
+    ],
+)
+def test_a_missing_local_model_or_data_file_is_named_before_a_run_folder(tmp_path, override, message):
+    for verb in ("check", "train"):
+        r = run_cli_here(verb, override, f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
+        assert r.returncode == 2 and message in r.stderr, (verb, r.stderr)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_gguf_file_given_as_the_model_path_says_how_to_name_it(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"")
+    r = run_cli_here("check", f"model.name_or_path={tmp_path / 'm.gguf'}", cwd=tmp_path)
+    assert r.returncode == 2 and f"model.name_or_path={tmp_path} model.gguf_file=m.gguf" in r.stderr
+    r = run_cli_here("check", f"model.name_or_path={tmp_path}", "model.gguf_file=other.gguf", cwd=tmp_path)
+    assert r.returncode == 2 and "no such file" in r.stderr and "it holds m.gguf" in r.stderr
+    r = run_cli_here("check", f"model.name_or_path={tmp_path}", "model.gguf_file=m.gguf", "method=qlora", cwd=tmp_path)
+    assert r.returncode == 2 and "use method=lora on the GGUF" in r.stderr
+    r = run_cli_here("check", "model.name_or_path=package:no_such_pkg_here", cwd=tmp_path)
+    assert r.returncode == 2 and "no installed Python package 'no_such_pkg_here'" in r.stderr
+
+
+def test_a_failed_after_training_verdict_exits_3_with_the_reason_last(tmp_path, capsys):
+    from fttool.launch import runfiles
+    from fttool.launch.run import verdict_exit
+
+    runfiles.write_json(tmp_path / runfiles.RESULT, {"eval": {"verdict": "pass"}})
+    verdict_exit(tmp_path)  # returns
+    runfiles.write_json(tmp_path / runfiles.RESULT, {"eval": {"verdict": "fail"}})
+    with pytest.raises(SystemExit) as e:
+        verdict_exit(tmp_path)
+    assert e.value.code == 3
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("fttool: verdict FAIL")

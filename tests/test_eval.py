@@ -718,3 +718,28 @@ def test_perplexity_of_broken_outputs_says_why(loss, expected, monkeypatch, tmp_
     ppl = out["metrics"]["perplexity"]
     assert {"nan": math.isnan(ppl), "inf": ppl == float("inf"), "finite": ppl == pytest.approx(math.exp(2.0))}[expected]
     assert any("cannot be scored" in m for m in seen) == (expected == "nan")
+
+
+@pytest.mark.parametrize(
+    "reply,reference,score",
+    [
+        ("4 x 12 = 48\n#### 48", "4 x 12 = 48\n#### 48", 1.0),
+        ("She has 48 stickers.", "#### 48", 1.0),  # the last number of a free-form reply
+        ("48 stickers, not 12", "#### 48", 0.0),
+        ("the answer is \\boxed{1,250}", "#### 1250", 1.0),
+        ("It costs $18.00.", "x = 18\n#### 18", 1.0),
+        ("#### -3", "#### -3", 1.0),
+        ("no number here", "#### 3", 0.0),
+        ("#### 48\nsome 7 words after", "#### 48", 1.0),  # an explicit #### wins over later numbers
+    ],
+)
+def test_numeric_answer_compares_the_final_numbers(reply, reference, score):
+    assert metrics.numeric_answer(reply, reference) == score
+
+
+def test_the_gsm8k_and_word_problem_groups_gate_on_the_final_answer(tmp_path):
+    from fttool.config.spec import effective_gate
+
+    for extra in (["data=word_problems"], ["data=gsm8k", "data.path=x.jsonl"]):
+        spec = make_spec(extra, tmp_path)
+        assert effective_gate(spec) == {"numeric_answer": 0.0}

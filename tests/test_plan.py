@@ -12,6 +12,7 @@ import pytest
 from conftest import make_spec, run_cli, run_cli_here
 from fttool.config import budget, estimate, shapes
 from fttool.config.estimate import Setup
+from fttool.config.spec import ModelSpec
 from fttool.errors import UserError
 
 # config.json fields of published models (their hub config files), and their published parameter counts
@@ -172,7 +173,9 @@ def test_time_from_a_sample_of_the_data_and_the_card_peak(tmp_path):
     assert tm["steps"] == -(-tm["rows"] // 16)
     assert tm["flops"] == pytest.approx(
         tm["tokens_computed"]
-        * estimate.flops_per_token(Setup.of(spec), shapes.of_model("fttool:tiny-chat"), tm["computed_per_sample"]),
+        * estimate.flops_per_token(
+            Setup.of(spec), shapes.of_model(ModelSpec("fttool:tiny-chat")), tm["computed_per_sample"]
+        ),
         rel=0.05,
     )
     assert "35% of H100's 989 TFLOPS" in tm["assumed"] and tm["seconds"] > 0
@@ -190,9 +193,9 @@ def test_hub_model_read_from_the_hub_cache_and_a_clear_message_when_missing(tmp_
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(hub))
-    assert shapes.of_model("org/m7").total == 7_615_616_512
+    assert shapes.of_model(ModelSpec("org/m7")).total == 7_615_616_512
     with pytest.raises(UserError, match="not in the hub cache and HF_HUB_OFFLINE is set"):
-        shapes.of_model("org/missing")
+        shapes.of_model(ModelSpec("org/missing"))
 
 
 def test_plan_cli_answers_without_torch_and_exits_3_when_it_does_not_fit(tmp_path):

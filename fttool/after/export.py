@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from fttool import gguf_read
 from fttool.config import methods
 from fttool.data.tokenizer import with_pad
 from fttool.errors import UserError
@@ -46,6 +47,7 @@ def export_dtype(spec, requested: str) -> str:
             assets.resolve(spec.model.name_or_path),
             revision=spec.model.revision,
             trust_remote_code=spec.model.trust_remote_code,
+            **gguf_read.load_kwargs(spec.model),
         )
         found = str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "").replace("torch.", "")
     except (OSError, ValueError):
@@ -62,14 +64,20 @@ def merged_model(spec, weights: Path, dtype: str):
 
     method = methods.of(spec)
     source = method.export_source(spec, weights)
+    extra = {}
+    if method.adapter and spec.model.gguf_file:  # the base is the GGUF, dequantized
+        from fttool.worker.model import gguf_dequantized
+
+        extra = {**gguf_read.load_kwargs(spec.model), "quantization_config": gguf_dequantized(spec, dtype)}
     try:  # never with the run's quantization_config: the base is reloaded at full precision
         model = AutoModelForCausalLM.from_pretrained(
             source,
             revision=spec.model.revision if method.adapter else None,
             dtype=torch_dtype(dtype),
             trust_remote_code=spec.model.trust_remote_code,
+            **extra,
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, NotImplementedError) as e:
         raise UserError(f"could not load {source} to export: {str(e).splitlines()[0]}")
     if not method.adapter:
         check_finite_weights(model, str(weights))
@@ -83,6 +91,24 @@ def merged_model(spec, weights: Path, dtype: str):
     return model.merge_and_unload(safe_merge=True)
 
 
+def _write_gguf(spec, model, tok, folder: Path, name: str, gguf_type: str) -> dict:
+    """The model as one GGUF file in `folder` (plus an Ollama Modelfile); the tokenizer files are read from a
+    scratch copy, not left beside it."""
+    from fttool.after import gguf_export
+
+    gguf_export.check_exportable(model.config)
+    folder.mkdir(parents=True)
+    scratch = folder / ".tokenizer"
+    tok.save_pretrained(str(scratch))
+    file = folder / f"{name}-{gguf_type}.gguf"
+    try:
+        written = gguf_export.write(model, tok, scratch, file, gguf_type, name, gguf_export.source_pre(spec))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    (folder / "Modelfile").write_text(gguf_export.modelfile(file.name, tok))
+    return written
+
+
 def generation_config(model, tokenizer):
     """The model's generation config, stopping at the end-of-turn token as well as EOS, padding with the pad token."""
     from fttool.after.evaluate import stop_ids
@@ -93,14 +119,28 @@ def generation_config(model, tokenizer):
     return gen
 
 
+FORMATS = ("safetensors", "gguf")
+
+
 def export(
-    run_dir: Path, spec, output: Path, checkpoint: str = rundir.FINAL, dtype: str = "auto", overwrite: bool = False
+    run_dir: Path,
+    spec,
+    output: Path,
+    checkpoint: str = rundir.FINAL,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    fmt: str = "safetensors",
+    gguf_type: str = "f16",
 ) -> Path:
-    from fttool.after import card
+    from fttool.after import card, gguf_export
     from fttool.logs import setup_logging
 
     if dtype not in DTYPES:
         raise UserError(f"dtype={dtype}: expected one of {', '.join(DTYPES)}.")
+    if fmt not in FORMATS:
+        raise UserError(f"format={fmt}: expected one of {', '.join(FORMATS)}.")
+    if gguf_type not in gguf_export.GGUF_TYPES:
+        raise UserError(f"gguf_type={gguf_type}: expected one of {', '.join(gguf_export.GGUF_TYPES)}.")
     output = output.expanduser().resolve()
     if output == run_dir or run_dir in output.parents:
         raise UserError(f"output={output} is inside the run folder; export to a folder of its own.")
@@ -121,8 +161,11 @@ def export(
     tmp = output.with_name(f".{output.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tok.save_pretrained(str(tmp))
+        if fmt == "gguf":
+            written = _write_gguf(spec, model, tok, tmp, output.name, gguf_type)
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tok.save_pretrained(str(tmp))
         (tmp / "fttool").mkdir()
         for name in RECORD:
             if (run_dir / name).is_file():
@@ -136,6 +179,14 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
+    if fmt == "gguf":
+        log.info(
+            f"export: {output / written['file']} ({size / 2**20:.1f} MiB, {n_params:,} parameters, "
+            f"{', '.join(f'{n} {t}' for t, n in sorted(written['tensor_types'].items()))} tensors, "
+            f"{time.time() - t0:.1f} s); run it with llama.cpp (llama-cli -m FILE), Ollama (`ollama create NAME -f "
+            f"{output / 'Modelfile'}`) or transformers (from_pretrained({str(output)!r}, gguf_file={written['file']!r}))"
+        )
+        return output
     log.info(
         f"export: {output} ({size / 2**20:.1f} MiB, {n_params:,} parameters, {time.time() - t0:.1f} s); load it with "
         f"AutoModelForCausalLM.from_pretrained({str(output)!r}), or try it: fttool chat model={output}"

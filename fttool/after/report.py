@@ -19,6 +19,17 @@ def gate_of(spec) -> Dict[str, float]:
     return effective_gate(spec)
 
 
+def gate_why(spec, gate: Dict[str, float]) -> str:
+    """Which metric decides the verdict, and why that one."""
+    names = ", ".join(gate)
+    if spec.eval.gate:
+        return f"gated on {names}: eval.gate names it"
+    return (
+        f"gated on {names}: the first of data.metrics [{', '.join(spec.data.metrics)}] (the data group's choice for "
+        "this task; eval.gate={METRIC: MARGIN} gates on another)"
+    )
+
+
 def verdict(tuned: Dict[str, float], base: Optional[Dict[str, float]], gate: Dict[str, float]) -> Dict:
     """pass when every gated metric improves on the base by at least its margin, and by more than nothing."""
     if base is None:
@@ -42,6 +53,8 @@ def assemble(
     gate = gate_of(spec)
     t, b = tuned["metrics"], base["metrics"] if base else None
     v = verdict(t, b, gate)
+    if v["verdict"] is not None:
+        v["reasons"].append(gate_why(spec, gate))
     samples = []
     for i, e in enumerate(examples):
         row = {

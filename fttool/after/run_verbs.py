@@ -105,6 +105,8 @@ def export(verb: str, own: Dict[str, str], overrides: List[str]) -> None:
         own.get("checkpoint", rundir.FINAL),
         own.get("dtype", "auto"),
         flag(own, "overwrite"),
+        own.get("format", "safetensors"),
+        own.get("gguf_type", "f16"),
     )
 
 

@@ -5,6 +5,7 @@ speed is measured (numpy matmul, a fraction of a second)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Dict, List, Optional
 
 from fttool.config import estimate, fit, shapes, workload
@@ -13,18 +14,20 @@ from fttool.config.estimate import Setup, fmt_duration, gib
 # On a CPU, training reaches ~30% of numpy's best fp32 matmul rate and spends besides ~0.02 s per micro-batch
 # (python, autograd, the optimizer) and ~15 us per token (memory-bound elementwise work): measured on 2 cores with
 # a 0.5M and a 19M Llama, full and LoRA, padded batches of ~128 tokens and packed ones of 2,048.
-CPU_EFFICIENCY = 0.3
-CPU_OVERHEAD_S = 0.02
+CPU_EFFICIENCY = 0.5
+CPU_OVERHEAD_S = 0.01
 CPU_TOKEN_S = 15e-6
 
 
 def build(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = None, measure_cpu: bool = True) -> Dict:
     """The plan as a JSON-able dict. UserError when the model's shape cannot be read (named, with the fix)."""
-    shape = shapes.of_model(spec.model.name_or_path, spec.model.revision)
+    shape = shapes.of_model(spec.model)
     t = fit.target(spec, gpu, gpu_memory)
     precision = "fp16" if (t.kind == "gpu" and not t.bf16 and spec.hardware.precision == "auto") else None
-    s = Setup.of(spec, precision)
-    mem = estimate.memory(s, shape)
+    work = workload.sample(spec)
+    worst_case = Setup.of(spec, precision)
+    s = replace(worst_case, batch_tokens=work.batch_tokens if work else None)  # sized by the data's lengths
+    mem, worst = estimate.memory(s, shape), estimate.memory(worst_case, shape)
     ok = fit.fits(mem.total, t, s)
     fixes = fit.fixes(s, shape, t) if ok is False else []
     return {
@@ -35,6 +38,7 @@ def build(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = None, m
             "precision": s.precision,
             "micro_batch": s.batch,
             "tokens_per_micro_batch": s.tokens,
+            "tokens_per_micro_batch_worst": s.worst_tokens,
             "checkpointing": s.ckpt,
             "strategy": s.strategy,
             "processes": s.world,
@@ -46,6 +50,7 @@ def build(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = None, m
             "per_device_gib": round(mem.total, 3),
             "tensors_gib": round(mem.tensors, 3),
             "host_gib": round(mem.host, 3),
+            "worst_case_gib": round(worst.total, 3),  # every micro-batch data.max_length tokens long
             "items": [
                 {"name": i.name, "gib": round(i.gib, 4), "note": i.note, **({"on_host": True} if i.on_host else {})}
                 for i in mem.items
@@ -54,12 +59,11 @@ def build(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = None, m
         "target": {"name": t.name, "memory_gib": t.memory_gib, "tflops": t.tflops, "chosen_by": t.where},
         "fits": ok,
         "fixes": [{"overrides": f.overrides, "per_device_gib": round(f.total_gib, 3), "costs": f.costs} for f in fixes],
-        "time": _time(spec, s, shape, t, measure_cpu),
+        "time": _time(spec, s, shape, t, measure_cpu, work),
     }
 
 
-def _time(spec, s: Setup, shape, t: fit.Target, measure_cpu: bool) -> Dict:
-    work = workload.sample(spec)
+def _time(spec, s: Setup, shape, t: fit.Target, measure_cpu: bool, work) -> Dict:
     tr = spec.train
     global_batch = s.batch * s.grad_accum * s.world
     out: Dict = {}
@@ -126,7 +130,8 @@ def lines(p: Dict) -> List[str]:
         f"model       {p['model']['name']}: {p['model']['shape']}",
         f"            {p['parameters']['total']:,} parameters, {p['parameters']['trainable']:,} trained "
         f"({st['method']}, {st['precision']}, {st['processes']} process{'es' if st['processes'] > 1 else ''}, "
-        f"strategy {st['strategy']}, micro-batch {st['micro_batch']} = {st['tokens_per_micro_batch']:,} tokens at most)",
+        f"strategy {st['strategy']}, micro-batch {st['micro_batch']} = {st['tokens_per_micro_batch']:,} tokens at the "
+        f"data's longest, {st.get('tokens_per_micro_batch_worst', st['tokens_per_micro_batch']):,} at most)",
         f"memory      {per} (GiB):",
     ]
     width = max(len(i["name"]) for i in mem["items"])
@@ -137,6 +142,12 @@ def lines(p: Dict) -> List[str]:
     if mem["host_gib"]:
         out.append(f"  {'CPU memory':<{width}}  {gib(mem['host_gib']):>6}  offloaded (per process)")
     out.append(_verdict(p))
+    worst = mem.get("worst_case_gib")
+    if worst and worst > mem["per_device_gib"] * 1.005:
+        out.append(
+            f"            worst case {gib(worst)} GiB: every micro-batch data.max_length tokens long (the expected "
+            "figure above sizes them by the data's own lengths)"
+        )
     for j, f in enumerate(p["fixes"], 1):
         out.append(f"  {j}. {' '.join(f['overrides'])}  -> {gib(f['per_device_gib'])} GiB ({'; '.join(f['costs'])})")
     if p["fits"] is False and not p["fixes"]:

@@ -73,6 +73,7 @@ class Setup:
     precision: str  # fp32, bf16 or fp16 (resolved)
     device: str
     dtype: str  # model.dtype
+    batch_tokens: Optional[int] = None  # expected tokens of the largest micro-batch (a data sample); None: the worst
 
     @classmethod
     def of(cls, spec, precision: Optional[str] = None) -> "Setup":
@@ -115,9 +116,20 @@ class Setup:
         return 2 if objectives.OBJECTIVES[self.objective].pairs else 1
 
     @property
-    def tokens(self) -> int:
+    def worst_tokens(self) -> int:
         """Tokens of one micro-batch at the longest (data.max_length)."""
         return self.batch * self.sequences * self.max_length
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the largest micro-batch the memory is sized for: the data's (sampled), else the worst case."""
+        return min(self.batch_tokens, self.worst_tokens) if self.batch_tokens else self.worst_tokens
+
+    def shape_note(self) -> str:
+        if self.batch_tokens and self.tokens < self.worst_tokens:
+            return f"the largest micro-batch of a data sample; at most {self.worst_tokens:,}"
+        seq = f"{self.sequences} x " if self.sequences > 1 else ""
+        return f"{self.batch} x {seq}{self.max_length}"
 
 
 @dataclass
@@ -288,16 +300,14 @@ def memory(s: Setup, shape: ModelShape) -> Memory:
         mem.add(
             "activations",
             shape.layers * tokens * resid + per_layer,
-            f"checkpointed: {shape.layers} layer inputs + one layer recomputed, {tokens:,} tokens "
-            f"({s.batch} x {s.sequences if s.sequences > 1 else ''}{'x ' if s.sequences > 1 else ''}{s.max_length})",
+            f"checkpointed: {shape.layers} layer inputs + one layer recomputed, {tokens:,} tokens ({s.shape_note()})",
         )
     else:
         mem.add(
             "activations",
             shape.layers * per_layer,
             f"{shape.layers} layers x {per_layer / tokens / 1024:.1f} KiB per token, {tokens:,} tokens "
-            f"({s.batch} x {str(s.sequences) + ' x ' if s.sequences > 1 else ''}{s.max_length}); "
-            "train.gradient_checkpointing=true keeps one layer's",
+            f"({s.shape_note()}); train.gradient_checkpointing=true keeps one layer's",
         )
     loss_b = LOSS_BYTES_FP32 + (cb if cb != 4 else 0)
     mem.add(

@@ -22,7 +22,7 @@ def model_shape(spec):
     if spec.model.name_or_path and not Path(assets.resolve(spec.model.name_or_path)).expanduser().is_dir():
         return None  # `check` never fetches; `plan` does
     try:
-        return shapes.of_model(spec.model.name_or_path, spec.model.revision)
+        return shapes.of_model(spec.model)
     except UserError:
         return None
 

@@ -170,10 +170,25 @@ def config_file(name_or_path: str, revision: Optional[str] = None) -> Path:
         ) from None
 
 
-def of_model(name_or_path: str, revision: Optional[str] = None) -> ModelShape:
-    f = config_file(name_or_path, revision)
+def of_model(model) -> ModelShape:
+    """The shape of a spec's model (its `model` section): from config.json, or from a GGUF file's metadata."""
+    if getattr(model, "gguf_file", None):
+        return of_gguf(model)
+    f = config_file(model.name_or_path, model.revision)
     try:
         c = json.loads(f.read_text())
     except ValueError as e:
         raise UserError(f"{f}: not valid JSON ({e}).") from None
     return from_config(c, str(f))
+
+
+def of_gguf(model) -> ModelShape:
+    from fttool import gguf_read
+
+    path = gguf_read.file_of(model)
+    if path is None:
+        raise UserError(
+            f"model.gguf_file={model.gguf_file} of {model.name_or_path} is not on this machine; the plan reads its "
+            f"metadata: `hf download {model.name_or_path} {model.gguf_file}` first (or give a local folder)."
+        )
+    return from_config(gguf_read.describe(path)["config"], str(path))

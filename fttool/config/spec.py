@@ -21,6 +21,9 @@ class ModelSpec:
 
     name_or_path: str = MISSING  # hub id, local folder, or fttool:NAME for a model bundled with the package
     revision: Optional[str] = None  # hub revision (branch, tag or commit) to pin
+    gguf_file: Optional[str] = (
+        None  # a .gguf file in model.name_or_path (folder or hub repo): read by transformers' GGUF loader, dequantized to model.dtype
+    )
     dtype: str = "auto"  # weight dtype when loading: auto follows hardware precision (auto|float32|bfloat16|float16)
     attn_implementation: str = "sdpa"  # attention kernel: sdpa, eager, flash_attention_2
     trust_remote_code: bool = False  # run modelling code shipped with the model; only ever set by the user

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from fttool.config import lineage, methods, objectives, strategies
+from fttool.config import lineage, methods, objectives, recipes, strategies
 from fttool.config.spec import DTYPES, FORMATS, PACKING, PRECISIONS, RunSpec, world_size
 from fttool.errors import UserError, suggestion
 
@@ -177,6 +177,43 @@ def _check_combinations(cfg: DictConfig, user_keys: set) -> None:
         raise UserError(f"run_name={cfg.run_name!r}: use letters, digits and . _ - + = , only (no slashes or spaces).")
 
 
+def looks_local(path: str) -> bool:
+    """A model path that can only be a local folder (not a hub id, which is NAME or ORG/NAME)."""
+    return str(path).startswith(("/", ".", "~", "fttool:", "package:")) or str(path).count("/") > 1
+
+
+def _check_model(cfg: DictConfig) -> None:
+    """A local model folder (and its GGUF file) exists: named here, before a run folder is made."""
+    from pathlib import Path
+
+    from fttool import assets
+
+    m = cfg.model
+    if m.from_run:
+        return  # lineage checks the run folder
+    local = Path(assets.resolve(str(m.name_or_path))).expanduser()
+    if str(m.name_or_path).endswith(".gguf") and local.is_file():
+        raise UserError(
+            f"model.name_or_path={m.name_or_path} is a GGUF file: give its folder and the file's name, "
+            f"model.name_or_path={local.parent} model.gguf_file={local.name}."
+        )
+    if looks_local(m.name_or_path) and not local.is_dir():
+        raise UserError(
+            f"model.name_or_path={m.name_or_path}: no such model folder ({local}). Give a folder with config.json "
+            "and weights (or a .gguf file, with model.gguf_file=NAME), or a hub id like ORG/NAME."
+        )
+    if m.gguf_file:
+        from fttool import gguf_read
+
+        gguf_read.check_file(m)
+        if methods.of(cfg).quantized:
+            raise UserError(
+                f"method={cfg.method.name} with model.gguf_file: a GGUF base is dequantized when it loads, and "
+                "QLoRA quantizes a plain model with bitsandbytes; use method=lora on the GGUF, or export it to a "
+                "plain folder first (fttool export ... format=safetensors) for QLoRA."
+            )
+
+
 def _check_topology(cfg: DictConfig) -> None:
     hw = cfg.hardware
     if hw.machine_rank is None:
@@ -331,6 +368,20 @@ def _check_data(d: DictConfig) -> None:
     resolve(d.template)
 
 
+def check_sources(cfg: DictConfig) -> None:
+    """A new run's local model folder and data files exist (named before a run folder is made; a run verb on a
+    finished run does not need its training data any more, so this is not part of `check`)."""
+    from fttool.data import sources
+
+    _check_model(cfg)
+    d = cfg.data
+    paths = [(f"data.{k}", _select(d, k)) for k in ("path", "val_path", "test_path")]
+    paths += [(f"data.mix[{i}].path", m.path) for i, m in enumerate(d.mix)]
+    for key, path in paths:
+        if path and sources.is_local(str(path)):
+            sources.local_files(str(path), key)
+
+
 def derive_metrics(cfg: DictConfig) -> None:
     """A schema given in data.json_schema is scored: json_schema joins data.metrics when the user did not list it."""
     if cfg.data.json_schema and "json_schema" not in cfg.data.metrics:
@@ -361,6 +412,7 @@ def build(
     check(cfg, user_keys)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # detach from Hydra, resolve interpolations
     lineage.resolve(cfg, user_keys or set())  # model.from_run -> the starting model
+    generic_model(cfg, user_keys or set(), recipe)
     derive_metrics(cfg)
     if cfg.train.lr is None:
         own = objectives.of(cfg).default_lr(methods.of(cfg).adapter)
@@ -374,6 +426,81 @@ def build(
     if cfg.data.cache_dir:
         cfg.data.cache_dir = os.path.abspath(os.path.expanduser(cfg.data.cache_dir))
     return to_spec(cfg)
+
+
+def default_group(group: str) -> str:
+    """The option conf/config.yaml's defaults list picks for a group (what runs when nobody chooses one)."""
+    from fttool.config import registry
+
+    for entry in OmegaConf.load(registry.conf_dir() / "config.yaml").defaults:
+        if isinstance(entry, DictConfig) and group in entry:
+            return str(entry[group])
+    return ""
+
+
+def group_file(group: str, option: str) -> dict:
+    from fttool.config import registry
+
+    f = registry.conf_dir() / group / f"{option}.yaml"
+    return OmegaConf.to_container(OmegaConf.load(f)) if f.is_file() else {}
+
+
+def recipe_tree(recipe: Optional[str]) -> dict:
+    from fttool.config import registry
+
+    path = registry.recipe_files().get(recipe) if recipe else None
+    return OmegaConf.to_container(registry.load_recipe(path)) if path else {}
+
+
+def generic_model(cfg: DictConfig, user_keys: set, recipe: Optional[str]) -> None:
+    """A model of the user's own (model.name_or_path given, no model group chosen) takes a generic model's settings,
+    not those of the default group's model: the tiny demo model's lr_scale 10 and float32 must not leak onto it.
+    Keys the command line or the recipe set are kept (in place)."""
+    if "model" in user_keys or cfg.model.from_run:
+        return
+    tree = recipe_tree(recipe)
+    if "model" in recipes.group_choices(tree):
+        return
+    default = group_file("model", default_group("model"))
+    if not default or cfg.model.name_or_path == default.get("name_or_path"):
+        return
+    own = set(recipes.flatten(tree.get("model") or {}))
+    schema = RunSpec.__dataclass_fields__["model"].default_factory()
+    for key in default:
+        if key != "name_or_path" and f"model.{key}" not in user_keys and key not in own:
+            cfg.model[key] = getattr(schema, key)
+
+
+def sources(spec: RunSpec, choices: Dict[str, str], user_keys: set, recipe: Optional[str]) -> Dict[str, str]:
+    """Where the values a user most often wonders about came from (what `check` prints): the command line, the
+    recipe, a group option's file, or the schema's default; the learning rate with its derivation."""
+    tree = recipe_tree(recipe)
+    in_recipe = set(recipes.flatten({k: v for k, v in tree.items() if k not in ("defaults", recipes.META)}))
+    generic = "model" not in user_keys and spec.model.name_or_path != group_file("model", choices.get("model", "")).get(
+        "name_or_path"
+    )
+
+    def origin(key: str) -> str:
+        group, leaf = key.split(".", 1)
+        if key in user_keys:
+            return "command line"
+        if key in in_recipe:
+            return f"recipe {recipe}"
+        option = choices.get(group, "")
+        if leaf in group_file(group, option) and not (group == "model" and generic):
+            return f"{group}={option}"
+        return "schema default" + (
+            ": a model of your own, not the default group's" if generic and group == "model" else ""
+        )
+
+    out = {key: origin(key) for key in ("model.lr_scale", "model.dtype", "data.template")}
+    lr = origin("train.lr")
+    if lr == "schema default":
+        own = objectives.of(spec).default_lr(methods.of(spec).adapter)
+        base = f"objective={spec.objective.name}'s" if own is not None else f"method={spec.method.name}'s default_lr"
+        lr = f"{base} {own if own is not None else spec.method.default_lr:g} x model.lr_scale {spec.model.lr_scale:g}"
+    out["train.lr"] = lr
+    return out
 
 
 LOCAL_PATH_KEYS = (
@@ -390,7 +517,7 @@ def _absolute(path: Optional[str]) -> Optional[str]:
     """A local path (existing, or a glob) made absolute; hub ids, fttool: assets and Jinja text unchanged."""
     from pathlib import Path
 
-    if not path or str(path).startswith("fttool:") or "{" in str(path) or "\n" in str(path):
+    if not path or str(path).startswith(("fttool:", "package:")) or "{" in str(path) or "\n" in str(path):
         return path
     if any(c in str(path) for c in "*?["):
         return os.path.abspath(os.path.expanduser(str(path)))

@@ -20,15 +20,79 @@ class Workload:
     mean_tokens: float  # per sample (a pair: both sequences), capped at max_length
     padded_tokens: float  # per sample as computed: padding to the longest of a micro-batch, or packed
     how: str  # where the figures come from
+    batch_tokens: int = 0  # tokens of the largest micro-batch of the sample (padding included): the expected peak
 
     def tokens_per_epoch(self) -> Optional[int]:
         return None if self.rows is None else int(self.rows * self.mean_tokens)
 
 
-def _tokenizer(name_or_path: str, revision: Optional[str]):
-    """A `tokenizers.Tokenizer` from the model's tokenizer.json (local or in the hub cache), or None."""
+def _gguf_tokenizer(model):
+    """A `tokenizers.Tokenizer` rebuilt from a GGUF's byte-level BPE vocabulary and merges (no transformers), and the
+    chat template the file carries; (None, None) for another tokenizer type."""
+    from fttool import gguf_read
+
+    path = gguf_read.file_of(model)
+    if path is None or not path.is_file():
+        return None, None
+    r = gguf_read.reader(path)
+    if gguf_read.value(r, "tokenizer.ggml.model") != "gpt2":
+        return None, gguf_read.value(r, "tokenizer.chat_template")
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = gguf_read.value(r, "tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in gguf_read.value(r, "tokenizer.ggml.merges")]
+    types = gguf_read.value(r, "tokenizer.ggml.token_type") or []
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t, k in zip(tokens, types) if k == 3])
+    return tok, gguf_read.value(r, "tokenizer.chat_template")
+
+
+def _template(folder: Path) -> Optional[str]:
+    """The chat template a model folder's tokenizer files hold (chat_template.jinja or tokenizer_config.json)."""
+    import json
+
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    config = folder / "tokenizer_config.json"
+    try:
+        value = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _overhead(tok, template: Optional[str], roles: tuple, cache: dict) -> Optional[int]:
+    """Tokens the chat template adds around a conversation with these roles (its markers, a default system prompt):
+    the template rendered with empty messages, counted. None when the template cannot be rendered here."""
+    if roles in cache:
+        return cache[roles]
+    n = None
+    if template and tok is not None:
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            text = env.from_string(template).render(
+                messages=[{"role": r, "content": ""} for r in roles], add_generation_prompt=False, tools=None
+            )
+            n = len(tok.encode(text, add_special_tokens=False).ids)
+        except Exception:  # noqa: BLE001 - a template needing variables: the fixed guess instead
+            n = None
+    cache[roles] = n
+    return n
+
+
+def _tokenizer(model):
+    """(a `tokenizers.Tokenizer` from the model's tokenizer.json (local or in the hub cache) or its GGUF, the chat
+    template), each None when not to be had without transformers or a download."""
     from fttool import assets
 
+    if getattr(model, "gguf_file", None):
+        return _gguf_tokenizer(model)
+    name_or_path, revision = model.name_or_path, model.revision
     local = Path(assets.resolve(name_or_path)).expanduser()
     f: Optional[Path] = local / "tokenizer.json" if local.is_dir() else None
     if f is None:
@@ -40,23 +104,28 @@ def _tokenizer(name_or_path: str, revision: Optional[str]):
         except Exception:  # noqa: BLE001 - a malformed id: no tokenizer, the estimate says so
             f = None
     if f is None or not f.is_file():
-        return None
+        return None, None
     try:
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(f))
+        return Tokenizer.from_file(str(f)), _template(f.parent)
     except Exception:  # noqa: BLE001 - an unreadable tokenizer.json: counted by characters instead
-        return None
+        return None, None
 
 
-def _sequences(example) -> List[List[str]]:
-    """The texts of each sequence a normalised example becomes (a preference pair: two)."""
+def _sequences(example) -> List[tuple]:
+    """(texts, roles) of each sequence a normalised example becomes (a preference pair: two); roles None for raw
+    text segments (no template)."""
     if example["kind"] == "segments":
-        return [[t for t, _ in example["segments"]]]
-    prompt = [m["content"] for m in example["messages"] if isinstance(m.get("content"), str)]
+        return [([t for t, _ in example["segments"]], None)]
+    msgs = [m for m in example["messages"] if isinstance(m.get("content"), str)]
+    prompt, roles = [m["content"] for m in msgs], tuple(m["role"] for m in msgs)
     if example["kind"] == "preference":
-        return [prompt + [example["chosen"]], prompt + [example["rejected"]]]
-    return [prompt]
+        return [
+            (prompt + [example["chosen"]], roles + ("assistant",)),
+            (prompt + [example["rejected"]], roles + ("assistant",)),
+        ]
+    return [(prompt, roles)]
 
 
 def sample(spec, limit: int = SAMPLE_ROWS) -> Optional[Workload]:
@@ -68,7 +137,10 @@ def sample(spec, limit: int = SAMPLE_ROWS) -> Optional[Workload]:
     from fttool.errors import UserError
 
     d = spec.data
-    tok = _tokenizer(spec.model.name_or_path, spec.model.revision)
+    tok, template = _tokenizer(spec.model)
+    if d.template and "{" in d.template:
+        template = d.template  # Jinja text given in the spec (a name or a file: the guess below)
+    cache: dict = {}
     lengths: List[int] = []
     rows_total: Optional[int] = 0
     for s in sources_of(d):
@@ -92,13 +164,14 @@ def sample(spec, limit: int = SAMPLE_ROWS) -> Optional[Workload]:
                         seqs = _sequences(fmt(loc, rec))
                     except UserError:
                         continue
-                    for texts in seqs:
+                    for texts, roles in seqs:
                         body = (
-                            sum(len(t.ids) for t in tok.encode_batch(texts))
+                            sum(len(t.ids) for t in tok.encode_batch(texts, add_special_tokens=False))
                             if tok
                             else sum(round(len(t) / CHARS_PER_TOKEN) for t in texts)
                         )
-                        n_tok = body + PER_MESSAGE * len(texts) + 1
+                        around = _overhead(tok, template, roles, cache) if roles else 0
+                        n_tok = body + (PER_MESSAGE * len(texts) + 1 if around is None else around)
                         lengths.append(min(n_tok, d.max_length) if d.truncation == "truncate" else n_tok)
                     taken += 1
                     if taken >= limit:
@@ -110,25 +183,31 @@ def sample(spec, limit: int = SAMPLE_ROWS) -> Optional[Workload]:
     pair = 2 if spec.objective.name != "sft" else 1
     kept = [n for n in lengths if n <= d.max_length] or lengths
     per_seq = sum(kept) / len(kept)
-    padded = _padded(kept, spec.train.batch_size * pair, d.packing, d.max_length, spec.seed)
+    padded, longest = _padded(kept, spec.train.batch_size * pair, d.packing, d.max_length, spec.seed)
     if rows_total is not None:
         rows_total = round(rows_total * (1 - d.val_ratio - d.test_ratio))
         if d.max_samples:
             rows_total = min(rows_total, d.max_samples)
-    counted = "tokenizer.json" if tok else f"~{CHARS_PER_TOKEN:g} characters per token (no tokenizer.json here)"
-    return Workload(rows_total, per_seq * pair, padded * pair, f"a sample of {len(lengths):,} sequences, {counted}")
+    counted = "the model's tokenizer" if tok else f"~{CHARS_PER_TOKEN:g} characters per token (no tokenizer.json here)"
+    counted += ", the chat template rendered" if any(v is not None for v in cache.values()) else ""
+    return Workload(
+        rows_total, per_seq * pair, padded * pair, f"a sample of {len(lengths):,} sequences, {counted}", longest
+    )
 
 
-def _padded(lengths: List[int], batch: int, packing: str, max_length: int, seed: int) -> float:
-    """Tokens computed per sequence: padded batches compute the longest of each micro-batch for every row; packing
-    computes the tokens themselves (bins: rows of max_length, the last partly filled)."""
-    if packing != "none" or batch <= 1:
-        return sum(lengths) / len(lengths)
+def _padded(lengths: List[int], batch: int, packing: str, max_length: int, seed: int) -> tuple:
+    """(tokens computed per sequence, tokens of the largest micro-batch): padded batches compute the longest of each
+    micro-batch for every row; packing computes the tokens themselves (bins: rows of max_length, the last partly
+    filled)."""
     rng = random.Random(seed)
     order = list(lengths)
     rng.shuffle(order)
     batches = [order[i : i + batch] for i in range(0, len(order), batch)]
-    return sum(max(b) * len(b) for b in batches) / len(order)
+    if packing == "bins":
+        return sum(lengths) / len(lengths), batch * max_length
+    if packing != "none" or batch <= 1:
+        return sum(lengths) / len(lengths), max(sum(b) for b in batches)
+    return sum(max(b) * len(b) for b in batches) / len(order), max(max(b) * len(b) for b in batches)
 
 
 def cpu_gflops(seconds: float = 0.1, tries: int = 3) -> float:

@@ -3,7 +3,7 @@ place this fallback is decided: training, evaluation, export and generation all 
 
 from __future__ import annotations
 
-from fttool import assets
+from fttool import assets, gguf_read
 from fttool.errors import UserError
 
 
@@ -17,9 +17,14 @@ def load_tokenizer(spec):
     from transformers import AutoTokenizer
 
     path = assets.resolve(spec.model.name_or_path)
+    if spec.model.gguf_file:
+        gguf_read.check_loadable(spec.model)
     try:
         tok = AutoTokenizer.from_pretrained(
-            path, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code
+            path,
+            revision=spec.model.revision,
+            trust_remote_code=spec.model.trust_remote_code,
+            **gguf_read.load_kwargs(spec.model),
         )
     except (OSError, ValueError) as e:
         raise UserError(

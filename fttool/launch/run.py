@@ -64,9 +64,27 @@ def run_checked(
 
 
 def train(call) -> None:
+    from fttool.launch import rundir
     from fttool.launch.launcher import launch
 
     launch(call.spec, call.argv, call.choices)
+    verdict_exit(rundir.run_dir_of(call.spec))
+
+
+def verdict_exit(run_dir: Path) -> None:
+    """A run whose after-training verdict failed ends as `fttool eval` does: the reason on the last line, exit 3 (so
+    `fttool ... && deploy` stops). The trained model stays saved."""
+    from fttool.launch import runfiles
+
+    result = runfiles.read_json(run_dir / runfiles.RESULT) or {}
+    if (result.get("eval") or {}).get("verdict") == "fail":
+        print(
+            f"fttool: verdict FAIL: the fine-tuned model did not beat the base as eval.gate requires "
+            f"({run_dir / 'eval.md'}); the model is saved in {run_dir / 'final'}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(3)
 
 
 def preview(call) -> None:
@@ -150,7 +168,25 @@ def check(call) -> None:
     print("# plan")
     for line in plan.describe(spec):
         print(f"#   {line}")
+    for line in where_from(call):
+        print(f"#   {line}")
     print("# ok: the spec is valid", file=sys.stderr)
+
+
+def where_from(call) -> List[str]:
+    """The values users most often wonder about, each with where it came from."""
+    from fttool.config import compose, validation
+
+    spec = call.spec
+    src = validation.sources(spec, call.choices, compose.user_keys(call.argv[1:]), call.choices.get("recipe"))
+    template = spec.data.template if spec.data.template and "\n" not in spec.data.template else None
+    values = {
+        "train.lr": f"{spec.train.lr:g}",
+        "model.lr_scale": f"{spec.model.lr_scale:g}",
+        "model.dtype": spec.model.dtype,
+        "data.template": template or ("Jinja text" if spec.data.template else "the tokenizer's own"),
+    }
+    return ["from        " + "; ".join(f"{k} {values[k]} ({src[k]})" for k in values)]
 
 
 def plan(call) -> None:

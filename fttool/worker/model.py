@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Tuple
 
-from fttool import assets
+from fttool import assets, gguf_read
 from fttool.config import methods
 from fttool.config.methods import torch_dtype
 from fttool.errors import UserError
@@ -67,6 +67,9 @@ def load_base(spec, precision: str):
     extra = {}
     if quant is not None and spec.hardware.device == "cuda":
         extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}  # each process its own GPU (DDP, ZeRO-2)
+    if spec.model.gguf_file:
+        quant = gguf_dequantized(spec, weight_dtype(spec, precision))
+        extra.update(gguf_read.load_kwargs(spec.model))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -77,12 +80,28 @@ def load_base(spec, precision: str):
             quantization_config=quant,
             **extra,
         )
-    except (OSError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError, NotImplementedError) as e:
         raise UserError(
             f"model.name_or_path={spec.model.name_or_path}: could not load the model: {str(e).splitlines()[0]}"
         )
     model.config.use_cache = False  # the KV cache is never wanted in training (and corrupts packed batches)
     return with_parent(spec, model)
+
+
+def gguf_dequantized(spec, dtype: str):
+    """transformers' GGUF loader asked to unpack every weight into a plain dense model (trainable and saveable, where
+    a model kept in GGUF blocks is neither); the file's architecture and tensor types checked first, by name."""
+    from transformers import GgufConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its per-tensor bars would fill the run's log; the line below says it instead
+    info = gguf_read.check_loadable(spec.model)
+    if info is not None:
+        log.info(
+            f"model: {spec.model.gguf_file} holds {', '.join(info['tensor_types'])} tensors; transformers dequantizes "
+            f"them to {dtype} as it loads (the weights keep the file's quantization error)"
+        )
+    return GgufConfig(dequantize=True)
 
 
 def load_trained(spec, precision: str, final):
@@ -92,7 +111,7 @@ def load_trained(spec, precision: str, final):
     if not methods.of(spec).adapter:
         from dataclasses import replace
 
-        trained = replace(spec.model, name_or_path=str(Path(final)), parent_adapter=None)  # the parent is in it
+        trained = replace(spec.model, name_or_path=str(Path(final)), parent_adapter=None, gguf_file=None)
         model = load_base(replace(spec, model=trained), precision)
     else:
         from peft import PeftModel

