@@ -7,6 +7,7 @@ not computed here: it comes from the model's loss on the reference replies (ftto
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from dataclasses import dataclass
@@ -217,3 +218,15 @@ def scorers(names: List[str], schema: Optional[Dict]) -> Dict[str, Callable[[str
 def improvement(name: str, base: float, tuned: float) -> float:
     """How much better the fine-tuned score is (positive = better), in the metric's own units."""
     return tuned - base if METRICS[name].higher_is_better else base - tuned
+
+
+def fmt(metric: str, value: Optional[float]) -> str:
+    """A score as the reports show it: a rate in percent, another metric to three decimals."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * value:.1f}%" if METRICS[metric].rate else f"{value:.3f}"
+
+
+def fmt_diff(metric: str, value: float) -> str:
+    """A difference or margin: points for a rate (0.05 = +5.0 pts)."""
+    return f"{100 * value:+.1f} pts" if METRICS[metric].rate else f"{value:+.3f}"

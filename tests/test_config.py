@@ -174,7 +174,8 @@ def test_check_prints_spec_and_plan_without_torch(tmp_path):
     assert "trainable of" in p.stdout and "processes   1 on cpu" in p.stdout
     assert "validation  loss every 30 steps on 0.02 of the rows; best checkpoint kept" in p.stdout
     assert (
-        "test        fttool:demo/test.jsonl (16 examples)" in p.stdout and "verdict: exact_match beats base" in p.stdout
+        "test        fttool:demo/test.jsonl (16 examples)" in p.stdout
+        and "verdict: token_f1 beats base by +10.0 pts" in p.stdout
     )
     assert (
         "guard       stops at the first NaN/inf loss or gradient norm (exit 4); batches padded on the right" in p.stdout
@@ -328,3 +329,10 @@ def test_a_failed_after_training_verdict_exits_3_with_the_reason_last(tmp_path, 
         verdict_exit(tmp_path)
     assert e.value.code == 3
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("fttool: verdict FAIL")
+
+
+def test_a_mapping_on_the_command_line_replaces_the_recipes(tmp_path):
+    """Hydra merges key={...} into the recipe's mapping; fttool replaces it, as it does on a finished run."""
+    assert make_spec(["+recipe=tiny_cpu"], tmp_path).eval.gate == {"token_f1": 0.1}
+    assert make_spec(["+recipe=tiny_cpu", "eval.gate={perplexity:0}"], tmp_path).eval.gate == {"perplexity": 0.0}
+    assert make_spec(["+recipe=tiny_cpu", "eval.gate={}"], tmp_path).eval.gate == {}

@@ -325,8 +325,8 @@ def test_diff_of_one_recipe_against_the_defaults(capsys):
         "--- defaults",
         "+++ recipe tiny_cpu",
         "keys:",
+        "  eval.gate.token_f1: (absent) -> 0.1",
         "  eval.samples: null -> 16",
-        "  train.max_steps: null -> 60",
     ]
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_cli_here
 
 TINY = [
     "+recipe=tiny_cpu",
@@ -63,13 +63,21 @@ def test_sweep_runs_every_trial_and_summarises(tmp_path):
 
 @pytest.mark.slow
 def test_a_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
-    r = run_cli(
-        "-m", *TINY, "model.name_or_path=fttool:tiny-chat,/nonexistent/model", f"output_dir={tmp_path}", cwd=tmp_path
-    )
-    assert r.returncode == 1
-    assert "1 sweep trial(s) failed" in r.stderr and "/nonexistent/model" in r.stderr
-    rows = list(csv.DictReader(open(sweep_dir_of(tmp_path) / "summary.csv")))
+    broken = tmp_path / "broken-model"  # a folder that exists (so the up-front check passes) but does not load
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    out = tmp_path / "runs"
+    r = run_cli("-m", *TINY, f"model.name_or_path=fttool:tiny-chat,{broken}", f"output_dir={out}", cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "1 sweep trial(s) failed" in r.stderr and str(broken) in r.stderr
+    rows = list(csv.DictReader(open(sweep_dir_of(out) / "summary.csv")))
     assert [row["status"] for row in rows] == ["ok", "failed"] and "could not load" in rows[1]["error"]
+
+
+def test_a_sweep_with_a_missing_model_folder_is_refused_before_any_trial(tmp_path):
+    r = run_cli_here("-m", *TINY, "model.name_or_path=fttool:tiny-chat,/nonexistent/model", f"output_dir={tmp_path}")
+    assert r.returncode == 2 and "model.name_or_path=/nonexistent/model: no such model folder" in r.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

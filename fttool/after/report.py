@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from fttool.config.spec import effective_gate
-from fttool.metrics import METRICS, improvement
+from fttool.metrics import METRICS, fmt, fmt_diff, improvement
 
 FILES = ("eval.json", "eval.md", "eval_samples.jsonl")
 
@@ -85,16 +85,6 @@ def assemble(
         "seconds": round(seconds, 1),
         "samples": samples,
     }
-
-
-def fmt(metric: str, value: Optional[float]) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{100 * value:.1f}%" if METRICS[metric].rate else f"{value:.3f}"
-
-
-def fmt_diff(metric: str, value: float) -> str:
-    return f"{100 * value:+.1f} pts" if METRICS[metric].rate else f"{value:+.3f}"
 
 
 def table(result: Dict) -> List[str]:

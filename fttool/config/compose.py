@@ -193,7 +193,22 @@ def compose(overrides: List[str], choices: Optional[Dict] = None) -> DictConfig:
         choices.update({k: v for k, v in cfg.hydra.runtime.choices.items() if not str(k).startswith("hydra")})
         with open_dict(cfg):
             del cfg["hydra"]
+    _replace_dicts(cfg, overrides)
     return cfg
+
+
+def _replace_dicts(cfg: DictConfig, overrides: List[str]) -> None:
+    """A mapping given on the command line (registry.OPEN_DICTS) replaces the recipe's or group's, as it replaces
+    a run's in override_spec: Hydra would merge it (eval.gate={perplexity:0} keeping a recipe's token_f1 gate,
+    eval.gate={} clearing nothing)."""
+    from omegaconf import OmegaConf
+
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if key in registry.OPEN_DICTS and "=" in o:
+            (ov,) = parse([o])
+            if not ov.is_sweep_override() and isinstance(ov.value(), dict):
+                OmegaConf.update(cfg, key, ov.value(), merge=False)
 
 
 def user_keys(overrides: List[str]) -> set:

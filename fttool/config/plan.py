@@ -115,12 +115,14 @@ def eval_lines(spec: RunSpec) -> List[str]:
     test = d.test_path or (f"{d.test_ratio:g} of the rows" if d.test_ratio else None)
     if not test:
         return lines + ["test        none: `fttool eval run=RUN data.test_path=FILE` evaluates later"]
+    from fttool.metrics import fmt_diff
+
     gate = effective_gate(spec)
     when = "after training and with `fttool eval`" if ev.after_training else "with `fttool eval`"
     against = (
         (
             " vs the base; verdict: "
-            + ", ".join(f"{k} {'beats base' if v == 0 else f'beats base by {v:g}'}" for k, v in gate.items())
+            + ", ".join(f"{k} {'beats base' if v == 0 else f'beats base by {fmt_diff(k, v)}'}" for k, v in gate.items())
         )
         if ev.compare_base
         else ""
