@@ -45,6 +45,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
     # DeepSpeed still calls the old collective names; torch warns on every call
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.\w+` is deprecated.*")
+    # peft looks for the base model's config.json to see whether the vocabulary grew; a GGUF folder has none, and
+    # fttool never resizes the vocabulary, so its assumption ("not modified") holds
+    warnings.filterwarnings("ignore", message=r"Could not find a config file in .*vocabulary was not modified")
     import torch
 
     if not torch.cuda.is_available():  # what DeepSpeed would detect anyway, without its warning on every import
