@@ -110,7 +110,9 @@ def trl_worker(data: Path, out: Path, mode: str, steps: int) -> None:
     cfg = SFTConfig(
         output_dir=str(out / f"trl-{mode}"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
         max_steps=steps, learning_rate=LR, logging_steps=1, save_strategy="no", report_to=[], seed=0,
-        max_length=MAX_LENGTH, padding_free=mode == "padding_free", completion_only_loss=True, use_cpu=True,
+        # TRL refuses max_length with padding-free batches unless packing (it would not enforce it); no GSM8K row
+        # reaches MAX_LENGTH, so None trains the same tokens
+        max_length=None if mode == "padding_free" else MAX_LENGTH, padding_free=mode == "padding_free", completion_only_loss=True, use_cpu=True,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, bf16=False, fp16=False,
     )  # fmt: skip
     lora = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=TARGETS, task_type="CAUSAL_LM")
@@ -125,8 +127,10 @@ def trl_worker(data: Path, out: Path, mode: str, steps: int) -> None:
 
 def trl_trial(data: Path, out: Path, mode: str, steps: int, warmup: int) -> dict:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    subprocess.run([sys.executable, __file__, "--trl-worker", str(data), str(out), mode, str(steps)], check=True,
-                   capture_output=True, text=True, env=env)  # fmt: skip
+    r = subprocess.run([sys.executable, __file__, "--trl-worker", str(data), str(out), mode, str(steps)],
+                       capture_output=True, text=True, env=env)  # fmt: skip
+    if r.returncode != 0:
+        sys.exit(f"TRL's {mode} trial failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
     rec = json.loads((out / f"trl-{mode}.json").read_text())
     return {"tokens_per_s": steady(rec["points"], warmup), "peak_rss_gib": rec["peak_rss_gib"],
             "first_loss": rec["losses"][0], "last_loss": rec["losses"][-1]}  # fmt: skip
