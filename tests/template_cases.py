@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT.parent / "shared" / "data" / "chat_templates"
 TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizers" / "phi-2"
+OWN = ROOT / "tests" / "templates"
 BOS, EOS = "<s>", "</s>"
 # tags a model writes inside its replies: added tokens, but not special (as in Qwen3's and GLM's tokenizers)
 PLAIN_TAG = re.compile(
@@ -73,8 +74,13 @@ END: Dict[str, set] = {
     "solar-instruct.jinja": {EOS},
     "vicuna.jinja": {EOS},
     "zephyr.jinja": {EOS},
+    # written here in the shape of families outside the shared set (tests/templates/README.md)
+    "own/cohere-r7b-shape.jinja": {"<|END_OF_TURN_TOKEN|>"},
+    "own/cohere-rplus-tool-use-shape.jinja": {"<|END_OF_TURN_TOKEN|>"},
+    "own/hermes-tools-loop-shape.jinja": CHATML,
 }
 IM = {"<|im_start|>"}
+COHERE = {"<|START_OF_TURN_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|USER_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|START_RESPONSE|>"}
 MISTRAL = {"[INST]", "[/INST]", "[TOOL_RESULTS]", "[SYSTEM_PROMPT]"}
 # turn-header markup: never trained
 HEADERS: Dict[str, set] = {
@@ -122,6 +128,9 @@ HEADERS: Dict[str, set] = {
     "solar-instruct.jinja": {"### User", "### Assistant"},
     "vicuna.jinja": {"USER:", "ASSISTANT:"},
     "zephyr.jinja": {"<|user|>", "<|assistant|>", "<|system|>"},
+    "own/cohere-r7b-shape.jinja": COHERE,
+    "own/cohere-rplus-tool-use-shape.jinja": COHERE,
+    "own/hermes-tools-loop-shape.jinja": IM,
 }
 # what a model writes before its reply under some templates (gpt-oss's channel, an empty reasoning block)
 MODEL_PREFIX = re.compile(r"^(\s|<think>|</think>|<\|channel\|>final<\|message\|>)*")
@@ -181,7 +190,14 @@ def template_names() -> List[str]:
     ]
 
 
+def own_template_names() -> List[str]:
+    """Templates written in this repository in the shape of families outside the shared set."""
+    return [f"own/{p.name}" for p in sorted(OWN.glob("*.jinja"))]
+
+
 def template_source(name: str) -> str:
+    if name.startswith("own/"):
+        return (OWN / name[4:]).read_text(encoding="utf-8").rstrip("\n")
     text = (TEMPLATES / name).read_text(encoding="utf-8")
     # the older collection is indented for reading; its README says to strip that before use
     return text if name.startswith("hf/") else text.replace("    ", "").replace("\n", "")
@@ -233,7 +249,8 @@ def _tool_variants(row: dict) -> List[dict]:
 
 def renderable(tok, row: dict) -> Optional[dict]:
     """The row (or the first tools variant) that the template renders directly; None when none renders."""
-    for r in _tool_variants(row) if "tools" in row else [row]:
+    # a row without tools also as the model's own chat code passes it to a template that loops over tools
+    for r in _tool_variants(row) if "tools" in row else [row, {**row, "tools": []}]:
         try:
             tok.apply_chat_template(r["messages"], tools=r.get("tools"), tokenize=False)
             return r

@@ -17,8 +17,8 @@ for a reply's words (a short reply like "OK" can also occur inside the markup):
   is not trained: generation stops at the end-of-turn marker. A template that closes replies with no special token
   gets the tokenizer's EOS inserted and trained there (counted as eos_appended), so the model learns to stop.
 
-A token is trained when its characters overlap a span. Message text reaches the template as data, never as template
-source, so `{{...}}` in a dataset stays literal. Text in a message that spells one of the tokenizer's special tokens
+A token is trained when its characters overlap a span. Message text reaches the template as data, never
+as template source, so `{{...}}` in a dataset stays literal. Text in a message that spells one of the tokenizer's special tokens
 (a chat quoting `<|im_end|>`) is kept as plain text: it is tokenized as ordinary characters, so it can never forge
 a turn boundary, and masked like the rest of its message.
 """
@@ -26,11 +26,14 @@ a turn boundary, and masked like the rest of its message.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fttool.errors import UserError
+
+log = logging.getLogger("fttool")
 
 IGNORE = -100  # the label of a token that is not trained (what Hugging Face losses skip); fttool's one definition
 Span = Tuple[int, int]
@@ -87,6 +90,7 @@ class Encoder:
         self.kwargs: Dict[str, Any] = dict(getattr(data_spec, "template_kwargs", None) or {})
         self.template_has_tools = bool(self.template) and "tools" in self.template
         self.template_has_tool_calls = bool(self.template) and "tool_calls" in self.template
+        self.tools_default: Optional[list] = None  # [] once the template is seen to need a tools list
         decoder = tokenizer.added_tokens_decoder.values()
         special = {t for t in tokenizer.all_special_tokens if t} | {t.content for t in decoder if t.special}
         added = {t.content for t in decoder} | special
@@ -96,7 +100,9 @@ class Encoder:
 
     # -- rendering --------------------------------------------------------------------------------------
     def render(self, messages, tools=None, add_generation_prompt: bool = False, documents=None) -> str:
-        """The template's text for a conversation, with data.template_kwargs; `tools` exactly as the row has it."""
+        """The template's text for a conversation, with data.template_kwargs; `tools` exactly as the row has it. A
+        template that loops over `tools` and so cannot render a row without them gets an empty list, as the model's
+        own chat code passes (said once in the log); from then on every row without tools gets one."""
         kwargs = dict(self.kwargs)
         if tools is None:
             tools = kwargs.pop("tools", None)
@@ -104,15 +110,31 @@ class Encoder:
         if documents is None:
             documents = kwargs.pop("documents", None)
         kwargs.pop("documents", None)
-        return self.tok.apply_chat_template(
-            messages,
-            tools=tools,
-            documents=documents,
-            chat_template=self.template,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            **kwargs,
-        )
+
+        def apply(tools_value):
+            return self.tok.apply_chat_template(
+                messages,
+                tools=tools_value,
+                documents=documents,
+                chat_template=self.template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **kwargs,
+            )
+
+        if tools is not None or not self.template_has_tools:
+            return apply(tools)
+        if self.tools_default is not None:
+            return apply(self.tools_default)
+        try:
+            return apply(None)
+        except TypeError as e:
+            if "NoneType" not in str(e) or "iterable" not in str(e):
+                raise
+            out = apply([])  # still failing: the caller names the error
+        self.tools_default = []
+        log.info("data: the chat template loops over `tools`; rows without tools are rendered with tools=[]")
+        return out
 
     def prepare_messages(self, ex: Dict) -> Tuple[List[Dict[str, Any]], Optional[list], bool]:
         """Messages ready to render. Tool calls reach a template that renders `tool_calls` as they are, and are
@@ -274,10 +296,16 @@ class Encoder:
         """Where the model's part of turn i begins: after the generation prompt that follows message i-1."""
         if i == 0 or prev is None:
             return a
-        k = self._agree(self._tail(msgs, i - 1, tools, documents, True), text[prev[1] :])
+        prompt = self._tail(msgs, i - 1, tools, documents, True)
+        k = self._agree(prompt, text[prev[1] :])
         # what follows the generation prompt is the model's (gpt-oss's <|channel|>final<|message|>, an empty
         # <think></think>); when the prompt does not even agree with the markup after message i-1, this template
-        # writes it differently once a reply follows: start where the reply itself starts
+        # writes it differently once a reply follows: start where the reply itself starts. When it agrees only in
+        # part (Command-R+ tool use asks for a reply after an instruction turn that a written reply does not
+        # have), the header between the agreed part and the reply is still markup: start at the reply at the
+        # earliest
+        if prompt is not None and 0 < k < len(prompt.rstrip()):
+            return max(prev[1] + k, a)
         return prev[1] + k if k or prev[1] == a else a
 
     def _message_end(self, text: str, msgs, i: int, tools, documents) -> Optional[Tuple[int, str]]:
@@ -317,7 +345,7 @@ class Encoder:
             closing = text[b : b + self._agree(tail, text[b:])]
             marker = self.special_re.search(closing) if self.special_re else None
             if marker:
-                return b + marker.end(), True
+                return b + self._closing_run(closing, marker.end(), msgs, i, tools, documents), True
         if self.special_re is None:
             return b, False
         got = self._rendered_at(
@@ -339,6 +367,24 @@ class Encoder:
             if len(found) >= 2 and not text[b : found[0].start()].strip():
                 return found[0].end(), True
         return b, False
+
+    def _closing_run(self, closing: str, end: int, msgs, i: int, tools, documents) -> int:
+        """Where a closing that starts with special tokens ends: special tokens that follow the first one directly
+        close the turn too when the template also writes them before a generation prompt that follows the reply
+        (Command R7B's <|END_RESPONSE|><|END_OF_TURN_TOKEN|>); one written only at the very end of a conversation
+        does not."""
+        nxt = self.special_re.match(closing, end)
+        if not nxt:
+            return end
+        gp = self._tail(msgs, i, tools, documents, True)
+        last = self._tail(msgs, i, tools, documents, False)
+        if gp is None or last is None:
+            return end
+        opens = self.special_re.search(gp[_common(gp, last) :])  # the generation prompt's header opens with it
+        while nxt and gp.startswith(closing[: nxt.end()]) and not (opens and nxt.group(0) == opens.group(0)):
+            end = nxt.end()
+            nxt = self.special_re.match(closing, end)
+        return end
 
     def trained_turns(self, msgs) -> List[int]:
         roles = set(self.d.train_roles)
