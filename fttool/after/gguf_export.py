@@ -161,10 +161,9 @@ def _merge_scores(tok_dir: Path) -> Dict[str, float]:
     return scores
 
 
-def _vocab(gguf, tok, tok_dir: Path, writer, n_vocab: int, pre: str) -> str:
-    """The vocabulary: tokens by id, their types (and, for sentencepiece, scores), merges, special ids and the chat
-    template. Returns the tokenizer model written."""
-    kind = tokenizer_model(tok)
+def _vocab(gguf, tok, tok_dir: Path, writer, n_vocab: int, kind: str, pre: str) -> None:
+    """The vocabulary of tokenizer model `kind`: tokens by id, their types (and, for sentencepiece, scores), merges,
+    special ids and the chat template."""
     vocab = tok.get_vocab()
     by_id = {i: t for t, i in vocab.items()}
     added = {t.content: t for t in tok.added_tokens_decoder.values()}
@@ -206,7 +205,6 @@ def _vocab(gguf, tok, tok_dir: Path, writer, n_vocab: int, pre: str) -> str:
     if not special.chat_template and tok.chat_template:
         special.chat_template = tok.chat_template
     special.add_to_gguf(writer, quiet=True)
-    return kind
 
 
 def source_pre(spec) -> str:
@@ -265,7 +263,8 @@ def write(model, tok, tok_dir: Path, out: Path, gguf_type: str, name: str, pre: 
         arch.extra(writer, cfg)
     writer.add_file_type({"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[gguf_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if not pre and tokenizer_model(tok) == "gpt2":
+    kind = tokenizer_model(tok)
+    if not pre and kind == "gpt2":
         pre = pre_tokenizer_name(tok) or PRE_BY_TYPE.get(cfg.model_type, "")
         if not pre:
             log.warning(
@@ -273,7 +272,7 @@ def write(model, tok, tok_dir: Path, out: Path, gguf_type: str, name: str, pre: 
                 "'default' (GPT-2's split), so llama.cpp may split some text differently than transformers does. "
                 "llama.cpp's convert_hf_to_gguf.py names the pre-tokenizers it supports."
             )
-    kind = _vocab(gguf, tok, tok_dir, writer, cfg.vocab_size, pre or "default")
+    _vocab(gguf, tok, tok_dir, writer, cfg.vocab_size, kind, pre or "default")
 
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     counts: Dict[str, int] = {}

@@ -17,8 +17,8 @@ for a reply's words (a short reply like "OK" can also occur inside the markup):
   is not trained: generation stops at the end-of-turn marker. A template that closes replies with no special token
   gets the tokenizer's EOS inserted and trained there (counted as eos_appended), so the model learns to stop.
 
-A token is trained when its characters overlap a span. Message text reaches the template as data, never
-as template source, so `{{...}}` in a dataset stays literal. Text in a message that spells one of the tokenizer's special tokens
+A token is trained when its characters overlap a span. Message text reaches the template as data, never as template
+source, so `{{...}}` in a dataset stays literal. Text in a message that spells one of the tokenizer's special tokens
 (a chat quoting `<|im_end|>`) is kept as plain text: it is tokenized as ordinary characters, so it can never forge
 a turn boundary, and masked like the rest of its message.
 """
@@ -345,7 +345,7 @@ class Encoder:
             closing = text[b : b + self._agree(tail, text[b:])]
             marker = self.special_re.search(closing) if self.special_re else None
             if marker:
-                return b + self._closing_run(closing, marker.end(), msgs, i, tools, documents), True
+                return b + self._closing_run(closing, marker.end(), tail, msgs, i, tools, documents), True
         if self.special_re is None:
             return b, False
         got = self._rendered_at(
@@ -368,17 +368,16 @@ class Encoder:
                 return found[0].end(), True
         return b, False
 
-    def _closing_run(self, closing: str, end: int, msgs, i: int, tools, documents) -> int:
+    def _closing_run(self, closing: str, end: int, last: str, msgs, i: int, tools, documents) -> int:
         """Where a closing that starts with special tokens ends: special tokens that follow the first one directly
         close the turn too when the template also writes them before a generation prompt that follows the reply
         (Command R7B's <|END_RESPONSE|><|END_OF_TURN_TOKEN|>); one written only at the very end of a conversation
-        does not."""
+        does not. `last` is what the template writes after the reply when it is the last message."""
         nxt = self.special_re.match(closing, end)
         if not nxt:
             return end
         gp = self._tail(msgs, i, tools, documents, True)
-        last = self._tail(msgs, i, tools, documents, False)
-        if gp is None or last is None:
+        if gp is None:
             return end
         opens = self.special_re.search(gp[_common(gp, last) :])  # the generation prompt's header opens with it
         while nxt and gp.startswith(closing[: nxt.end()]) and not (opens and nxt.group(0) == opens.group(0)):
