@@ -78,6 +78,8 @@ END: Dict[str, set] = {
     "own/cohere-r7b-shape.jinja": {"<|END_OF_TURN_TOKEN|>"},
     "own/cohere-rplus-tool-use-shape.jinja": {"<|END_OF_TURN_TOKEN|>"},
     "own/hermes-tools-loop-shape.jinja": CHATML,
+    "own/deepseek-r1-distill-shape.jinja": {"<｜end▁of▁sentence｜>"},
+    "own/phi-3.5-mini-shape.jinja": {"<|end|>"},
 }
 IM = {"<|im_start|>"}
 COHERE = {"<|START_OF_TURN_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|USER_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|START_RESPONSE|>"}
@@ -131,6 +133,8 @@ HEADERS: Dict[str, set] = {
     "own/cohere-r7b-shape.jinja": COHERE,
     "own/cohere-rplus-tool-use-shape.jinja": COHERE,
     "own/hermes-tools-loop-shape.jinja": IM,
+    "own/deepseek-r1-distill-shape.jinja": {"<｜User｜>", "<｜Assistant｜>"},
+    "own/phi-3.5-mini-shape.jinja": {"<|user|>", "<|assistant|>", "<|system|>"},
 }
 # what a model writes before its reply under some templates (gpt-oss's channel, an empty reasoning block)
 MODEL_PREFIX = re.compile(r"^(\s|<think>|</think>|<\|channel\|>final<\|message\|>)*")
@@ -309,8 +313,13 @@ def check(name: str, case: str, data_spec) -> str:
     except UserError as e:  # right only where the template silently drops a message
         dropped = re.search(r"message #(\d+)", str(e))
         assert "leaves out" in str(e) and dropped, str(e)
-        rendered = tok.apply_chat_template(row["messages"], tools=row.get("tools"), tokenize=False)
-        assert row["messages"][int(dropped.group(1))]["content"] not in rendered, str(e)
+        from fttool.data.formats import Formatter
+        from fttool.data.tokenize import Encoder
+
+        # the messages as fttool gives them to the template (tool schemas may have become a system message)
+        msgs, tools, _ = Encoder(tok, None, data_spec).prepare_messages(Formatter("chat", {}, {}, None)("case", row))
+        rendered = tok.apply_chat_template(msgs, tools=tools, tokenize=False)
+        assert msgs[int(dropped.group(1))]["content"] not in rendered, str(e)
         return f"refused: the template drops message #{dropped.group(1)}"
     ids, labels = out["input_ids"], out["labels"]
     # as fttool gives it to the template: tool schemas in the system message and tool calls as JSON text where the

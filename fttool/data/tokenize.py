@@ -97,6 +97,10 @@ class Encoder:
         self.special_re = _alternation(special)  # turn markers, and what data may not spell as a token
         self.added_re = _alternation(added)  # every token a boundary must not cut through
         self.marked_re = re.compile(f"{LIT_OPEN}(.*?){LIT_CLOSE}|[{LIT_OPEN}{LIT_CLOSE}]", re.S)
+        self.added_ids = {i for i, t in tokenizer.added_tokens_decoder.items()}  # markup: trains only from its start
+        # whitespace a template marker swallows when the tokenizer makes it (phi-3's rstrip): gone from the ids
+        self.strips = {t.content: (t.lstrip, t.rstrip) for t in decoder if t.lstrip or t.rstrip}
+        self._lossless: Optional[bool] = None
 
     # -- rendering --------------------------------------------------------------------------------------
     def render(self, messages, tools=None, add_generation_prompt: bool = False, documents=None) -> str:
@@ -157,18 +161,49 @@ class Encoder:
             tools, in_system = None, True
         return msgs, tools, in_system
 
-    def _mark_literals(self, msgs: List[Dict[str, str]]) -> Tuple[List[Dict[str, str]], int]:
-        """Wrap special-token text inside messages in private markers, so it is later tokenized as plain text."""
+    def _mark_literals(self, msgs: List[Dict[str, str]], parsed=frozenset()) -> Tuple[List[Dict[str, str]], int]:
+        """Wrap special-token text inside messages in private markers, so it is later tokenized as plain text; texts
+        in `parsed` (ones the template itself looks for in a message, such as Qwen3's '</think>') stay as written."""
         if self.special_re is None:
             return msgs, 0
         count = 0
         out = []
+
+        def mark(x):
+            nonlocal count
+            if x.group(0) in parsed:
+                return x.group(0)
+            count += 1
+            return f"{LIT_OPEN}{x.group(0)}{LIT_CLOSE}"
+
         for m in msgs:
             content = m["content"].replace(LIT_OPEN, "").replace(LIT_CLOSE, "")
-            content, n = self.special_re.subn(lambda x: f"{LIT_OPEN}{x.group(0)}{LIT_CLOSE}", content)
-            count += n
-            out.append({**m, "content": content})
+            out.append({**m, "content": self.special_re.sub(mark, content)})
         return out, count
+
+    def _render_marked(self, loc: str, msgs, tools, documents) -> Tuple[List[Dict[str, str]], str, int]:
+        """Messages with literal special-token text marked, their rendering, and how many texts were marked. The
+        rendering without the marks must be the template's own rendering of the messages as written: a template that
+        parses a special token's text out of a message (splitting off reasoning at '</think>') gets that text as
+        written, so it renders exactly what the model sees at inference; if it still differs, the row is refused."""
+        marked, literals = self._mark_literals(msgs)
+        text = self._safe_render(loc, marked, tools, documents)
+        if not literals:
+            return marked, text, 0
+        plain = self._safe_render(loc, msgs, tools, documents)
+        if unmark(text) == plain:
+            return marked, text, literals
+        found = {x.group(0) for m in msgs for x in self.special_re.finditer(m["content"])}
+        parsed = frozenset(t for t in found if t in self.template)
+        marked, literals = self._mark_literals(msgs, parsed)
+        text = self._safe_render(loc, marked, tools, documents)
+        if unmark(text) != plain:
+            raise UserError(
+                f"{loc}: the chat template treats special-token text inside a message ({', '.join(sorted(found))}) "
+                "differently once fttool keeps it as plain text, so the training text would not be what the "
+                "model sees; remove that text from the row (or data.skip_bad_rows=true)."
+            )
+        return marked, text, literals
 
     def _safe_render(self, loc: str, messages, tools, documents=None, add_generation_prompt=False) -> str:
         try:
@@ -396,8 +431,7 @@ class Encoder:
         """The rendered text (literal special tokens still marked), the character spans to train, and counters."""
         msgs, tools, in_system = self.prepare_messages(ex)
         documents = ex.get("documents")
-        msgs, literals = self._mark_literals(msgs)
-        text = self._safe_render(loc, msgs, tools, documents)
+        msgs, text, literals = self._render_marked(loc, msgs, tools, documents)
         self._check_rendered(loc, msgs, tools, documents)
         wanted = self.trained_turns(msgs) if turns is None else list(turns)
         regions: Dict[int, Optional[Span]] = {}
@@ -504,12 +538,21 @@ class Encoder:
                 if not skip_bad:
                     raise
                 ids[i], offsets[i], all_spans[i], errors[i] = [], [], [], str(e)
+        for i in range(len(texts)):
+            if errors[i] or not ids[i]:
+                continue
+            try:
+                self.check_text(locs[i], texts[i], ids[i])
+            except UserError as e:
+                if not skip_bad:
+                    raise
+                ids[i], offsets[i], all_spans[i], errors[i] = [], [], [], str(e)
         labels = []
         for x, o, sp in zip(ids, offsets, all_spans):
             if self.d.train_on_inputs:
                 labels.append(list(x))
             else:
-                labels.append([t if any(s < b and a < e for s, e in sp) else IGNORE for t, (a, b) in zip(x, o)])
+                labels.append([t if self._trains(t, a, b, sp) else IGNORE for t, (a, b) in zip(x, o)])
         return {
             "input_ids": ids,
             "labels": labels,
@@ -519,6 +562,65 @@ class Encoder:
                 for k in ("eos_appended", "tools_in_system", "literal_markers", "empty_replies")
             },
         }
+
+    def _trains(self, token: int, a: int, b: int, spans: List[Span]) -> bool:
+        """A token trains when its characters overlap a trained span; a template marker (an added token) only when it
+        starts inside one: one that starts before, and reaches in by swallowing the reply's leading whitespace
+        (phi-3's `<|assistant|>` with rstrip), is the turn's header."""
+        return any(s < b and a < e and (a >= s or token not in self.added_ids) for s, e in spans)
+
+    # -- the training text is the template's ------------------------------------------------------------
+    @property
+    def lossless(self) -> bool:
+        """Whether this tokenizer gives back exactly the text it was given (byte-level BPE does; a SentencePiece
+        tokenizer turns '▁' into a space and may drop a leading space)."""
+        if self._lossless is None:
+            probe = " lead  two\n\n\tx ▁é 中文 😀 {{x}} </s"
+            ids = self.tok(probe, add_special_tokens=False)["input_ids"]
+            self._lossless = self._decode(ids) == probe
+        return self._lossless
+
+    def _decode(self, ids) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def expected_text(self, text: str) -> str:
+        """The text the training ids must decode to: the rendering (literal special-token text unmarked, an appended
+        EOS included), less the whitespace that a template marker with lstrip/rstrip swallows when tokenized."""
+        if not self.strips:
+            return unmark(text)
+        out, at = [], 0
+        for m in list(self.marked_re.finditer(text)) + [None]:
+            out.append(self._swallow(text[at : m.start() if m else len(text)]))
+            if m is not None and m.group(1) is not None:
+                out.append(m.group(1))
+            at = m.end() if m else len(text)
+        return "".join(out)
+
+    def _swallow(self, piece: str) -> str:
+        for tok, (left, right) in self.strips.items():
+            if tok in piece:
+                if right:
+                    piece = re.sub(f"({re.escape(tok)})\\s+", r"\1", piece)
+                if left:
+                    piece = re.sub(f"\\s+({re.escape(tok)})", r"\1", piece)
+        return piece
+
+    def check_text(self, loc: str, text: str, ids: List[int]) -> None:
+        """The training ids decode to the template's rendering, byte for byte (less what the tokenizer's own
+        whitespace rules drop next to its markers). On a tokenizer that is not lossless, the texts are compared
+        without whitespace (its decoder cannot tell where it was). A row that breaks this is refused."""
+        want, got = self.expected_text(text), self._decode(ids)
+        if not self.lossless:
+            want, got = _no_space(self._decode(self.tok(want, add_special_tokens=False)["input_ids"])), _no_space(got)
+        if want == got:
+            return
+        k = _common(want, got)
+        raise UserError(
+            f"{loc}: the training tokens would decode to other text than the chat template renders, at character "
+            f"{k}: {want[max(0, k - 24) : k + 24]!r} rendered, {got[max(0, k - 24) : k + 24]!r} tokenized. "
+            "This happens around special-token text quoted in a message; remove it from the row "
+            "(or data.skip_bad_rows=true)."
+        )
 
     def _encode_marked(self, loc: str, text: str, spans: List[Span]) -> Tuple[list, list, List[Span]]:
         """Tokenize a text whose literal special-token text is marked: the marked pieces as ordinary characters, the
@@ -575,6 +677,15 @@ class Encoder:
             if x[: len(nl)] == nl:
                 return x[len(nl) :], [(max(0, a - 1), max(0, b - 1)) for a, b in o[len(nl) :]]
         return enc(piece)
+
+
+def unmark(text: str) -> str:
+    """The text without fttool's private markers around literal special-token text."""
+    return text.replace(LIT_OPEN, "").replace(LIT_CLOSE, "")
+
+
+def _no_space(text: str) -> str:
+    return re.sub(r"\s+", "", text.replace("\u2581", " "))
 
 
 def _alternation(tokens) -> Optional["re.Pattern"]:
