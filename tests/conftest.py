@@ -108,6 +108,25 @@ def train_run(overrides, tmp_path, name="run"):
         rundir.unlock(run_dir)  # as the launcher does
 
 
+@contextlib.contextmanager
+def small_filesystem(path: Path, kib: int):
+    """A real filesystem of `kib` KiB mounted at `path` (a tmpfs: root only), so that writers meet a real ENOSPC.
+    Yields False where it cannot be mounted (the caller then raises the writers' own exceptions instead)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
 FAST = [
     "train.max_steps=6",
     "train.logging_steps=1",

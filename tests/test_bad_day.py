@@ -1,14 +1,17 @@
 """A bad day loses nothing: preemption, broken checkpoints, a full disk, two launches, changed data, Ctrl-C while
 tokenizing, bad bytes, hostile recipes, and the small inconsistencies found beside them."""
 
+import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -247,13 +250,82 @@ def test_disk_full_while_saving_names_the_folder_and_keeps_earlier_checkpoints(t
     monkeypatch.setattr(safe_trainer, "write_manifest", failing)
     with pytest.raises(
         UserError,
-        match=r"could not write checkpoint .*checkpoint-6 \(No space left on device\).*GiB "
+        match=r"could not write checkpoint .*checkpoint-6: No space left on device\. .*GiB "
         r"free.*earlier checkpoints are intact.*resume=auto",
     ):
         train_run([*FAST, "train.max_steps=8", "train.save_steps=3"], tmp_path)
     run_dir = tmp_path / "run"
     assert [p.name for p in rundir.checkpoints(run_dir)] == ["checkpoint-3"]
     assert not (run_dir / "checkpoints" / "checkpoint-6").exists()
+
+
+@pytest.mark.parametrize("kib,writer", [(64, "safetensors"), (200, "torch")])
+def test_a_real_full_disk_is_named_with_the_file_and_the_space(tmp_path, kib, writer, caplog):
+    """Issue 24: the errors the writers really raise on ENOSPC (safetensors' SafetensorError for the adapter, torch's
+    RuntimeError from its zip writer for optimizer.pt), met on a real small filesystem mounted where the second
+    checkpoint goes; where no filesystem can be mounted, the same exception types are raised from the writers."""
+    import torch
+    from safetensors import SafetensorError
+
+    from conftest import small_filesystem
+    from fttool.worker.train import train
+
+    spec = make_spec([*FAST, "train.max_steps=4", "train.save_steps=2", "run_name=run"], tmp_path)
+    run_dir, _ = rundir.prepare(spec, ["pytest"], {})
+    target = run_dir / "checkpoints" / "checkpoint-4"
+    with small_filesystem(target, kib) as mounted, contextlib.ExitStack() as stack:
+        if not mounted:  # the libraries' own exception types, raised from their own writers
+            from unittest import mock
+
+            err = (
+                SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+                if writer == "safetensors"
+                else RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+            )
+            real_save, real_st = torch.save, __import__("safetensors.torch").torch.save_file
+
+            def fails(real):
+                def call(obj, f, *a, **k):
+                    if str(target) in str(f) and Path(f).name in ("adapter_model.safetensors", "optimizer.pt"):
+                        Path(f).write_bytes(b"\0" * 4096)  # what a writer leaves when the disk fills
+                        raise err
+                    return real(obj, f, *a, **k)
+
+                return call
+
+            stack.enter_context(mock.patch("torch.save", fails(real_save)))
+            stack.enter_context(mock.patch("safetensors.torch.save_file", fails(real_st)))
+        with pytest.raises(UserError) as got:
+            try:
+                train(run_dir)
+            finally:
+                rundir.unlock(run_dir)
+    message = str(got.value)
+    file = "adapter_model.safetensors" if writer == "safetensors" else "optimizer.pt"
+    assert f"could not write checkpoint {target} (at {file}): " in message, message
+    assert re.search(r"No space left on device|unexpected pos", message) and "GiB free where about" in message
+    if mounted:
+        assert re.search(r"\): .*\. 0\.00 GiB free where about 0\.00 GiB", message), message  # the small disk's
+    assert "earlier checkpoints are intact" in message and "resume=auto" in message
+    assert [p.name for p in rundir.checkpoints(run_dir)] == ["checkpoint-2"]
+    from fttool.launch.checkpoint import problem
+
+    assert problem(run_dir / "checkpoints" / "checkpoint-2") is None  # untouched, verifies in full
+
+
+def test_low_free_space_is_said_before_a_save(tmp_path, monkeypatch):
+    import shutil as sh
+
+    from fttool.launch import checkpoint
+
+    ckpt = tmp_path / "checkpoints" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "optimizer.pt").write_bytes(b"x" * 10_000)
+    checkpoint.write_manifest(ckpt)
+    assert checkpoint.low_space(tmp_path) is None
+    usage = sh.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage._replace(free=11_000))
+    assert "the next save may not fit" in checkpoint.low_space(tmp_path)
 
 
 def test_one_owner_per_run_folder(tmp_path, capsys):
@@ -414,18 +486,45 @@ def test_a_bad_byte_is_named_by_file_and_line(tmp_path, suffix, content, where):
             "data.template_kwargs.x._target_",
         ),
         ("resolver", "run_name: ${{oc.env:HOME}}\n", "run_name"),
+        # every interpolation but a plain key reference, however it is spelled (issue 24)
+        (
+            "nested",
+            "data:\n  template_kwargs:\n    r: env\n    s: ${{oc.${{data.template_kwargs.r}}:FTTOOL_PLANTED}}\n",
+            "s",
+        ),
+        (
+            "keyed",
+            "data:\n  template_kwargs:\n    k: oc.env\n    s: x${{${{data.template_kwargs.k}}:FTTOOL_PLANTED}}\n",
+            "s",
+        ),
+        ("quoted", "data:\n  template_kwargs:\n    s: 'a ${{ oc.env : FTTOOL_PLANTED }} b'\n", "s"),
+        ("string_default", "defaults:\n  - tiny_cpu\n", "defaults\\[0\\]"),
+        ("option_path", "defaults:\n  - override /model: ../../etc/x\n", "defaults\\[0\\]"),
+        ("outside_data", "defaults:\n  - override /data: chat\ndata:\n  path: {outside}/id_rsa.jsonl\n", "data.path"),
+        ("home_template", "data:\n  template: ~/.ssh/id_rsa\n", "data.template"),
     ],
 )
 def test_recipes_run_no_code(tmp_path, name, body, key):
     team = tmp_path / "team"
     team.mkdir()
     dst = tmp_path / "pwned"
-    (team / f"{name}.yaml").write_text("# @package _global_\n" + body.format(src=team / f"{name}.yaml", dst=dst))
+    outside = tmp_path.parent / f"{tmp_path.name}-elsewhere"  # neither the recipe's folder nor the cwd
+    outside.mkdir(exist_ok=True)
+    (outside / "id_rsa.jsonl").write_text("a file of the user's that a recipe must not make a run read\n")
+    (team / f"{name}.yaml").write_text(
+        "# @package _global_\n" + body.format(src=team / f"{name}.yaml", dst=dst, outside=outside)
+    )
     (team / "fine.yaml").write_text("# @package _global_\nrun_name: fine-${seed}\n")
+    dst.write_text("a file of the user's that a recipe must not make a run read")
+    env = {"FTTOOL_RECIPE_PATH": str(team), "HOME": str(outside), "FTTOOL_PLANTED": "planted-secret-value"}
     for verb in ("check", "train"):
-        r = run_cli_here(verb, f"+recipe={name}", cwd=tmp_path, env={"FTTOOL_RECIPE_PATH": str(team)})
-        assert r.returncode == 2 and f"recipe {team / name}.yaml: " in r.stderr, r.stderr
-        assert key.replace("\\", "") in r.stderr and not dst.exists()
+        r = run_cli_here(verb, f"+recipe={name}", cwd=tmp_path, env=env)
+        # the file and line of the value, the key, and nothing of the environment's values
+        assert r.returncode == 2 and re.search(rf"recipe {re.escape(str(team / name))}.yaml(:\d+)?: ", r.stderr), (
+            r.stderr
+        )
+        assert re.search(rf"{key}: ", r.stderr) and "planted-secret-value" not in r.stdout + r.stderr, r.stderr
+        assert dst.read_text().startswith("a file of the user's") and not (tmp_path / "runs").exists()
     ok = run_cli_here("check", "+recipe=fine", cwd=tmp_path, env={"FTTOOL_RECIPE_PATH": str(team)})
     assert ok.returncode == 0 and "fine-42" in ok.stdout, ok.stderr
 

@@ -4,7 +4,10 @@ the model card and the bad inputs of each verb."""
 
 import json
 import math
+import os
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -463,6 +466,63 @@ def test_export_reloads_with_plain_transformers_and_matches_base_plus_adapter(tr
     assert (out / "fttool" / "spec.yaml").is_file() and (out / "fttool" / "loss.png").is_file()
     again = run_cli_here("export", f"run={trained}", f"output={out}", cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr and "overwrite=true" in again.stderr
+
+
+def test_export_never_replaces_what_it_did_not_make(trained, tmp_path, monkeypatch):
+    """Issue 24: `output=runs overwrite=true` once deleted every run. Now only an earlier export is replaced (its
+    fttool/EXPORT.json), written beside it and swapped in by rename, so a failed export leaves the old one whole."""
+    import platform
+
+    from fttool.after import public
+
+    runs = trained.parent
+    (runs / "other-run").mkdir(exist_ok=True)
+    (runs / "other-run" / "keep.txt").write_text("b")
+    home = tmp_path / "home"
+    (home / "work").mkdir(parents=True)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not an export")
+    monkeypatch.setenv("HOME", str(home))
+    for output, why in (
+        (runs, "it holds the run folder"),
+        (trained, "inside the run folder"),
+        (home / "work", "it is the working directory"),
+        (home, "it holds the working directory"),
+        (Path("/"), "it holds the run folder"),
+        (mine, "not a folder an fttool export made"),
+        (mine / "notes.txt", "is a file"),
+    ):
+        r = run_cli_here("export", f"run={trained}", f"output={output}", "overwrite=true", cwd=home / "work")
+        assert r.returncode == 2 and why in r.stderr, (output, r.stderr)
+    assert (runs / "other-run" / "keep.txt").read_text() == "b" and (mine / "notes.txt").is_file()
+
+    out = tmp_path / "export"
+    r = run_cli_here("export", f"run={trained}", f"output={out}", cwd=tmp_path)
+    assert r.returncode == 0 and public.is_export(out), r.stderr
+    first = (out / "model.safetensors").stat().st_mtime_ns
+    # the record carries the spec and the lineage, not the machine: no env.json or command.txt, no host, no paths
+    assert sorted(p.name for p in (out / "fttool").iterdir()) == [
+        "EXPORT.json", "data.json", "loss.png", "result.json", "spec.yaml"
+    ]  # fmt: skip
+    for f in [*(out / "fttool").glob("*.json"), out / "fttool" / "spec.yaml", out / "README.md"]:
+        text = f.read_text()
+        assert not re.search(rf"\b{re.escape(platform.node())}\b", text), (f, platform.node())
+        for local in (str(tmp_path), str(runs), os.getcwd(), os.path.expanduser("~")):
+            assert local not in text, (f, local)
+    assert "base_model: fttool:tiny-chat" in (out / "README.md").read_text()
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(public, "write_record", broken)
+    r = run_cli_here("export", f"run={trained}", f"output={out}", "overwrite=true", cwd=tmp_path)
+    assert r.returncode != 0
+    assert (out / "model.safetensors").stat().st_mtime_ns == first and public.is_export(out)  # the old one, whole
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no partial left beside it
+    monkeypatch.undo()
+    r = run_cli_here("export", f"run={trained}", f"output={out}", "overwrite=true", cwd=tmp_path)
+    assert r.returncode == 0 and (out / "model.safetensors").stat().st_mtime_ns != first, r.stderr
 
 
 @pytest.mark.slow

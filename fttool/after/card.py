@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from fttool.after import public
 from fttool.config import methods, objectives
 from fttool.launch import rundir, runfiles
 
@@ -111,7 +112,7 @@ def model_card(run_dir: Path, spec, weights: Path, dtype: str, n_params: int, na
     result = _json(run_dir / runfiles.RESULT)
     data = _json(run_dir / runfiles.DATA)
     git = env.get("git") or {}
-    command = (run_dir / runfiles.COMMAND).read_text().strip() if (run_dir / runfiles.COMMAND).is_file() else "n/a"
+    command = "\n".join(public.commands(run_dir)) or "n/a"
     t = spec.train
     base = spec.model.name_or_path
     front = [
@@ -187,11 +188,12 @@ def model_card(run_dir: Path, spec, weights: Path, dtype: str, n_params: int, na
         "|---|---|",
         *[f"| {k} | {v or 'not installed'} |" for k, v in env.get("packages", {}).items()],
         "",
-        "The resolved spec (also in `fttool/spec.yaml`, with the run's command, environment, data record and results):",
+        "The resolved spec (also in `fttool/spec.yaml`, with the run's data record and results; local paths are cut to "
+        "their last part):",
         "",
         "```yaml",
         rundir.spec_to_yaml(spec).rstrip(),
         "```",
         "",
     ]
-    return "\n".join(front + body)
+    return public.scrub_text("\n".join(front + body))  # published with the model: no local paths

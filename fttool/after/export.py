@@ -10,27 +10,20 @@ config that stops at the end-of-turn token, a model card (README.md) and the run
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
 
 from fttool import gguf_read
+from fttool.after import public
 from fttool.config import methods
 from fttool.data.tokenizer import with_pad
 from fttool.errors import UserError
-from fttool.launch import rundir, runfiles
+from fttool.launch import rundir
+from fttool.launch.checkpoint import write_failure
 
 log = logging.getLogger("fttool")
-RECORD = (
-    runfiles.SPEC,
-    runfiles.COMMAND,
-    runfiles.ENV,
-    runfiles.DATA,
-    runfiles.RESULT,
-    "eval.json",
-    "eval.md",
-    "loss.png",
-)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -122,6 +115,46 @@ def generation_config(model, tokenizer):
 FORMATS = ("safetensors", "gguf")
 
 
+def check_output(output: Path, run_dir: Path, overwrite: bool) -> Path:
+    """The export's folder, once it is sure that writing there destroys nothing fttool did not make: a new or empty
+    folder, or with overwrite=true one an earlier fttool export made (its fttool/EXPORT.json); never the run folder,
+    a folder inside it or holding it, the working directory, the home folder or one holding them."""
+    if output == run_dir or run_dir in output.parents:
+        raise UserError(f"output={output} is inside the run folder; export to a folder of its own.")
+    why = public.protected(output, run_dir)
+    if why:
+        raise UserError(f"output={output}: {why}, so an export never writes there; export to a folder of its own.")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output={output} is a file; export to a folder (a new one, or an earlier export).")
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise UserError(
+                f"output={output} already exists; choose another folder, or add overwrite=true to replace it."
+            )
+        if not public.is_export(output):
+            raise UserError(
+                f"output={output} is not a folder an fttool export made (no fttool/{public.MARKER} in it), so "
+                "overwrite=true does not replace it; export to a new folder, or remove it yourself if it may go."
+            )
+    return output
+
+
+def swap_in(tmp: Path, output: Path) -> None:
+    """Put the finished export at `output`: an earlier export there is moved aside, the new one renamed in, and only
+    then the old one removed; if the rename fails the old one is put back, whole."""
+    if not output.exists():
+        tmp.rename(output)
+        return
+    old = output.with_name(f".{output.name}.old-{os.getpid()}")
+    output.rename(old)
+    try:
+        tmp.rename(output)
+    except BaseException:
+        old.rename(output)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export(
     run_dir: Path,
     spec,
@@ -141,11 +174,7 @@ def export(
         raise UserError(f"format={fmt}: expected one of {', '.join(FORMATS)}.")
     if gguf_type not in gguf_export.GGUF_TYPES:
         raise UserError(f"gguf_type={gguf_type}: expected one of {', '.join(gguf_export.GGUF_TYPES)}.")
-    output = output.expanduser().resolve()
-    if output == run_dir or run_dir in output.parents:
-        raise UserError(f"output={output} is inside the run folder; export to a folder of its own.")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise UserError(f"output={output} already exists; choose another folder, or add overwrite=true to replace it.")
+    output = check_output(output.expanduser().resolve(), run_dir, overwrite)
     weights = rundir.weights_dir(run_dir, spec, checkpoint)
     setup_logging(run_dir, log_file="export.log")
     dtype = export_dtype(spec, dtype)
@@ -166,18 +195,21 @@ def export(
         else:
             model.save_pretrained(str(tmp), safe_serialization=True)
             tok.save_pretrained(str(tmp))
-        (tmp / "fttool").mkdir()
-        for name in RECORD:
-            if (run_dir / name).is_file():
-                shutil.copy2(run_dir / name, tmp / "fttool" / name)
+        about = {"run": spec.run_name, "checkpoint": checkpoint, "format": fmt, "dtype": dtype}
+        public.write_record(run_dir, tmp / "fttool", rundir.spec_to_yaml(spec), about)
         n_params = sum(p.numel() for p in model.parameters())
         (tmp / "README.md").write_text(card.model_card(run_dir, spec, weights, dtype, n_params, output.name))
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
+        swap_in(tmp, output)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        why = write_failure(e)
+        if why is None:
+            raise
+        free = shutil.disk_usage(output.parent).free / 2**30
+        raise UserError(
+            f"could not write the export to {output}: {why}. {free:.2f} GiB free in {output.parent}; nothing was "
+            "replaced (an earlier export there is as it was). Free space, or export to another disk."
+        ) from None
     size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
     if fmt == "gguf":
         log.info(

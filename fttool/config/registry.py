@@ -55,7 +55,55 @@ def recipe_files() -> Dict[str, Path]:
     return found
 
 
-RESOLVER = re.compile(r"\$\{\s*[\w.-]+\s*:")  # ${oc.env:X}, ${now:...}: a resolver call, not a reference to a key
+# the one interpolation a recipe may hold: a plain reference to another key (${data.max_length}, ${.sibling},
+# ${data.mix[0].path}); every other form (a resolver, nested or not, an escaped one) is refused
+REFERENCE = re.compile(r"\$\{\.*[A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*|\[\d+\])*\}")
+DEFAULTS_ENTRY = re.compile(r"^(?:override )?/?(?P<group>[a-z_]+)$")
+OPTION = re.compile(r"^[\w.-]+$")
+# keys a recipe may point at files with: data the run reads and copies into its cache and previews
+PATH_KEYS = ("data.path", "data.val_path", "data.test_path", "data.json_schema", "data.template")
+
+
+def interpolation_problem(value: str) -> Optional[str]:
+    """Why a recipe string may not hold this interpolation, or None: anything but plain key references."""
+    rest = REFERENCE.sub("", value)
+    if "${" not in rest:
+        return None
+    return f"the value {value!r} holds an interpolation that is not a plain reference to a key (a resolver call)"
+
+
+def _line_of(path: Path, needle: str) -> str:
+    """'file:line' of the first line holding needle (the file alone when none does)."""
+    try:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if needle and needle in line:
+                return f"{path}:{n}"
+    except OSError:
+        pass
+    return str(path)
+
+
+def _inside(p: Path, roots) -> bool:
+    return any(p == r or r in p.parents for r in roots)
+
+
+def path_problem(path: Path, key: str, value: str) -> Optional[str]:
+    """Why a recipe may not point `key` at `value`: a file outside the recipe's folder and the working directory
+    (a shared recipe must not make a run read, copy and show a file of the user's such as ~/.ssh/id_rsa). Jinja text,
+    template names, hub ids and fttool's bundled names are not files."""
+    if not isinstance(value, str) or not value or value.startswith(("fttool:", "package:")) or "{" in value:
+        return None
+    if key == "data.template" and "/" not in value and not value.endswith(".jinja"):
+        return None  # a template name (chatml, llama-3)
+    target = Path(os.path.expanduser(value))
+    target = (target if target.is_absolute() else Path.cwd() / target).resolve()
+    roots = (path.resolve().parent, Path.cwd().resolve())
+    if _inside(target, roots):
+        return None
+    return (
+        f"{key}={value!r} is outside the recipe's folder and the working directory; a recipe may only name files "
+        f"beside it or in the working tree: give this path on the command line ({key}=...) instead"
+    )
 
 
 def check_recipe(path: Path, node) -> None:
@@ -69,10 +117,11 @@ def check_recipe(path: Path, node) -> None:
     if tree is not None and not isinstance(tree, dict):
         raise UserError(f"recipe {path}: expected a mapping of keys (meta, defaults, model, train, ...), not a list.")
 
-    def refuse(key: str, why: str):
+    def refuse(key: str, why: str, needle: str = ""):
         raise UserError(
-            f"recipe {path}: {key}: {why}. Recipes may set fttool keys and group options only "
-            "(Hydra settings belong on the command line); remove it from the recipe."
+            f"recipe {_line_of(path, needle or key.split('.')[-1].split('[')[0])}: {key}: {why}. Recipes may set "
+            "fttool keys to values and choose group options, nothing else (Hydra settings, resolvers and files "
+            "elsewhere belong on the command line); remove it from the recipe."
         )
 
     def walk(value, where: str) -> None:
@@ -83,20 +132,47 @@ def check_recipe(path: Path, node) -> None:
                     refuse(key, "a recipe cannot name a Python object to call")
                 if not where and str(k) == "hydra":
                     refuse(key, "a recipe cannot change Hydra's settings (callbacks, launcher, logging)")
+                if "${" in str(k):
+                    refuse(key, "a key cannot be an interpolation", str(k))
                 walk(v, key)
         elif isinstance(value, list):
             for i, v in enumerate(value):
                 walk(v, f"{where}[{i}]")
-        elif isinstance(value, str) and RESOLVER.search(value):
-            refuse(where, f"the value {value!r} calls an interpolation resolver")
+        elif isinstance(value, str):
+            why = interpolation_problem(value)
+            if why:
+                refuse(where, why, value[value.index("${") :][:20] if "${" in value else value)
+            plain = re.sub(r"\[\d+\]", "", where)
+            why = path_problem(path, plain, value) if plain in PATH_KEYS or plain == "data.mix.path" else None
+            if why:
+                refuse(where, why, value)
 
     for i, entry in enumerate((tree or {}).get("defaults") or [] if isinstance(tree, dict) else []):
-        text = entry if isinstance(entry, str) else " ".join(map(str, entry)) if isinstance(entry, dict) else ""
-        if "hydra" in text.replace("hydra_", ""):
-            refuse(f"defaults[{i}]", f"'{text}' chooses one of Hydra's own groups")
+        why = defaults_problem(entry)
+        if why:
+            text = entry if isinstance(entry, str) else next(iter(entry), "") if isinstance(entry, dict) else ""
+            refuse(f"defaults[{i}]", why, str(text))
     walk({k: v for k, v in tree.items() if k != "defaults"} if isinstance(tree, dict) else tree, "")
     if isinstance(tree, dict):
         recipes.check_file(path, tree)
+
+
+def defaults_problem(entry) -> Optional[str]:
+    """Why a recipe's `defaults:` entry is not allowed, or None: only `_self_` and `[override] /GROUP: OPTION` for
+    fttool's own groups (model, data, method, objective, hardware, logging), the option a plain name."""
+    if entry == "_self_":
+        return None
+    if not isinstance(entry, dict) or len(entry) != 1:
+        return (
+            f"'{entry}' is not a group choice; write `- override /GROUP: OPTION` with GROUP one of {', '.join(GROUPS)}"
+        )
+    ((key, option),) = entry.items()
+    m = DEFAULTS_ENTRY.match(str(key))
+    if not m or m.group("group") not in GROUPS:
+        return f"'{key}' is not one of fttool's groups ({', '.join(GROUPS)}); Hydra's own groups cannot be chosen here"
+    if not isinstance(option, str) or not OPTION.match(option):
+        return f"the option {option!r} of {m.group('group')} must be a plain option name (a file in fttool's conf/{m.group('group')}/)"
+    return None
 
 
 def load_recipe(path: Path):

@@ -10,9 +10,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -108,14 +111,76 @@ def _folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def disk_full_message(run_dir: Path, folder: Path, e: OSError) -> str:
-    sizes = [_folder_size(p) for p in complete(run_dir)]
-    need = f"about {max(sizes) / 2**30:.2f} GiB per checkpoint" if sizes else "room for one checkpoint"
-    free = shutil.disk_usage(run_dir).free / 2**30
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG)
+# how the writers say a write failed: torch's zip writer (a RuntimeError from inline_container.cc: "unexpected pos",
+# "PytorchStreamWriter failed writing file", "file write failed"), safetensors' SafetensorError ("I/O error: No space
+# left on device (os error 28)"), and the OS's own words
+WRITE_FAILED = re.compile(
+    r"No space left|os error (?:28|122|5|30|27)\b|Disk quota|Read-only file system|StorageFull|"
+    r"PytorchStreamWriter failed writing|file write failed|inline_container\.cc.*unexpected pos|iostream error"
+)
+
+
+def write_failure(e: BaseException) -> Optional[str]:
+    """What a failed write said, when `e` (or what it was raised from) is one: an OSError with a disk errno, torch's
+    RuntimeError from its zip writer, safetensors' SafetensorError. None for any other error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return e.strerror or str(e)
+        text = str(e)
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)) and WRITE_FAILED.search(text):
+            return " ".join(text.split())[:160]
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def checkpoint_size(run_dir: Path) -> int:
+    """The size of the biggest complete checkpoint (0 when there is none yet)."""
+    return max((_folder_size(p) for p in complete(run_dir)), default=0)
+
+
+def low_space(run_dir: Path) -> Optional[str]:
+    """A warning before a save when the free space is under 1.2x the last checkpoint's size, else None."""
+    size = checkpoint_size(run_dir)
+    free = shutil.disk_usage(run_dir).free
+    if size and free < 1.2 * size:
+        return (
+            f"only {_gib(free)} free in {run_dir} and the last checkpoint took {_gib(size)}: the next save may not "
+            "fit; free space now (older runs, exports, caches) or lower train.save_steps' frequency"
+        )
+    return None
+
+
+def failed_file(e: BaseException, folder: Path) -> Optional[Path]:
+    """The file in `folder` a failed write was writing: the path the writer was called with (torch.save's `f`,
+    safetensors' `filename`), read off the traceback's frames, innermost first. None when no frame names one."""
+    frames = []
+    tb = e.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            if isinstance(value, (str, os.PathLike)) and str(value).startswith(str(folder) + os.sep):
+                return Path(value)
+    return None
+
+
+def disk_full_message(run_dir: Path, folder: Path, why: str, file: Optional[Path] = None) -> str:
+    size = checkpoint_size(run_dir)
+    need = f"about {_gib(size)} per checkpoint" if size else "room for one checkpoint"
+    free = shutil.disk_usage(folder if folder.is_dir() else run_dir).free  # where the write failed
+    at = f" (at {file.relative_to(folder) if folder in file.parents else file})" if file else ""
     return (
-        f"could not write checkpoint {folder} ({e.strerror or e}): {free:.2f} GiB free where {need} is needed. "
-        f"The earlier checkpoints are intact; free space (or lower train.save_total_limit) and continue with "
-        f"resume=auto."
+        f"could not write checkpoint {folder}{at}: {why}. {_gib(free)} free where {need} is needed. The earlier "
+        f"checkpoints are intact and the partial one was removed; free space in {run_dir.parent} (older runs, "
+        f"exports, the data cache) and continue with resume=auto."
     )
 
 

@@ -8,7 +8,6 @@ run then exits 143 with the resume command, or its SLURM job requeues itself.
 
 from __future__ import annotations
 
-import errno
 import logging
 import shutil
 import signal
@@ -18,7 +17,7 @@ from typing import Optional
 from transformers import Trainer, TrainerCallback
 
 from fttool.errors import UserError
-from fttool.launch.checkpoint import disk_full_message, rotate, write_manifest
+from fttool.launch.checkpoint import disk_full_message, failed_file, low_space, rotate, write_failure, write_manifest
 from fttool.launch.preemption import stop_signals
 from fttool.worker.guard import GuardedTrainer
 
@@ -33,18 +32,25 @@ class TrustedCheckpoints(Trainer):
 
     def _save_checkpoint(self, model, trial):
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        run_dir = folder.parent.parent
+        if self.args.should_save:
+            warn = low_space(run_dir)
+            if warn:
+                log.warning(f"checkpoint-{self.state.global_step}: {warn}")
         try:
             super()._save_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()  # every process's shards are written
             if self.args.should_save:
                 write_manifest(folder)
-                rotate(folder.parent.parent, self.keep_checkpoints, self.state.best_model_checkpoint)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+                rotate(run_dir, self.keep_checkpoints, self.state.best_model_checkpoint)
+        except Exception as e:  # noqa: BLE001 - only a failed write is named; anything else goes on up
+            why = write_failure(e)
+            if why is None:
                 raise
+            message = disk_full_message(run_dir, folder, why, failed_file(e, folder))  # the space as it was
             if self.args.should_save:
                 shutil.rmtree(folder, ignore_errors=True)  # half a checkpoint is never left to be mistaken for one
-            raise UserError(disk_full_message(folder.parent.parent, folder, e)) from None
+            raise UserError(message) from None
 
 
 class Preemption(TrainerCallback):
