@@ -52,6 +52,7 @@ class SpecCall:
 
 
 CHECKPOINT = "weights to use: final (default), best, last, or a checkpoint's step number"
+TRUST = "true to run the model's own code (only for a model you trust); a run folder never turns this on itself"
 GEN_KEYS = {
     "run": "run folder to load (its final/ adapter or model, with the training chat template)",
     "model": "a model folder instead of a run (an export: fttool export ... output=DIR)",
@@ -61,6 +62,7 @@ GEN_KEYS = {
     "temperature": "0 = greedy (default); > 0 samples",
     "top_p": "nucleus sampling mass when temperature > 0 (default 1.0)",
     "device": "cpu or cuda (default: the run's hardware.device; cuda when a model= folder and a GPU are there)",
+    "trust_remote_code": TRUST,
 }
 
 VERBS: Dict[str, Verb] = {
@@ -98,7 +100,7 @@ VERBS: Dict[str, Verb] = {
         "run",
         "score the fine-tuned model and the base on the test split; results and a verdict into the run folder",
         "fttool.after.run_verbs:evaluate",
-        {"run": "run folder to evaluate", "checkpoint": CHECKPOINT},
+        {"run": "run folder to evaluate", "checkpoint": CHECKPOINT, "trust_remote_code": TRUST},
         (("run",),),
         ("eval.", "data.metrics", "data.json_schema", "data.test_path", "hardware.device", "hardware.precision"),
         "fttool eval run=runs/my-run eval.gate={exact_match:0.05} data.test_path=holdout.jsonl",
@@ -115,6 +117,7 @@ VERBS: Dict[str, Verb] = {
             "overwrite": "true to replace an existing output folder",
             "format": "safetensors (a transformers folder) or gguf (one llama.cpp/Ollama file, with a Modelfile)",
             "gguf_type": "format=gguf: f16, bf16, q8_0 or f32 weights (norms stay f32)",
+            "trust_remote_code": TRUST,
         },
         (("run",), ("output",)),
         (),

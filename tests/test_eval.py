@@ -525,6 +525,27 @@ def test_export_never_replaces_what_it_did_not_make(trained, tmp_path, monkeypat
     assert r.returncode == 0 and (out / "model.safetensors").stat().st_mtime_ns != first, r.stderr
 
 
+def test_a_foreign_run_folder_neither_resolves_nor_trusts_code(trained, tmp_path, monkeypatch):
+    """Issue 24: a run folder from someone else: its spec.yaml's interpolations stay text, and its
+    model.trust_remote_code counts only when this command line says trust_remote_code=true."""
+    foreign = tmp_path / "foreign"
+    shutil.copytree(trained, foreign, ignore=shutil.ignore_patterns("checkpoints"))
+    spec = (foreign / "spec.yaml").read_text()
+    assert "template_kwargs: {}" in spec and "trust_remote_code: false" in spec
+    planted = spec.replace("template_kwargs: {}", "template_kwargs:\n    who: ${oc.env:FTTOOL_PLANTED}")
+    (foreign / "spec.yaml").write_text(planted.replace("trust_remote_code: false", "trust_remote_code: true"))
+    monkeypatch.setenv("FTTOOL_PLANTED", "planted-secret-value")
+    for verb, extra in (("eval", []), ("export", [f"output={tmp_path / 'out'}"]), ("generate", ["prompt=hi"])):
+        r = run_cli_here(verb, f"run={foreign}", *extra, cwd=tmp_path)
+        assert r.returncode == 2 and "add trust_remote_code=true to this command" in r.stderr, (verb, r.stderr)
+    r = run_cli_here("export", f"run={foreign}", f"output={tmp_path / 'out'}", "trust_remote_code=true", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    exported = (tmp_path / "out" / "fttool" / "spec.yaml").read_text()
+    assert "${oc.env:FTTOOL_PLANTED}" in exported and "planted-secret-value" not in exported
+    r = run_cli_here("check", f"model.from_run={foreign}", "+recipe=tiny_cpu", cwd=tmp_path)
+    assert r.returncode == 0 and "planted-secret-value" not in r.stdout + r.stderr, r.stderr
+
+
 @pytest.mark.slow
 def test_export_of_qlora_never_saves_the_quantized_base(tmp_path):
     import torch

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+from fttool.after.args import flag
 from fttool.data.tokenizer import load_tokenizer, with_pad
 from fttool.errors import UserError
 from fttool.launch import runfiles
@@ -32,7 +33,7 @@ def load(own: Dict[str, str]) -> Tuple[object, object, str, Dict]:
         from fttool.launch import rundir
 
         run_dir = rundir.open_run(own["run"])
-        spec = rundir.load_spec(run_dir)
+        spec = rundir.load_spec_to_use(run_dir, flag(own, "trust_remote_code"))
         if device:
             spec = replace(spec, hardware=replace(spec.hardware, device=device))
         model_lib.check_inference_device(spec, "device")
@@ -43,10 +44,10 @@ def load(own: Dict[str, str]) -> Tuple[object, object, str, Dict]:
         return model, tok, str(weights), dict(spec.data.template_kwargs)
     if "checkpoint" in own:
         raise UserError("checkpoint= applies to run=; an exported model folder has one set of weights.")
-    return (*_load_folder(Path(own["model"]), device), {})
+    return (*_load_folder(Path(own["model"]), device, flag(own, "trust_remote_code")), {})
 
 
-def _load_folder(path: Path, device):
+def _load_folder(path: Path, device, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -57,11 +58,12 @@ def _load_folder(path: Path, device):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda: torch sees no CUDA GPU here; use device=cpu.")
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if not tok.chat_template:
         raise UserError(f"model={path}: its tokenizer has no chat template; export it from a run with fttool export.")
     with_pad(tok)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto").to(device)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", trust_remote_code=trust_remote_code)
+    model = model.to(device)
     return model, tok, str(path)
 
 

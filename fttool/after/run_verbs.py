@@ -76,7 +76,7 @@ def _spec_key_names(spec_keys: Tuple[str, ...]) -> List[str]:
 def run_spec(own: Dict[str, str], overrides: List[str]):
     """(run folder, its spec with the overrides applied and checked)."""
     run_dir = rundir.open_run(own["run"])
-    spec = rundir.load_spec(run_dir)
+    spec = rundir.load_spec_to_use(run_dir, flag(own, "trust_remote_code"))
     if overrides:
         from fttool.config.compose import override_spec
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from fttool.config import methods
+from fttool.config import methods, specfile
 from fttool.errors import UserError
 
 MODES = ("merge", "continue")
@@ -52,11 +50,13 @@ def resolve(cfg, user_keys: set) -> None:
             f"model.from_run={m.from_run}: the run has no final/ (it did not finish); continue it with "
             f"`fttool resume=auto run_name={path.name} output_dir={path.parent}` first."
         )
-    parent = OmegaConf.load(path / "spec.yaml")
     if not (final / methods.ADAPTER_FILE).is_file():
         _plain_model(cfg, final, user_keys)
         return
-    m.name_or_path, m.revision = parent.model.name_or_path, parent.model.revision
+    parent = specfile.read_tree(path / "spec.yaml").get("model") or {}  # never resolved: maybe someone else's
+    if not isinstance(parent.get("name_or_path"), str) or "${" in parent["name_or_path"]:
+        raise UserError(f"model.from_run={m.from_run}: its spec.yaml names no plain base model; {FIX}.")
+    m.name_or_path, m.revision = parent["name_or_path"], parent.get("revision")
     m.parent_adapter = str(final)
     child = methods.of(cfg)
     if m.from_run_adapter == "continue" and not child.adapter:

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
+from fttool.config import specfile
 from fttool.config.recipes import flatten
 from fttool.config.spec import RunSpec
 from fttool.errors import UserError
@@ -64,12 +65,26 @@ def spec_to_yaml(spec: RunSpec) -> str:
 
 
 def load_spec(run_dir: Path) -> RunSpec:
+    """The run's frozen spec, interpolations never resolved (read_spec_tree)."""
     from fttool.config.validation import to_spec
 
     path = Path(run_dir) / SPEC_FILE
     if not path.is_file():
         raise UserError(f"{path} not found: {run_dir} is not an fttool run folder.")
-    return to_spec(OmegaConf.load(path))
+    return to_spec(specfile.read_tree(path))
+
+
+def load_spec_to_use(run_dir: Path, trust_remote_code: bool) -> RunSpec:
+    """A run folder's spec for the run verbs (eval, export, generate, chat): model.trust_remote_code is what this
+    command line says, never what the folder says (it may be someone else's)."""
+    spec = load_spec(run_dir)
+    if spec.model.trust_remote_code and not trust_remote_code:
+        raise UserError(
+            f"{run_dir} was trained with model.trust_remote_code=true ({spec.model.name_or_path} runs its own "
+            "code); a run folder never turns that on by itself: add trust_remote_code=true to this command if you "
+            "trust that model's code."
+        )
+    return replace(spec, model=replace(spec.model, trust_remote_code=trust_remote_code))
 
 
 def run_dir_of(spec: RunSpec) -> Path:

@@ -7,7 +7,8 @@ after the gradients are reduced and clipped and before the optimizer applies the
 verdict is agreed over all of them (one tiny all-reduce), so every rank stops at the same step.
 
 - `train.nonfinite_tolerance=0` (default): the first such step stops the run. Nothing of that step is applied or
-  saved; the checkpoints written before it hold finite weights and `resume=auto` continues from the newest.
+  saved; the checkpoints written before it hold finite weights and `resume=auto` continues from the newest. Under
+  DeepSpeed the engine has already applied the update inside backward: the message says so; nothing of it is saved.
 - `train.nonfinite_tolerance=N`: up to N such steps are skipped (their gradients dropped, so the optimizer leaves
   the weights and its state as they were) and counted in metrics.jsonl and result.json; the N+1-th stops the run.
 - fp16: an inf/NaN gradient norm with a finite loss is the loss scaler's business (it skips that step and lowers
@@ -23,6 +24,7 @@ from typing import List, Optional
 
 from transformers import Trainer
 
+from fttool.config import strategies
 from fttool.errors import UserError
 
 log = logging.getLogger("fttool")
@@ -157,10 +159,17 @@ def diverged_message(e: NonFiniteStep, spec, run_dir, last_checkpoint, precision
             f"training stopped at step {e.step}: the validation loss is {e.loss}, so the weights after this step give "
             f"non-finite outputs. They were not saved; {kept}."
         )
-    else:
+    elif strategies.of(spec).drops_steps:
         head = (
             f"training stopped at step {e.step}: non-finite {_what(e.loss, e.grad_norm)}. Nothing of this step was "
             f"applied or saved; {kept}."
+        )
+    else:  # DeepSpeed: the engine steps inside backward, before the guard sees the gradient norm
+        head = (
+            f"training stopped at step {e.step}: non-finite {_what(e.loss, e.grad_norm)}. DeepSpeed "
+            f"(hardware.strategy={spec.hardware.strategy}) had already applied this step's update inside its "
+            f"backward pass, so the weights in memory may be non-finite; nothing after the previous checkpoint was "
+            f"saved, and no checkpoint holds this step; {kept}."
         )
     lines = [head, "Usual causes, and the keys to change:"]
     lines += [f"  - {c}" for c in causes]
