@@ -156,6 +156,7 @@ PROCESSES = {
     "test_bad_day.py": {
         "test_sigterm_to_a_two_process_run_resumes_to_the_uninterrupted_result",
         "test_a_preempted_slurm_job_requeues_itself_and_finishes_the_run",
+        "test_kill_9_of_a_two_process_launcher_leaves_no_worker_and_the_next_launch_resumes",
     },
     "test_guard.py": {"test_a_diverging_two_process_run_stops_every_rank_and_exits_4"},
     "test_preference.py": {"test_dpo_on_two_processes_matches_one"},

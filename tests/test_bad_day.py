@@ -136,6 +136,72 @@ def test_sigterm_to_a_two_process_run_resumes_to_the_uninterrupted_result(tmp_pa
     assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, 31))
 
 
+def _processes_of(run_dir) -> list:
+    """Pids of live processes whose command line names the run folder (the launcher's workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            state = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(run_dir) in cmd and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_two_process_launcher_leaves_no_worker_and_the_next_launch_resumes(tmp_path):
+    """Issue 24: kill -9 of the launcher once left its workers training beside the next launch. Now they stop
+    with it (parent-death signal: they save a checkpoint at a clean point and end), its lock goes with them, and the
+    next launch takes the run over from that checkpoint."""
+    from test_distributed import free_port
+
+    # 2000 steps would take minutes: the workers must be gone long before, in seconds
+    args = [*TINY, "hardware=ddp", "hardware.device=cpu", "train.max_steps=2000", "train.save_steps=5000"]
+    args += [f"output_dir={tmp_path}", "run_name=orphan"]
+
+    def start(*extra):
+        return subprocess.Popen(
+            [sys.executable, "-m", "fttool", *args, f"hardware.main_port={free_port()}", *extra],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    run_dir = tmp_path / "orphan"
+    proc = start()
+    try:
+        _wait_for_step(run_dir, 2, proc)
+        assert len(_processes_of(run_dir)) >= 3  # accelerate's launcher and two workers
+        proc.kill()  # SIGKILL: no handler of fttool's runs
+        proc.wait()
+        deadline = time.time() + 10
+        while _processes_of(run_dir) and time.time() < deadline:
+            time.sleep(0.3)
+        left = _processes_of(run_dir)
+        assert not left, f"still running 10 s after the launcher was killed: {left}"
+    finally:
+        for pid in _processes_of(run_dir):
+            os.kill(pid, signal.SIGKILL)
+    (ckpt,) = (run_dir / "checkpoints").glob("checkpoint-*")  # the workers stopped at a clean point and saved
+    step = int(ckpt.name.split("-")[1])
+    assert step < 2000
+    again = start("resume=auto")
+    try:
+        _wait_for_step(run_dir, step + 2, again)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        _, err = again.communicate(timeout=120)
+    assert f"{run_dir / rundir.LOCK} was left by process {proc.pid}" in err, err[-3000:]
+    assert "is in use" not in err and again.returncode == 143, err[-3000:]
+    steps = [r["step"] for r in metrics(run_dir) if "loss" in r]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] > step + 1  # continued from the checkpoint
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_preempted_slurm_job_requeues_itself_and_finishes_the_run(tmp_path, processes, uninterrupted):
@@ -328,25 +394,75 @@ def test_low_free_space_is_said_before_a_save(tmp_path, monkeypatch):
     assert "the next save may not fit" in checkpoint.low_space(tmp_path)
 
 
+HOLDER = """
+import fcntl, json, os, sys, time
+path = sys.argv[1]
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0)
+os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": "2026-11-26 10:00:00"}).encode(), 0)
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
 def test_one_owner_per_run_folder(tmp_path, capsys):
+    """The lock is an flock held by a live process: refused while it lives, taken over (said) once it is gone."""
     spec = make_spec(["run_name=owned"], tmp_path)
     run_dir, _ = rundir.prepare(spec, ["pytest"], {})
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    rundir.unlock(run_dir)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir / rundir.LOCK)], stdout=subprocess.PIPE)
     try:
-        (run_dir / rundir.LOCK).write_text(
-            json.dumps({"pid": sleeper.pid, "host": os.uname().nodename, "started": "2026-11-26 10:00:00"})
-        )
+        assert holder.stdout.readline().strip() == b"holding"
         again = make_spec(["run_name=owned", "resume=auto"], tmp_path)
-        with pytest.raises(UserError, match=rf"is in use: process {sleeper.pid} on .* since 2026-11-26 10:00:00"):
+        with pytest.raises(UserError, match=rf"is in use: process {holder.pid} on .* since 2026-11-26 10:00:00"):
             rundir.prepare(again, ["pytest"], {})
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    rundir.prepare(again, ["pytest"], {})  # the holder is gone: taken over
-    assert f"left by process {sleeper.pid} (which is gone)" in capsys.readouterr().err
+        holder.kill()
+        holder.wait()
+    rundir.prepare(again, ["pytest"], {})  # the holder is gone (its lock went with it): taken over
+    assert f"left by process {holder.pid} (which is gone)" in capsys.readouterr().err
     assert json.loads((run_dir / rundir.LOCK).read_text())["pid"] == os.getpid()
     rundir.unlock(run_dir)
     assert not (run_dir / rundir.LOCK).exists()
+    for left in ("", "{not json"):  # a death between create and write: diagnosed, never a permanent block
+        (run_dir / rundir.LOCK).write_text(left)
+        rundir.prepare(again, ["pytest"], {})
+        err = capsys.readouterr().err
+        assert "taking the run over" in err and ("unreadable" if left else "record is empty") in err, err
+        rundir.unlock(run_dir)
+
+
+TAKER = """
+import sys, time
+from pathlib import Path
+from fttool.errors import UserError
+from fttool.launch import rundir
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both start together
+try:
+    rundir.lock(Path(sys.argv[1]))
+except UserError as e:
+    print("refused", e, flush=True)
+else:
+    print("owner", flush=True)
+    time.sleep(2)
+"""
+
+
+def test_two_takeovers_of_a_stale_lock_leave_exactly_one_owner(tmp_path):
+    """Issue 24: two launches that both found the same dead holder once both trained (the second deleted the first's
+    fresh lock). With the flock exactly one owns the run folder."""
+    for attempt in range(3):
+        run_dir = tmp_path / f"run{attempt}"
+        run_dir.mkdir()
+        (run_dir / rundir.LOCK).write_text(json.dumps({"pid": 999999, "host": os.uname().nodename, "started": "x"}))
+        at = time.time() + 1.5
+        procs = [
+            subprocess.Popen([sys.executable, "-c", TAKER, str(run_dir), str(at)], stdout=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        outs = sorted(p.communicate(timeout=60)[0].split()[0] for p in procs)
+        assert outs == ["owner", "refused"], outs
 
 
 def test_a_requeued_slurm_job_takes_its_run_folder_back(tmp_path, monkeypatch, capsys):
@@ -357,6 +473,7 @@ def test_a_requeued_slurm_job_takes_its_run_folder_back(tmp_path, monkeypatch, c
     spec = make_spec(["run_name=job"], tmp_path)
     run_dir, created = rundir.prepare(spec, ["pytest"], {})
     assert created and json.loads((run_dir / "env.json").read_text())["slurm_job"] == "77"
+    rundir.unlock(run_dir)  # the first start was killed on another node, its record left behind
     (run_dir / rundir.LOCK).write_text(json.dumps({"pid": 1, "host": "node-a", "started": "x", "slurm_job": "77"}))
     with pytest.raises(UserError, match="already exists"):
         rundir.prepare(spec, ["pytest"], {})  # not a requeue: a second launch

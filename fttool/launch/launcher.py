@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from fttool import lifeline
 from fttool.config import slurm
 from fttool.config.spec import RunSpec, world_size
 from fttool.errors import Preempted, UserError
@@ -106,7 +107,15 @@ def run_workers(spec: RunSpec, run_dir: Path, config: Path) -> None:
     # SIGUSR1 (SLURM's early warning) or submitit's SIGUSR2 would end torch's launcher by default: it and the workers
     # inherit "ignore", and the workers install their own handler (safe_trainer.Preemption)
     quiet = [s for s in preemption.stop_signals() if s != signal.SIGTERM]
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: [signal.signal(s, signal.SIG_IGN) for s in quiet])
+    me = os.getpid()
+
+    def child_setup():
+        for s in quiet:
+            signal.signal(s, signal.SIG_IGN)
+        lifeline.die_with_parent(signal.SIGTERM, me)  # kill -9 of this launcher stops the workers too
+
+    # the launcher's run-folder lock goes with it: held while any of them lives (rundir.lock)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=child_setup, pass_fds=rundir.held_descriptors())
     received: List[int] = []
 
     def forward(signum, _frame):

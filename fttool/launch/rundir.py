@@ -207,7 +207,11 @@ class RunFinished(UserError):
     exit_code = 0
 
 
-# the lock holds {"pid", "host", "started", "slurm_job"}
+# The lock: an advisory flock on .fttool.lock, held by the launcher (and inherited by the `accelerate launch` it
+# starts), so it dies with its holder: no takeover race, no stale file to judge by a pid. The file also holds
+# {"pid", "host", "started", "slurm_job"} for messages, and for a holder on another machine (where a filesystem may
+# not share locks).
+_HELD: Dict[str, int] = {}  # lock file -> the descriptor that holds it, in this process
 
 
 def _alive(pid: int) -> bool:
@@ -220,57 +224,122 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _holder(fd: int) -> Optional[Dict[str, Any]]:
+    """The record in the lock file: a dict, {} when empty, None when unreadable."""
+    try:
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        value = json.loads(text) if text else {}
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _in_use(run_dir: Path, holder: Optional[Dict[str, Any]], path: Path) -> UserError:
+    who = (
+        f"process {holder.get('pid', '?')} on {holder.get('host', '?')} has trained in it since "
+        f"{holder.get('started', '?')}"
+        if holder
+        else "a live process holds its lock (its record is empty or unreadable)"
+    )
+    return UserError(
+        f"run folder {run_dir} is in use: {who} (a second launch of the same run?). Wait for it to finish; "
+        f"`fuser {path}` shows the processes that hold it."
+    )
+
+
 def lock(run_dir: Path) -> None:
-    """Take the run folder for this process: a lock file created atomically. Held by a live process (or by one on
-    another machine): refused, naming the holder. Held by a process of this machine that is gone, or by an earlier
-    start of this requeued SLURM job: taken over."""
-    path = run_dir / LOCK
+    """Take the run folder for this process: an exclusive flock on its lock file, kept until unlock() or this
+    process (and every child it handed the descriptor to) ends. Held by a live process: refused, naming it. A file
+    left by a process that died (pid gone, empty or unreadable record) is taken over, saying so; a record from
+    another machine is refused unless this is a requeued start of the same SLURM job (that machine's lock may be
+    invisible here)."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK
+    key = str(path.resolve())
+    if key in _HELD:
+        return  # this process holds it already
+    for _ in range(10):
+        existed = path.exists()  # unlock() removes it: one that is there was left, or is held
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise _in_use(run_dir, holder, path) from None
+        except OSError as e:
+            os.close(fd)
+            raise UserError(
+                f"cannot lock {path} ({e.strerror}): the filesystem of {run_dir} does not support file locks; "
+                "put output_dir on one that does (a local disk, NFSv4, Lustre)."
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # the holder unlinked it as we opened it: lock the file that is there now
+            os.close(fd)
+            continue
+        break
+    else:
+        raise UserError(f"could not take {path}: it keeps being replaced; is another fttool starting this run?")
+    holder = _holder(fd)
+    elsewhere = bool(holder) and holder.get("host") not in (None, platform.node())
+    earlier_start = bool(holder) and preemption.requeued() and holder.get("slurm_job") == preemption.slurm_job()
+    if elsewhere and not earlier_start:
+        os.close(fd)
+        raise UserError(
+            f"run folder {run_dir} is in use by process {holder.get('pid', '?')} on {holder.get('host')} since "
+            f"{holder.get('started', '?')}, as far as this machine can tell (a lock on another machine may not be "
+            f"visible here). If that process is gone, delete {path}."
+        )
+    if holder != {} or existed:
+        why = (
+            "its record is unreadable"
+            if holder is None
+            else "its record is empty: a launch that died as it took the lock"
+            if not holder
+            else f"an earlier start of SLURM job {preemption.slurm_job()}"
+            if earlier_start
+            else "which is gone"
+            if not _alive(int(holder.get("pid") or 0) or -1)
+            else "which no longer holds it"
+        )
+        pid = holder.get("pid") if holder else "?"
+        print(f"fttool: warning: {path} was left by process {pid} ({why}); taking the run over", file=sys.stderr)
     mine = {
         "pid": os.getpid(),
         "host": platform.node(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "slurm_job": preemption.slurm_job(),
     }
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}
-            same_host = holder.get("host") == platform.node()
-            if same_host and holder.get("pid") == os.getpid():
-                return  # this process holds it already
-            gone = same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"])
-            earlier_start = preemption.requeued() and holder.get("slurm_job") == preemption.slurm_job()
-            if gone or earlier_start:
-                why = "which is gone" if gone else f"an earlier start of SLURM job {preemption.slurm_job()}"
-                print(
-                    f"fttool: warning: {path} was left by process {holder.get('pid')} ({why}); taking the run over",
-                    file=sys.stderr,
-                )
-                path.unlink(missing_ok=True)
-                continue
-            raise UserError(
-                f"run folder {run_dir} is in use: process {holder.get('pid', '?')} on "
-                f"{holder.get('host', '?')} has trained in it since {holder.get('started', '?')} (a second "
-                f"launch of the same run?). Wait for it to finish, or, if that process is gone, delete {path}."
-            )
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(mine) + "\n")
-        return
-    raise UserError(f"could not take {path}; delete it if no fttool process is training in {run_dir}.")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(mine) + "\n").encode(), 0)
+    os.set_inheritable(fd, True)  # a launched `accelerate launch` keeps holding it (run_workers passes it on)
+    _HELD[key] = fd
+
+
+def held_descriptors() -> List[int]:
+    """The lock descriptors this process holds (for a child process that must hold the run folder too)."""
+    return list(_HELD.values())
 
 
 def unlock(run_dir: Path) -> None:
-    """Give the run folder up (only this process's own lock)."""
+    """Give the run folder up (only this process's own lock): the file is removed, then the lock released."""
+    import fcntl
+
     path = Path(run_dir) / LOCK
+    fd = _HELD.pop(str(path.resolve()), None)
+    if fd is None:
+        return
     try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
-    except (OSError, ValueError):
+        path.unlink(missing_ok=True)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError:
         pass
+    finally:
+        os.close(fd)
 
 
 def join(spec: RunSpec, run_dir: Path, argv: List[str]) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -384,6 +385,9 @@ def main(argv=None) -> None:
         print("usage: python -m fttool.worker.train RUN_DIR", file=sys.stderr)
         raise SystemExit(2)
     run_dir = Path(argv[0])
+    from fttool import lifeline
+
+    lifeline.die_with_parent(signal.SIGTERM, os.getppid())  # a killed launcher (torch's agent) stops this worker
     try:
         train(run_dir)
     except UserError as e:
