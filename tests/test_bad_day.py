@@ -379,6 +379,45 @@ def test_a_real_full_disk_is_named_with_the_file_and_the_space(tmp_path, kib, wr
     assert problem(run_dir / "checkpoints" / "checkpoint-2") is None  # untouched, verifies in full
 
 
+def test_a_manifest_is_written_after_every_file_is_fsyncd_and_hashed_off_the_critical_path(tmp_path, monkeypatch):
+    """Issue 24: nothing was fsync'd before the manifest said a checkpoint was complete, and rank 0 hashed every
+    file while the other ranks waited. Now: files and folders fsync'd first, the manifest (sizes) written durably at
+    once, the hashes added by a thread; resume checks sizes meanwhile and hashes once they are there."""
+    import threading
+
+    from fttool.launch import checkpoint
+
+    ckpt = tmp_path / "checkpoints" / "checkpoint-4"
+    (ckpt / "sub").mkdir(parents=True)
+    for name, size in (("optimizer.pt", 3 << 20), ("model.safetensors", 1 << 20), ("sub/extra.bin", 10)):
+        (ckpt / name).write_bytes(os.urandom(size))
+    order = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        checkpoint.os, "fsync", lambda fd: (order.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))
+    )
+    monkeypatch.setattr(
+        checkpoint.os, "replace", lambda a, b: (order.append(f"manifest {Path(b).name}"), real_replace(a, b))
+    )
+    hashing_may_start = threading.Event()
+    real_sha = checkpoint._sha256
+    monkeypatch.setattr(checkpoint, "_sha256", lambda p: (hashing_may_start.wait(30), real_sha(p))[1])
+
+    checkpoint.write_manifest(ckpt)  # returns while the hashes are still to come
+    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())["files"]
+    assert sorted(manifest) == ["model.safetensors", "optimizer.pt", "sub/extra.bin"]
+    assert all("sha256" not in e for e in manifest.values()) and checkpoint.problem(ckpt) is None
+    first = order.index(f"manifest {checkpoint.MANIFEST}")
+    synced = set(order[:first])
+    assert {str(ckpt / n) for n in manifest} | {str(ckpt), str(ckpt / "sub")} <= synced, order
+    hashing_may_start.set()
+    checkpoint.wait_for_hashes()
+    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())["files"]
+    assert all(len(e["sha256"]) == 64 for e in manifest.values())
+    (ckpt / "sub" / "extra.bin").write_bytes(os.urandom(10))  # same size, other bytes
+    assert "changed after it was written" in checkpoint.problem(ckpt)
+
+
 def test_low_free_space_is_said_before_a_save(tmp_path, monkeypatch):
     import shutil as sh
 

@@ -1,7 +1,8 @@
 """Checkpoints a resume can trust (the Trainer side is in safe_trainer.py).
 
 - Every checkpoint gets a manifest (`fttool-manifest.json`: each file's size and sha256), written last, after every
-  process has finished writing. Old checkpoints are rotated out only after the new one's manifest is written, so a
+  process has finished writing and every file is fsync'd; the hashes are computed by a thread while training goes
+  on, so rank 0 does not hold the others at the barrier for minutes on a large checkpoint. Old checkpoints are rotated out only after the new one's manifest is written, so a
   crash, a kill or a full disk mid-save leaves the previous checkpoints as they were.
 - Resume takes the newest checkpoint whose manifest verifies and says which newer ones it skipped and why; a
   checkpoint without a manifest is never loaded (except in a run folder from before manifests, which has none).
@@ -17,10 +18,12 @@ import logging
 import os
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from fttool.launch.runfiles import CHECKPOINTS, write_json
+from fttool.launch.runfiles import CHECKPOINTS
 
 log = logging.getLogger("fttool")
 MANIFEST = "fttool-manifest.json"
@@ -38,10 +41,63 @@ def _files(folder: Path) -> List[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(folder: Path) -> None:
-    """Each file's size and hash, written to a temporary name and renamed: the manifest exists only complete."""
-    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
-    write_json(folder / MANIFEST, {"files": entries}, indent=1)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path, background: bool = True) -> None:
+    """The checkpoint's manifest, on the critical path only as long as durability needs: every file and the folder
+    are fsync'd, then the manifest of sizes is written (a temporary name, fsync'd, renamed, the folder fsync'd
+    again): it exists only once the checkpoint is on disk. Each file's sha256 is added by a thread while training
+    goes on (hashlib works outside the GIL), the manifest rewritten the same way; `background=False` hashes now."""
+    files = _files(folder)
+    for p in files:
+        _fsync(p)
+    for d in sorted({p.parent for p in files} | {folder}, key=lambda d: len(d.parts), reverse=True):
+        _fsync(d)
+    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size} for p in files}
+    _write_durably(folder, {"files": entries})
+    if not background:
+        _add_hashes(folder, entries)
+        return
+    thread = threading.Thread(target=_add_hashes, args=(folder, entries), name=f"hash-{folder.name}", daemon=True)
+    _HASHING.append(thread)
+    thread.start()
+
+
+_HASHING: List[threading.Thread] = []
+
+
+def _write_durably(folder: Path, manifest: dict) -> None:
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    _fsync(tmp)
+    os.replace(tmp, folder / MANIFEST)
+    _fsync(folder)
+
+
+def _add_hashes(folder: Path, entries: Dict[str, Dict]) -> None:
+    """Hash every file of a written checkpoint and rewrite its manifest with the hashes; a checkpoint rotated out
+    meanwhile is left alone."""
+    try:
+        hashed = {name: {**e, "sha256": _sha256(folder / name)} for name, e in entries.items()}
+        if (folder / MANIFEST).is_file():
+            _write_durably(folder, {"files": hashed})
+    except FileNotFoundError:  # rotated out while it was hashed
+        pass
+    except OSError as e:  # the sizes stay the record; resume checks those
+        log.warning(f"could not hash {folder.name} for its manifest ({e.strerror or e}); its sizes are recorded")
+
+
+def wait_for_hashes(timeout: float = 600.0) -> None:
+    """Let the manifests being hashed finish (the end of a run, before result.json)."""
+    deadline = time.time() + timeout
+    while _HASHING:
+        _HASHING.pop(0).join(max(0.0, deadline - time.time()))
 
 
 def problem(folder: Path, hashes: bool = True) -> Optional[str]:
@@ -59,7 +115,7 @@ def problem(folder: Path, hashes: bool = True) -> Optional[str]:
             return f"{name} is missing"
         if f.stat().st_size != want["size"]:
             return f"{name} has {f.stat().st_size:,} bytes, {want['size']:,} were written"
-        if hashes and _sha256(f) != want["sha256"]:
+        if hashes and "sha256" in want and _sha256(f) != want["sha256"]:  # no hash yet: the sizes are the record
             return f"{name} changed after it was written (hash differs)"
     return None
 

@@ -19,7 +19,7 @@ from fttool.config.spec import has_test, has_validation
 from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
 from fttool.launch import rundir, runfiles
-from fttool.launch.checkpoint import last_checkpoint
+from fttool.launch.checkpoint import last_checkpoint, wait_for_hashes
 from fttool.launch.rundir import CHECKPOINTS, FINAL
 from fttool.logs import rank, setup_logging
 from fttool.worker import memory
@@ -293,6 +293,7 @@ def train(run_dir: Path) -> dict:
         log.info(f"validation loss {eval_loss:.4f} on {len(prepared.validation):,} held-out samples")
     if spec.eval.after_training and has_test(spec):
         summary["eval"] = _evaluate(spec, run_dir, final, model if args.world_size == 1 else None, tok)
+    wait_for_hashes()  # the checkpoints' manifests get their hashes before the run is called finished
     runfiles.write_json(run_dir / runfiles.RESULT, summary)
     tracking.log_eval(summary.get("eval"))
     log.info(f"done: {methods.of(spec).holds} saved to {final}")
