@@ -502,9 +502,9 @@ def test_export_never_replaces_what_it_did_not_make(trained, tmp_path, monkeypat
     assert r.returncode == 0 and public.is_export(out), r.stderr
     first = (out / "model.safetensors").stat().st_mtime_ns
     # the record carries the spec and the lineage, not the machine: no env.json or command.txt, no host, no paths
-    assert sorted(p.name for p in (out / "fttool").iterdir()) == [
-        "EXPORT.json", "data.json", "loss.png", "result.json", "spec.yaml"
-    ]  # fmt: skip
+    record = {p.name for p in (out / "fttool").iterdir()}  # eval.json/eval.md too once the run is evaluated
+    assert {"EXPORT.json", "data.json", "loss.png", "result.json", "spec.yaml"} <= record, record
+    assert record <= {"EXPORT.json", "data.json", "loss.png", "result.json", "spec.yaml", "eval.json", "eval.md"}
     for f in [*(out / "fttool").glob("*.json"), out / "fttool" / "spec.yaml", out / "README.md"]:
         text = f.read_text()
         assert not re.search(rf"\b{re.escape(platform.node())}\b", text), (f, platform.node())

@@ -87,7 +87,8 @@ def test_wandb_offline_two_processes(tmp_path, monkeypatch):
     from wandb_records import records
 
     secret = "sekrit" + "0123456789abcdef" * 2 + "0123456"
-    env = {"WANDB_API_KEY": secret, "WANDB_MODE": "offline"}
+    planted = "planted-secret-value-7c1e"  # any variable of the environment (issue 24)
+    env = {"WANDB_API_KEY": secret, "WANDB_MODE": "offline", "FTTOOL_PLANTED": planted}
     r = run_cli(
         "-m",
         *TINY,
@@ -125,9 +126,14 @@ def test_wandb_offline_two_processes(tmp_path, monkeypatch):
     assert any("eval" in k and "loss" in k for k in history), history
     assert json.loads(summary["eval/verdict"]) in ("pass", "fail") and "eval/base/exact_match" in summary
     assert json.loads((trial / "eval.json").read_text())["examples"] == 4
-    for root, _, files in os.walk(tmp_path):  # the API key lands in no file
+    exported = run_cli("export", f"run={trial}", f"output={tmp_path / 'export'}", env=env, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    # neither the API key nor any other variable of the environment lands in a file of the sweep, its trials'
+    # run folders, their W&B offline files or the export
+    for root, _, files in os.walk(tmp_path):
         for name in files:
-            assert secret.encode() not in open(os.path.join(root, name), "rb").read(), os.path.join(root, name)
+            content = open(os.path.join(root, name), "rb").read()
+            assert secret.encode() not in content and planted.encode() not in content, os.path.join(root, name)
 
 
 def test_the_sweep_outcome_is_read_from_its_trial_records(tmp_path):
