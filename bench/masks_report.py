@@ -1,4 +1,5 @@
-"""Per real chat template: which conversation classes fttool masks exactly right, and which it refuses and why.
+"""Per real chat template (and per template in tests/templates/, written in the shapes of families outside the
+shared set): which conversation classes fttool masks exactly right, and which it refuses and why.
 
     python bench/masks_report.py            # needs ../shared/data (templates and the phi-2 tokenizer)
 
@@ -30,7 +31,7 @@ def main() -> int:
     wrong = 0
     totals = {"ok": 0, "refused": 0}
     print(f"{'template':<48} " + " ".join(f"{c[:18]:<18}" for c in cases))
-    for name in tc.template_names():
+    for name in tc.template_names() + tc.own_template_names():  # the shared set, then tests/templates/
         cells, notes = [], []
         for case in cases:
             try:
