@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from fttool.launch import runfiles
+from fttool.runfolder import runfiles
 
 log = logging.getLogger("fttool")
 

@@ -1,6 +1,7 @@
 """The layout's rules (docs/ARCHITECTURE.md): every module imports; no import cycles between modules (imports inside
-functions count); configuration and data never reach into the worker or what runs after training; configuration
-never into launching; and composing a config imports no torch."""
+functions count); configuration and data never reach into the worker, launching or what runs after training; the
+run folder's contracts (fttool.runfolder) and model loading (fttool.models) into no stage; the worker never into
+launching, what runs after training never into the worker; and composing a config imports no torch."""
 
 import ast
 import importlib
@@ -75,8 +76,15 @@ def test_no_import_cycles():
 
 def test_layers_point_one_way():
     forbidden = {
-        "fttool.config": ("fttool.worker", "fttool.after", "fttool.launch"),
-        "fttool.data": ("fttool.worker", "fttool.after", "fttool.launch"),
+        "fttool.config": ("fttool.worker", "fttool.after", "fttool.launch", "fttool.runfolder", "fttool.models"),
+        "fttool.data": ("fttool.worker", "fttool.after", "fttool.launch", "fttool.runfolder", "fttool.models"),
+        # the run folder's contracts and model loading are shared by every stage, and own none of them
+        "fttool.runfolder": ("fttool.worker", "fttool.after", "fttool.launch", "fttool.models"),
+        "fttool.models": ("fttool.worker", "fttool.after", "fttool.launch"),
+        # stages read in order: a worker never reaches back into launching, what runs after training never into
+        # the worker (both go through fttool.runfolder and fttool.models)
+        "fttool.worker": ("fttool.launch",),
+        "fttool.after": ("fttool.worker", "fttool.launch"),
     }
     back = [
         f"{m} imports {d}"

@@ -19,6 +19,7 @@ from conftest import FAST, make_spec, run_cli, run_cli_here, train_run
 from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
 from fttool.launch import rundir
+from fttool.runfolder import folder
 
 TINY = [
     "method=lora",
@@ -271,7 +272,7 @@ def test_a_preempted_slurm_job_requeues_itself_and_finishes_the_run(tmp_path, pr
 
 @pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(tmp_path):
-    from fttool.launch.checkpoint import newest_trusted
+    from fttool.runfolder.checkpoint import newest_trusted
 
     run_dir, _ = train_run([*FAST, "train.max_steps=6", "train.save_steps=3", "train.save_total_limit=3"], tmp_path)
     newest = run_dir / "checkpoints" / "checkpoint-6"
@@ -279,7 +280,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a killed copy, a full disk
     found, skipped = newest_trusted(run_dir)
     assert found.name == "checkpoint-3" and skipped[0][0] == newest and "adapter_model.safetensors has" in skipped[0][1]
-    assert [p.name for p in rundir.checkpoints(run_dir)] == ["checkpoint-3"]
+    assert [p.name for p in folder.checkpoints(run_dir)] == ["checkpoint-3"]
     shutil.rmtree(run_dir / "final")
     (run_dir / "result.json").unlink()
     spec = make_spec(
@@ -294,15 +295,15 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(tmp_path):
     assert "skipping checkpoint-6: adapter_model.safetensors has" in log and "resuming from" in log
     assert "checkpoint-3 (step 3)" in log.split("resuming from")[-1]
     # a checkpoint whose file changed after it was written is caught by its hash
-    ckpt = rundir.checkpoints(run_dir)[-1]
+    ckpt = folder.checkpoints(run_dir)[-1]
     (ckpt / "trainer_state.json").write_text((ckpt / "trainer_state.json").read_text().replace("{", "{ ", 1)[:-1])
-    from fttool.launch.checkpoint import problem
+    from fttool.runfolder.checkpoint import problem
 
     assert "changed after it was written" in problem(ckpt)
 
 
 def test_disk_full_while_saving_names_the_folder_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
-    from fttool.launch import checkpoint
+    from fttool.runfolder import checkpoint
     from fttool.worker import safe_trainer
 
     real, calls = checkpoint.write_manifest, []
@@ -321,7 +322,7 @@ def test_disk_full_while_saving_names_the_folder_and_keeps_earlier_checkpoints(t
     ):
         train_run([*FAST, "train.max_steps=8", "train.save_steps=3"], tmp_path)
     run_dir = tmp_path / "run"
-    assert [p.name for p in rundir.checkpoints(run_dir)] == ["checkpoint-3"]
+    assert [p.name for p in folder.checkpoints(run_dir)] == ["checkpoint-3"]
     assert not (run_dir / "checkpoints" / "checkpoint-6").exists()
 
 
@@ -373,8 +374,8 @@ def test_a_real_full_disk_is_named_with_the_file_and_the_space(tmp_path, kib, wr
     if mounted:
         assert re.search(r"\): .*\. 0\.00 GiB free where about 0\.00 GiB", message), message  # the small disk's
     assert "earlier checkpoints are intact" in message and "resume=auto" in message
-    assert [p.name for p in rundir.checkpoints(run_dir)] == ["checkpoint-2"]
-    from fttool.launch.checkpoint import problem
+    assert [p.name for p in folder.checkpoints(run_dir)] == ["checkpoint-2"]
+    from fttool.runfolder.checkpoint import problem
 
     assert problem(run_dir / "checkpoints" / "checkpoint-2") is None  # untouched, verifies in full
 
@@ -385,7 +386,7 @@ def test_a_manifest_is_written_after_every_file_is_fsyncd_and_hashed_off_the_cri
     once, the hashes added by a thread; resume checks sizes meanwhile and hashes once they are there."""
     import threading
 
-    from fttool.launch import checkpoint
+    from fttool.runfolder import checkpoint
 
     ckpt = tmp_path / "checkpoints" / "checkpoint-4"
     (ckpt / "sub").mkdir(parents=True)
@@ -421,7 +422,7 @@ def test_a_manifest_is_written_after_every_file_is_fsyncd_and_hashed_off_the_cri
 def test_low_free_space_is_said_before_a_save(tmp_path, monkeypatch):
     import shutil as sh
 
-    from fttool.launch import checkpoint
+    from fttool.runfolder import checkpoint
 
     ckpt = tmp_path / "checkpoints" / "checkpoint-2"
     ckpt.mkdir(parents=True)

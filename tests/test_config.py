@@ -319,8 +319,8 @@ def test_a_gguf_file_given_as_the_model_path_says_how_to_name_it(tmp_path):
 
 
 def test_a_failed_after_training_verdict_exits_3_with_the_reason_last(tmp_path, capsys):
-    from fttool.launch import runfiles
     from fttool.launch.run import verdict_exit
+    from fttool.runfolder import runfiles
 
     runfiles.write_json(tmp_path / runfiles.RESULT, {"eval": {"verdict": "pass"}})
     verdict_exit(tmp_path)  # returns

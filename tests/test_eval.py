@@ -91,8 +91,8 @@ def test_perplexity_is_the_loss_on_the_trained_reply_tokens(tmp_path):
     import torch
 
     from fttool import data
+    from fttool import models as model_lib
     from fttool.after import evaluate
-    from fttool.worker import model as model_lib
 
     spec = make_spec(["+recipe=tiny_cpu"], tmp_path)
     tok = load_tokenizer(spec)
@@ -579,9 +579,9 @@ def test_export_of_qlora_never_saves_the_quantized_base(tmp_path):
 @pytest.mark.slow
 def test_generate_stops_at_end_of_turn(trained, tmp_path):
     from fttool import data
+    from fttool import models as model_lib
     from fttool.after.evaluate import generate
     from fttool.launch import rundir
-    from fttool.worker import model as model_lib
 
     spec = rundir.load_spec(trained)
     tok = load_tokenizer(spec)
@@ -736,9 +736,9 @@ def test_batched_generation_equals_one_at_a_time(attention, trained, monkeypatch
 
     from cuda_like import cuda_like_sdpa
     from fttool import data
+    from fttool import models as model_lib
     from fttool.after.evaluate import generate
     from fttool.launch import rundir
-    from fttool.worker import model as model_lib
 
     if attention == "cuda_like":
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", cuda_like_sdpa)

@@ -8,6 +8,7 @@ import pytest
 from conftest import FAST, make_spec, run_cli, run_cli_here, train_run
 from fttool.errors import UserError
 from fttool.launch import rundir
+from fttool.runfolder import folder
 from fttool.worker.callbacks import read_metrics
 
 STEPS = ["method=lora", *FAST, "train.max_steps=6", "train.save_steps=2"]
@@ -55,7 +56,7 @@ def test_a_nan_step_stops_the_run_before_its_update_and_the_run_resumes(nan_loss
     assert "checkpoint-4" in msg and "train.lr=" in msg and "train.nonfinite_tolerance=N" in msg
     run_dir = tmp_path / "nan"
     assert not (run_dir / "final").exists() and not (run_dir / "result.json").exists()
-    assert [c.name for c in rundir.checkpoints(run_dir)] == ["checkpoint-2", "checkpoint-4"]
+    assert [c.name for c in folder.checkpoints(run_dir)] == ["checkpoint-2", "checkpoint-4"]
     assert _finite_adapter(run_dir / "checkpoints" / "checkpoint-4")
     rows = [r for r in read_metrics(run_dir) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
@@ -167,7 +168,7 @@ def test_validation_that_turns_nan_stops_before_the_checkpoint(tmp_path):
             name="val",
         )
     assert (
-        rundir.checkpoints(tmp_path / "val") == []
+        folder.checkpoints(tmp_path / "val") == []
     )  # step 1's update made the model NaN: its checkpoint is not written
 
 
@@ -185,7 +186,7 @@ def test_tolerance_is_refused_where_an_update_cannot_be_dropped(tmp_path):
 def test_weights_with_nan_are_named_when_loaded(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from fttool.worker import model as model_lib
+    from fttool import models as model_lib
 
     run_dir, _ = train_run([*FAST, "train.max_steps=2", "train.save_steps=2"], tmp_path)
     path = run_dir / "final" / "adapter_model.safetensors"

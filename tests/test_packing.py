@@ -12,7 +12,7 @@ N = 8
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from fttool import data
-    from fttool.worker import model as model_lib
+    from fttool import models as model_lib
 
     tmp = tmp_path_factory.mktemp("pack")
     spec = make_spec([f"data.max_samples={N}", "method=full"], tmp)
@@ -56,8 +56,8 @@ def test_bins_loss_equals_unpacked(setup):
 
 def test_kv_cache_guard(setup):
     """With use_cache on, packed samples attend to each other (CPU_STACK.md); the guard keeps it off."""
+    from fttool import models as model_lib
     from fttool.data import pack
-    from fttool.worker import model as model_lib
 
     spec, tok, feats, _ = setup
     batch = pack.collator("padding_free", tok)(feats)

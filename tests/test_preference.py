@@ -163,9 +163,9 @@ def test_pair_collator_lays_out_chosen_then_rejected():
 # -- losses and the reference -----------------------------------------------------------------------------------
 def _trainer(spec, tmp_path):
     from fttool import data
+    from fttool import models as model_lib
     from fttool.config import objectives
     from fttool.data.tokenizer import load_tokenizer
-    from fttool.worker import model as model_lib
     from fttool.worker.guard import NonFiniteGuard
     from fttool.worker.train import as_batches, training_args
 

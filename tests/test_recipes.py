@@ -14,7 +14,8 @@ from conftest import ROOT, run_cli, run_cli_here
 from fttool import cli
 from fttool.config import compose, recipes, registry
 from fttool.errors import UserError
-from fttool.launch import recipe_verbs, rundir, runfiles
+from fttool.launch import recipe_verbs, rundir
+from fttool.runfolder import runfiles
 
 RESULT = {"tokens_per_s": 1234.56, "peak_memory": {"peak_rss_gib": 0.61}, "last_loss": 0.4123, "train_loss": 0.9}
 

@@ -87,7 +87,7 @@ def test_every_format_trains_from_the_cli(fmt, packing, tmp_path):
 def test_qlora_base_is_4bit(tmp_path):
     import bitsandbytes as bnb
 
-    from fttool.worker import model as model_lib
+    from fttool import models as model_lib
 
     spec = make_spec(["method=qlora"], tmp_path)
     model, _ = model_lib.load_model(spec)

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 from fttool.after import public
 from fttool.config import methods, objectives
-from fttool.launch import rundir, runfiles
+from fttool.runfolder import folder, runfiles
 
 
 def _json(path: Path) -> Optional[Dict]:
@@ -192,7 +192,7 @@ def model_card(run_dir: Path, spec, weights: Path, dtype: str, n_params: int, na
         "their last part):",
         "",
         "```yaml",
-        rundir.spec_to_yaml(spec).rstrip(),
+        folder.spec_to_yaml(spec).rstrip(),
         "```",
         "",
     ]

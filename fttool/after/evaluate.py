@@ -18,7 +18,7 @@ from fttool.config import methods
 from fttool.data.tokenize import IGNORE
 from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
-from fttool.launch import runfiles
+from fttool.runfolder import runfiles
 
 log = logging.getLogger("fttool")
 PPL_TOKENS_PER_BATCH = 4096  # perplexity batches hold at most this many tokens (the logits are batch x length x vocab)
@@ -260,7 +260,7 @@ def evaluate(spec, tokenizer, load_tuned, load_base, where: str, checkpoint: str
 
 def model_loaders(spec, weights: Path, precision: str, own=None):
     """(load_tuned, load_base) for a run's weights folder: `own` (the model in memory) or a reload of what was saved."""
-    from fttool.worker import model as model_lib
+    from fttool import models as model_lib
 
     def tuned():
         m = own if own is not None else model_lib.load_trained(spec, precision, weights)
@@ -300,8 +300,8 @@ def warn_if_data_changed(spec, run_dir: Path) -> None:
 def run_eval(spec, run_dir: Path, weights: Path, own=None, tokenizer=None) -> Dict:
     """Evaluate a run folder's weights and write eval.json, eval.md and eval_samples.jsonl into the run folder."""
     from fttool import data
+    from fttool import models as model_lib
     from fttool.after import report
-    from fttool.worker import model as model_lib
 
     warn_if_data_changed(spec, run_dir)
     precision = model_lib.resolve_precision(spec)

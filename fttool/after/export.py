@@ -20,8 +20,8 @@ from fttool.after import public
 from fttool.config import methods
 from fttool.data.tokenizer import with_pad
 from fttool.errors import UserError
-from fttool.launch import rundir
-from fttool.launch.checkpoint import write_failure
+from fttool.runfolder import folder
+from fttool.runfolder.checkpoint import write_failure
 
 log = logging.getLogger("fttool")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -53,13 +53,13 @@ def merged_model(spec, weights: Path, dtype: str):
     from transformers import AutoModelForCausalLM
 
     from fttool.config.methods import torch_dtype
-    from fttool.worker.model import check_finite_weights
+    from fttool.models import check_finite_weights
 
     method = methods.of(spec)
     source = method.export_source(spec, weights)
     extra = {}
     if method.adapter and spec.model.gguf_file:  # the base is the GGUF, dequantized
-        from fttool.worker.model import gguf_dequantized
+        from fttool.models import gguf_dequantized
 
         extra = {**gguf_read.load_kwargs(spec.model), "quantization_config": gguf_dequantized(spec, dtype)}
     try:  # never with the run's quantization_config: the base is reloaded at full precision
@@ -77,28 +77,28 @@ def merged_model(spec, weights: Path, dtype: str):
         return model
     from peft import PeftModel
 
-    from fttool.worker.model import with_parent
+    from fttool.models import with_parent
 
     model = PeftModel.from_pretrained(with_parent(spec, model), str(weights))
     check_finite_weights(model, str(weights))  # named here, not as peft's "NaNs detected in the merged weights"
     return model.merge_and_unload(safe_merge=True)
 
 
-def _write_gguf(spec, model, tok, folder: Path, name: str, gguf_type: str) -> dict:
-    """The model as one GGUF file in `folder` (plus an Ollama Modelfile); the tokenizer files are read from a
+def _write_gguf(spec, model, tok, out_dir: Path, name: str, gguf_type: str) -> dict:
+    """The model as one GGUF file in `out_dir` (plus an Ollama Modelfile); the tokenizer files are read from a
     scratch copy, not left beside it."""
     from fttool.after import gguf_export
 
     gguf_export.check_exportable(model.config)
-    folder.mkdir(parents=True)
-    scratch = folder / ".tokenizer"
+    out_dir.mkdir(parents=True)
+    scratch = out_dir / ".tokenizer"
     tok.save_pretrained(str(scratch))
-    file = folder / f"{name}-{gguf_type}.gguf"
+    file = out_dir / f"{name}-{gguf_type}.gguf"
     try:
         written = gguf_export.write(model, tok, scratch, file, gguf_type, name, gguf_export.source_pre(spec))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    (folder / "Modelfile").write_text(gguf_export.modelfile(file.name, tok))
+    (out_dir / "Modelfile").write_text(gguf_export.modelfile(file.name, tok))
     return written
 
 
@@ -159,7 +159,7 @@ def export(
     run_dir: Path,
     spec,
     output: Path,
-    checkpoint: str = rundir.FINAL,
+    checkpoint: str = folder.FINAL,
     dtype: str = "auto",
     overwrite: bool = False,
     fmt: str = "safetensors",
@@ -175,7 +175,7 @@ def export(
     if gguf_type not in gguf_export.GGUF_TYPES:
         raise UserError(f"gguf_type={gguf_type}: expected one of {', '.join(gguf_export.GGUF_TYPES)}.")
     output = check_output(output.expanduser().resolve(), run_dir, overwrite)
-    weights = rundir.weights_dir(run_dir, spec, checkpoint)
+    weights = folder.weights_dir(run_dir, spec, checkpoint)
     setup_logging(run_dir, log_file="export.log")
     dtype = export_dtype(spec, dtype)
     t0 = time.time()
@@ -196,7 +196,7 @@ def export(
             model.save_pretrained(str(tmp), safe_serialization=True)
             tok.save_pretrained(str(tmp))
         about = {"run": spec.run_name, "checkpoint": checkpoint, "format": fmt, "dtype": dtype}
-        public.write_record(run_dir, tmp / "fttool", rundir.spec_to_yaml(spec), about)
+        public.write_record(run_dir, tmp / "fttool", folder.spec_to_yaml(spec), about)
         n_params = sum(p.numel() for p in model.parameters())
         (tmp / "README.md").write_text(card.model_card(run_dir, spec, weights, dtype, n_params, output.name))
         swap_in(tmp, output)

@@ -12,15 +12,15 @@ from typing import Dict, List, Tuple
 from fttool.after.args import flag
 from fttool.data.tokenizer import load_tokenizer, with_pad
 from fttool.errors import UserError
-from fttool.launch import runfiles
+from fttool.runfolder import runfiles
 
 log = logging.getLogger("fttool")
 
 
 def load(own: Dict[str, str]) -> Tuple[object, object, str, Dict]:
     """(model, tokenizer, what was loaded, the run's data.template_kwargs) from run= (with checkpoint=) or model=."""
+    from fttool import models as model_lib
     from fttool.logs import quiet_libraries
-    from fttool.worker import model as model_lib
 
     quiet_libraries()
     device = own.get("device")
@@ -30,14 +30,14 @@ def load(own: Dict[str, str]) -> Tuple[object, object, str, Dict]:
         from dataclasses import replace
 
         from fttool import data
-        from fttool.launch import rundir
+        from fttool.runfolder import folder
 
-        run_dir = rundir.open_run(own["run"])
-        spec = rundir.load_spec_to_use(run_dir, flag(own, "trust_remote_code"))
+        run_dir = folder.open_run(own["run"])
+        spec = folder.load_spec_to_use(run_dir, flag(own, "trust_remote_code"))
         if device:
             spec = replace(spec, hardware=replace(spec.hardware, device=device))
         model_lib.check_inference_device(spec, "device")
-        weights = rundir.weights_dir(run_dir, spec, own.get("checkpoint", rundir.FINAL))
+        weights = folder.weights_dir(run_dir, spec, own.get("checkpoint", folder.FINAL))
         tok = load_tokenizer(spec)
         data.training_template(spec, tok)
         model = model_lib.place(model_lib.load_trained(spec, model_lib.resolve_precision(spec), weights), spec)

@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 from typing import Any, List, Optional
 
-from fttool.launch import runfiles
+from fttool.runfolder import runfiles
 
 # an absolute or home-relative local path inside a string (not a URL's path, not a hub id like org/name)
 LOCAL_PATH = re.compile(r"(?<![\w:/.~-])(?:~|/)[^\s'\"`,;()\[\]{}]*")

@@ -12,7 +12,7 @@ from typing import Dict, List, Tuple
 
 from fttool.after.args import flag
 from fttool.errors import UserError, suggestion
-from fttool.launch import rundir
+from fttool.runfolder import folder
 from fttool.verbs import VERBS
 
 
@@ -75,8 +75,8 @@ def _spec_key_names(spec_keys: Tuple[str, ...]) -> List[str]:
 
 def run_spec(own: Dict[str, str], overrides: List[str]):
     """(run folder, its spec with the overrides applied and checked)."""
-    run_dir = rundir.open_run(own["run"])
-    spec = rundir.load_spec_to_use(run_dir, flag(own, "trust_remote_code"))
+    run_dir = folder.open_run(own["run"])
+    spec = folder.load_spec_to_use(run_dir, flag(own, "trust_remote_code"))
     if overrides:
         from fttool.config.compose import override_spec
 
@@ -102,7 +102,7 @@ def export(verb: str, own: Dict[str, str], overrides: List[str]) -> None:
         run_dir,
         spec,
         Path(own["output"]),
-        own.get("checkpoint", rundir.FINAL),
+        own.get("checkpoint", folder.FINAL),
         own.get("dtype", "auto"),
         flag(own, "overwrite"),
         own.get("format", "safetensors"),
@@ -112,10 +112,10 @@ def export(verb: str, own: Dict[str, str], overrides: List[str]) -> None:
 
 def evaluate(verb: str, own: Dict[str, str], overrides: List[str]) -> None:
     from fttool.logs import setup_logging
-    from fttool.worker.model import check_inference_device
+    from fttool.models import check_inference_device
 
     run_dir, spec = run_spec(own, overrides)
-    weights = rundir.weights_dir(run_dir, spec, own.get("checkpoint", rundir.FINAL))
+    weights = folder.weights_dir(run_dir, spec, own.get("checkpoint", folder.FINAL))
     check_inference_device(spec, "hardware.device")
     setup_logging(run_dir, log_file="eval.log")
     from fttool.after.evaluate import run_eval

@@ -68,15 +68,6 @@ def write_configs(spec, run_dir: Path, precision: str) -> Path:
     return path
 
 
-def training_kwargs(spec, run_dir: Path) -> Dict:
-    """The TrainingArguments that make the Trainer use the same strategy as the generated configs."""
-    return strategies.of(spec).training_kwargs(spec.hardware, run_dir)
-
-
-def after_process_group(spec) -> None:
-    strategies.of(spec).after_process_group(spec.hardware)
-
-
 def launch_command(config_file: Path, run_dir: Path) -> List[str]:
     return [
         sys.executable,

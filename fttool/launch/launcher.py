@@ -11,18 +11,19 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from fttool import lifeline
+from fttool import lifeline, preemption
 from fttool.config import slurm
 from fttool.config.spec import RunSpec, world_size
 from fttool.errors import Preempted, UserError
-from fttool.launch import distributed, preemption, rundir, runfiles
+from fttool.launch import distributed, rundir
+from fttool.runfolder import runfiles
 
 ERRORS = runfiles.ERRORS
 STOP_GRACE_S = 60  # after Ctrl-C, how long workers get to stop on their own
 
 
 def launch(spec: RunSpec, argv: List[str], choices: Dict) -> None:
-    from fttool.worker.model import check_device
+    from fttool.models import check_device
 
     slurm.check_resolved(spec.hardware)
     check_device(spec)  # before anything is written
@@ -47,7 +48,7 @@ def launch(spec: RunSpec, argv: List[str], choices: Dict) -> None:
 
 
 def _run(spec: RunSpec, run_dir: Path, created: bool) -> None:
-    from fttool.worker.model import resolve_precision
+    from fttool.models import resolve_precision
 
     try:
         if spec.hardware.machine_rank in (0, -1, None):
@@ -84,7 +85,7 @@ def record_plan(spec: RunSpec, run_dir: Path) -> None:
 
 def training_began(run_dir: Path) -> bool:
     """A step was logged or a checkpoint written: the folder then holds a record worth keeping."""
-    from fttool.launch.checkpoint import last_checkpoint
+    from fttool.runfolder.checkpoint import last_checkpoint
 
     metrics = run_dir / runfiles.METRICS
     return last_checkpoint(run_dir) is not None or (metrics.is_file() and metrics.stat().st_size > 0)

@@ -17,7 +17,9 @@ from omegaconf import OmegaConf
 from fttool.config import recipes, registry
 from fttool.config.spec import GROUPS, world_size
 from fttool.errors import UserError, suggestion
-from fttool.launch import rundir, runfiles
+from fttool.launch import rundir
+from fttool.runfolder import folder as run_folder
+from fttool.runfolder import runfiles
 from fttool.verbs import VERBS
 
 # never compared nor saved: the run's own name and folder, and what may differ between launches or machines of one
@@ -189,7 +191,7 @@ def side(arg: str) -> Tuple[str, Any, Dict[str, str]]:
     if (Path(arg).expanduser() / runfiles.SPEC).is_file() or (
         arg not in registry.recipe_files() and Path(arg).expanduser().is_dir()
     ):
-        run_dir = rundir.open_run(arg)
+        run_dir = run_folder.open_run(arg)
         return f"run {run_dir}", rundir.load_spec(run_dir), run_choices(run_dir)
     _recipe_path(arg)
     spec, choices = _check([f"+recipe={arg}"])
@@ -347,7 +349,7 @@ def save(args: List[str]) -> None:
     overwrite = own.get("overwrite", "false").lower()
     if overwrite not in ("true", "false"):
         raise UserError(f"overwrite={own['overwrite']}: expected true or false.")
-    run_dir = rundir.open_run(own["run"])
+    run_dir = run_folder.open_run(own["run"])
     folder = recipe_folder(own.get("dir"))
     target = folder / f"{name}.yaml"
     if target.exists() and overwrite != "true":

@@ -74,7 +74,7 @@ def train(call) -> None:
 def verdict_exit(run_dir: Path) -> None:
     """A run whose after-training verdict failed ends as `fttool eval` does: the reason on the last line, exit 3 (so
     `fttool ... && deploy` stops). The trained model stays saved."""
-    from fttool.launch import runfiles
+    from fttool.runfolder import runfiles
 
     result = runfiles.read_json(run_dir / runfiles.RESULT) or {}
     if (result.get("eval") or {}).get("verdict") == "fail":

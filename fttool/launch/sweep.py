@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 
-from fttool.launch.runfiles import METRICS, RESULT, read_json, read_jsonl
+from fttool.runfolder.runfiles import METRICS, RESULT, read_json, read_jsonl
 
 TRIALS = "trials.jsonl"
 

@@ -10,8 +10,8 @@ from typing import Dict, List
 
 from transformers import EarlyStoppingCallback, TrainerCallback
 
-from fttool.launch import runfiles
-from fttool.launch.runfiles import read_jsonl, write_atomic
+from fttool.runfolder import runfiles
+from fttool.runfolder.runfiles import read_jsonl, write_atomic
 from fttool.worker import memory
 
 log = logging.getLogger("fttool")

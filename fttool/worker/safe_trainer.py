@@ -17,8 +17,8 @@ from typing import Optional
 from transformers import Trainer, TrainerCallback
 
 from fttool.errors import UserError
-from fttool.launch.checkpoint import disk_full_message, failed_file, low_space, rotate, write_failure, write_manifest
-from fttool.launch.preemption import stop_signals
+from fttool.preemption import stop_signals
+from fttool.runfolder.checkpoint import disk_full_message, failed_file, low_space, rotate, write_failure, write_manifest
 from fttool.worker.guard import GuardedTrainer
 
 log = logging.getLogger("fttool")

@@ -12,16 +12,16 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 from fttool.config import methods, objectives, strategies
 from fttool.config.spec import has_test, has_validation
 from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
-from fttool.launch import rundir, runfiles
-from fttool.launch.checkpoint import last_checkpoint, wait_for_hashes
-from fttool.launch.rundir import CHECKPOINTS, FINAL
 from fttool.logs import rank, setup_logging
+from fttool.runfolder import folder, runfiles
+from fttool.runfolder.checkpoint import best_checkpoint, last_checkpoint, mark_best, wait_for_hashes
+from fttool.runfolder.runfiles import CHECKPOINTS, FINAL
 from fttool.worker import memory
 
 log = logging.getLogger("fttool")
@@ -44,7 +44,6 @@ def validation_args(spec) -> dict:
 
 def training_args(spec, run_dir: Path, precision: str):
     """The objective's TrainingArguments class (transformers', or TRL's DPOConfig) with every run's settings."""
-    from fttool.launch import distributed
 
     t = spec.train
     objective = objectives.of(spec)
@@ -80,7 +79,7 @@ def training_args(spec, run_dir: Path, precision: str):
         remove_unused_columns=False,
         save_only_model=False,
         **validation_args(spec),
-        **distributed.training_kwargs(spec, run_dir),
+        **strategies.of(spec).training_kwargs(spec.hardware, run_dir),
         **objective.extra_args(spec.objective),
     )
 
@@ -157,17 +156,16 @@ def as_batches(spec, split, tok):
 def train(run_dir: Path) -> dict:
     """Train the run in `run_dir` (in every worker process); returns the summary written to result.json."""
     run_dir = Path(run_dir)
-    spec = rundir.load_spec(run_dir)
+    spec = folder.load_spec(run_dir)
     main = rank() == 0
     setup_logging(run_dir, main)
     from transformers import PrinterCallback, set_seed
 
     from fttool import data
+    from fttool import models as model_lib
     from fttool.data import pack
     from fttool.errors import Preempted
-    from fttool.launch import distributed
     from fttool.worker import callbacks, tracking
-    from fttool.worker import model as model_lib
     from fttool.worker.guard import NonFiniteGuard, NonFiniteStep, TrainingDiverged, diverged_message
     from fttool.worker.safe_trainer import Preemption
 
@@ -175,13 +173,13 @@ def train(run_dir: Path) -> dict:
     set_seed(spec.seed)
     precision = model_lib.resolve_precision(spec)
     args = training_args(spec, run_dir, precision)  # also starts the process group when there are several processes
-    distributed.after_process_group(spec)
+    strategies.of(spec).after_process_group(spec.hardware)
     tok = load_tokenizer(spec)
     before = _read_record(run_dir)  # read before process 0 rewrites it: what the run trained on so far
     with args.main_process_first(local=True, desc="data"):  # one process per machine tokenizes; the rest read its cache
         prepared = data.build(spec, tok)  # bad data fails here, before any model is loaded
     record = prepared.record()
-    record["lineage"] = rundir.lineage(spec) + [rundir.lineage_entry(run_dir, spec, record)]
+    record["lineage"] = folder.lineage(spec) + [folder.lineage_entry(run_dir, spec, record)]
     if before is not None:
         record["history"] = _data_history(spec, run_dir, before, prepared)
     if has_validation(spec) and not (prepared.validation is not None and len(prepared.validation)):
@@ -302,17 +300,6 @@ def train(run_dir: Path) -> dict:
     return summary
 
 
-def best_checkpoint(run_dir: Path, state) -> Optional[Tuple[str, int]]:
-    """(folder name, step) of the checkpoint with the lowest validation loss, when this run folder has it (the state
-    may hold the path of a folder the run was copied from)."""
-    if not state.best_model_checkpoint or state.best_metric is None:
-        return None
-    name = Path(state.best_model_checkpoint).name
-    if not (run_dir / CHECKPOINTS / name).is_dir():
-        return None
-    return name, int(name.split("-")[-1])
-
-
 def _plot(run_dir: Path, trainer) -> None:
     """loss.png from metrics.jsonl; a plotting failure never fails the run."""
     from fttool import plots
@@ -323,27 +310,6 @@ def _plot(run_dir: Path, trainer) -> None:
         plots.run_loss_plot(run_dir, read_metrics(run_dir), (best[1], trainer.state.best_metric) if best else None)
     except Exception as e:  # noqa: BLE001 - a missing font or backend must not cost the trained model
         log.warning(f"could not draw loss.png: {e}")
-
-
-def mark_best(run_dir: Path, state) -> Optional[dict]:
-    """checkpoints/best -> the checkpoint with the lowest validation loss (kept from rotation by the Trainer)."""
-    best = best_checkpoint(run_dir, state)
-    if best is None:
-        return None
-    name, step = best
-    link = run_dir / CHECKPOINTS / "best"
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    elif link.is_dir():  # a copy of the run folder turned the link into a folder
-        import shutil
-
-        shutil.rmtree(link)
-    link.symlink_to(name, target_is_directory=True)
-    log.info(
-        f"best checkpoint: {name} (validation loss {state.best_metric:.4f}), linked as {link}"
-        + ("; final/ holds it" if state.global_step != step else "")
-    )
-    return {"best_checkpoint": str(link.resolve()), "best_step": step, "best_eval_loss": state.best_metric}
 
 
 def _summarize(spec, run_dir: Path, out, trainable: int, total: int, stats) -> dict:

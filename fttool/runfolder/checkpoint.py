@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from fttool.launch.runfiles import CHECKPOINTS
+from fttool.runfolder.runfiles import CHECKPOINTS
 
 log = logging.getLogger("fttool")
 MANIFEST = "fttool-manifest.json"
@@ -246,3 +246,33 @@ def last_checkpoint(run_dir: Path, say: bool = False) -> Optional[Path]:
     for path, why in skipped if say else ():
         log.warning(f"skipping {path.name}: {why}; it cannot be resumed from")
     return found
+
+
+def best_checkpoint(run_dir: Path, state) -> Optional[Tuple[str, int]]:
+    """(folder name, step) of the checkpoint with the lowest validation loss, when this run folder has it (the state
+    may hold the path of a folder the run was copied from)."""
+    if not state.best_model_checkpoint or state.best_metric is None:
+        return None
+    name = Path(state.best_model_checkpoint).name
+    if not (run_dir / CHECKPOINTS / name).is_dir():
+        return None
+    return name, int(name.split("-")[-1])
+
+
+def mark_best(run_dir: Path, state) -> Optional[dict]:
+    """checkpoints/best -> the checkpoint with the lowest validation loss (kept from rotation by the Trainer)."""
+    best = best_checkpoint(run_dir, state)
+    if best is None:
+        return None
+    name, step = best
+    link = run_dir / CHECKPOINTS / "best"
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():  # a copy of the run folder turned the link into a folder
+        shutil.rmtree(link)
+    link.symlink_to(name, target_is_directory=True)
+    log.info(
+        f"best checkpoint: {name} (validation loss {state.best_metric:.4f}), linked as {link}"
+        + ("; final/ holds it" if state.global_step != step else "")
+    )
+    return {"best_checkpoint": str(link.resolve()), "best_step": step, "best_eval_loss": state.best_metric}
