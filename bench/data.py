@@ -30,7 +30,7 @@ def spec_for(overrides, out: Path):
 
     registry.register()
     ovs = [f"output_dir={out}"] + list(overrides)
-    return validation.build(compose.compose(ovs), compose.user_keys(ovs), None)
+    return validation.build_spec(compose.compose(ovs), compose.user_keys(ovs), None)
 
 
 def small_model(folder: Path) -> Path:
@@ -56,8 +56,8 @@ def preprocessing(model_dir: Path, work: Path, rows: int):
     for nproc in (1, 2):
         spec = spec_for(base + [f"data.num_proc={nproc}", f"data.cache_dir={work / f'cache{nproc}'}"], work)
         tok = load_tokenizer(spec)
-        cold = data.build(spec, tok)
-        hit = data.build(spec, tok)
+        cold = data.prepare_datasets(spec, tok)
+        hit = data.prepare_datasets(spec, tok)
         assert not cold.from_cache and hit.from_cache
         results[nproc] = (cold.seconds, hit.seconds, cold.stats)
     return results

@@ -92,7 +92,7 @@ def make_spec(overrides, tmp_path):
     registry.register()
     ovs = [f"output_dir={tmp_path}"] + list(overrides)
     cfg = compose.compose(ovs)
-    return validation.build(cfg, compose.user_keys(ovs), compose.recipe_of(ovs))
+    return validation.build_spec(cfg, compose.user_keys(ovs), compose.recipe_of(ovs))
 
 
 def train_run(overrides, tmp_path, name="run"):

@@ -723,6 +723,6 @@ def test_a_cache_hit_names_the_file_given(tmp_path):
     second.write_text(rows)
     for path, hit in ((first, False), (second, True)):
         spec = make_spec(["data=chat", f"data.path={path}", f"data.cache_dir={tmp_path / 'cache'}"], tmp_path)
-        prepared = data.build(spec, load_tokenizer(spec))
+        prepared = data.prepare_datasets(spec, load_tokenizer(spec))
         assert prepared.from_cache == hit
         assert prepared.train[0]["loc"] == f"{path}:1"

@@ -218,8 +218,9 @@ def test_a_new_strategy_is_one_row_of_the_table(monkeypatch, tmp_path):
     it): validation accepts it, applies its rules, `check` describes it, and its engine config is written."""
     import json
 
-    from fttool.config import plan, strategies
+    from fttool.config import strategies
     from fttool.launch import distributed
+    from fttool.plan import summary
 
     zero1 = strategies.Zero(
         "zero1",
@@ -231,7 +232,7 @@ def test_a_new_strategy_is_one_row_of_the_table(monkeypatch, tmp_path):
     )
     monkeypatch.setitem(strategies.STRATEGIES, "zero1", zero1)
     spec = make_spec(["hardware=zero2", "hardware.device=cpu", "hardware.strategy=zero1"], tmp_path)
-    assert any("DeepSpeed ZeRO-1 (optimizer state partitioned)" in line for line in plan.describe(spec))
+    assert any("DeepSpeed ZeRO-1 (optimizer state partitioned)" in line for line in summary.describe(spec))
     distributed.write_configs(spec, tmp_path, "fp32")
     assert json.loads((tmp_path / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 1
     with pytest.raises(UserError, match="nonfinite_tolerance=1 with hardware.strategy=zero1"):

@@ -56,7 +56,7 @@ def build(overrides, tmp_path, use_cache=True):
     from fttool import data
 
     spec = make_spec(overrides, tmp_path)
-    return data.build(spec, load_tokenizer(spec), use_cache=use_cache), spec
+    return data.prepare_datasets(spec, load_tokenizer(spec), use_cache=use_cache), spec
 
 
 def trained_text(tok, row):

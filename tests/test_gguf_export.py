@@ -50,7 +50,7 @@ def test_a_gguf_of_an_unsupported_architecture_or_type_is_named(tmp_path):
     )
     assert r.returncode != 0 and "architecture 'rwkv7'" in r.stderr and "cannot read" in r.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
-    from fttool.config import shapes
+    from fttool.plan import shapes
 
     with pytest.raises(UserError, match="is not on this machine"):
         shapes.of_model(ModelSpec("org/not-fetched", gguf_file="m.gguf"))

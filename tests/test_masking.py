@@ -139,7 +139,7 @@ def test_padding_is_never_trained(tmp_path):
 
     spec = make_spec(["data.max_samples=8"], tmp_path)
     tok = load_tokenizer(spec)
-    ds = data.build(spec, tok).train.select_columns(["input_ids", "labels"])
+    ds = data.prepare_datasets(spec, tok).train.select_columns(["input_ids", "labels"])
     batch = pack.collator("none", tok)([ds[i] for i in range(8)])
     pads = batch["attention_mask"] == 0
     assert pads.any() and (batch["labels"][pads] == -100).all()

@@ -10,10 +10,10 @@ from dataclasses import replace
 import pytest
 
 from conftest import make_spec, run_cli, run_cli_here
-from fttool.config import budget, estimate, shapes
-from fttool.config.estimate import Setup
 from fttool.config.spec import ModelSpec
 from fttool.errors import UserError
+from fttool.plan import budget, estimate, shapes
+from fttool.plan.estimate import Setup
 
 # config.json fields of published models (their hub config files), and their published parameter counts
 LLAMA31_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
@@ -137,11 +137,11 @@ def test_checkpointing_and_smaller_micro_batches_cut_activations(tmp_path):
 def test_a_run_that_does_not_fit_gets_fixes_that_fit_when_applied(tmp_path):
     """full_1b on a 24 GiB card: each fix's overrides, composed and planned again, fit."""
     spec = _spec(tmp_path, LLAMA32_1B, "+recipe=full_1b", "data.max_length=2048")
-    p = budget.build(spec, gpu="RTX4090")
+    p = budget.make_plan(spec, gpu="RTX4090")
     assert p["fits"] is False and p["fixes"], p["memory"]
     for f in p["fixes"]:
         again = _spec(tmp_path, LLAMA32_1B, "+recipe=full_1b", "data.max_length=2048", *f["overrides"])
-        q = budget.build(again, gpu="RTX4090")
+        q = budget.make_plan(again, gpu="RTX4090")
         assert q["fits"] is True, f
         assert q["memory"]["per_device_gib"] == pytest.approx(f["per_device_gib"], rel=1e-6)
     text = "\n".join(budget.lines(p))
@@ -150,24 +150,24 @@ def test_a_run_that_does_not_fit_gets_fixes_that_fit_when_applied(tmp_path):
 
 def test_fit_for_named_cards_and_memory(tmp_path):
     spec = _spec(tmp_path, QWEN25_7B, "+recipe=qlora_7b", "data.path=x.jsonl")
-    assert budget.build(spec, gpu="H100")["fits"] is True
-    assert budget.build(spec, gpu_memory=6)["fits"] is False
-    assert budget.build(spec, gpu="a100-80gb")["target"]["name"] == "A100-80GB"
+    assert budget.make_plan(spec, gpu="H100")["fits"] is True
+    assert budget.make_plan(spec, gpu_memory=6)["fits"] is False
+    assert budget.make_plan(spec, gpu="a100-80gb")["target"]["name"] == "A100-80GB"
     with pytest.raises(UserError, match="Did you mean gpu=H100"):
-        budget.build(spec, gpu="H10")
+        budget.make_plan(spec, gpu="H10")
     with pytest.raises(UserError, match="A100-80GB or gpu=A100-40GB"):
-        budget.build(spec, gpu="A100")
+        budget.make_plan(spec, gpu="A100")
 
 
 def test_gpu_on_a_cpu_spec_says_how_to_plan_it_on_the_gpu(tmp_path):
     spec = _spec(tmp_path, LLAMA32_1B, "method=lora")
     with pytest.raises(UserError, match="add hardware=single_gpu"):
-        budget.build(spec, gpu="L4")
+        budget.make_plan(spec, gpu="L4")
 
 
 def test_time_from_a_sample_of_the_data_and_the_card_peak(tmp_path):
     spec = make_spec(["+recipe=tiny_cpu", "hardware=single_gpu", "train.max_steps=null", "train.epochs=1"], tmp_path)
-    p = budget.build(spec, gpu="H100")
+    p = budget.make_plan(spec, gpu="H100")
     tm = p["time"]
     assert tm["rows"] > 10000 and 10 < tm["tokens_per_sample"] < 100
     assert tm["steps"] == -(-tm["rows"] // 16)

@@ -70,9 +70,9 @@ def test_bad_objective_config(overrides, message, tmp_path):
 
 
 def test_check_shows_the_objective(tmp_path):
-    from fttool.config import plan
+    from fttool.plan import summary
 
-    lines = plan.describe(pair_spec(tmp_path, "objective.beta=0.2"))
+    lines = summary.describe(pair_spec(tmp_path, "objective.beta=0.2"))
     assert any(line.startswith("objective   DPO") and "beta 0.2, loss sigmoid" in line for line in lines), lines
 
 
@@ -102,7 +102,7 @@ def test_pairs_are_masked_like_sft_replies_with_a_real_template(tmp_path):
         tmp_path,
     )
     tok = AutoTokenizer.from_pretrained(PHI3)
-    prepared = data.build(spec, tok, use_cache=False)
+    prepared = data.prepare_datasets(spec, tok, use_cache=False)
     ds = prepared.train
     assert set(ds.column_names) >= {"input_ids", "labels", "rejected_input_ids", "rejected_labels"}
     assert prepared.stats.samples == 2
@@ -129,9 +129,9 @@ def test_pair_length_policy_counts_pairs(tmp_path):
     base = ["data=preference", f"data.path={path}", "objective=dpo", "data.val_ratio=0", "data.max_length=64"]
     spec = make_spec(base, tmp_path)
     tok = load_tokenizer(spec)
-    st = data.build(spec, tok, use_cache=False).stats
+    st = data.prepare_datasets(spec, tok, use_cache=False).stats
     assert (st.samples, st.truncated) == (4, 1)  # the long rejected reply cut to 64 tokens; the pair kept
-    st = data.build(make_spec([*base, "data.truncation=drop"], tmp_path), tok, use_cache=False).stats
+    st = data.prepare_datasets(make_spec([*base, "data.truncation=drop"], tmp_path), tok, use_cache=False).stats
     assert (st.samples, st.dropped_too_long) == (3, 1)  # a pair goes when either reply is too long
 
 
@@ -170,7 +170,7 @@ def _trainer(spec, tmp_path):
     from fttool.worker.train import as_batches, training_args
 
     tok = load_tokenizer(spec)
-    prepared = data.build(spec, tok, use_cache=False)
+    prepared = data.prepare_datasets(spec, tok, use_cache=False)
     model, precision = model_lib.load_model(spec)
     objective = objectives.of(spec)
     trainer = objective.trainer_class()(

@@ -157,7 +157,7 @@ def test_batched_generation_equals_one_at_a_time_and_stops_at_im_end(smol_tok):
 
 
 def test_plan_reads_the_shape_from_the_gguf_and_sizes_batches_by_the_data(tmp_path):
-    from fttool.config import budget, shapes
+    from fttool.plan import budget, shapes
 
     spec = make_spec(MODEL + ["data=word_problems", "train.batch_size=8"], tmp_path)
     shape = shapes.of_model(spec.model)
@@ -170,7 +170,7 @@ def test_plan_reads_the_shape_from_the_gguf_and_sizes_batches_by_the_data(tmp_pa
         True,
     )
     assert shape.total == 134_515_008
-    p = budget.build(spec, measure_cpu=False)
+    p = budget.make_plan(spec, measure_cpu=False)
     st = p["setup"]
     assert st["tokens_per_micro_batch_worst"] == 8 * 160
     assert st["tokens_per_micro_batch"] < 8 * 120  # rows of ~70 tokens (system prompt included): not max_length

@@ -155,7 +155,7 @@ def test_one_compose_and_one_validation_per_run(monkeypatch, tmp_path, capsys):
     from fttool.config import compose, validation
 
     calls = {"compose": 0, "build": 0}
-    real_compose, real_build = compose.compose, validation.build
+    real_compose, real_build = compose.compose, validation.build_spec
 
     def counted_compose(*a, **k):
         calls["compose"] += 1
@@ -166,7 +166,7 @@ def test_one_compose_and_one_validation_per_run(monkeypatch, tmp_path, capsys):
         return real_build(*a, **k)
 
     monkeypatch.setattr(compose, "compose", counted_compose)
-    monkeypatch.setattr(validation, "build", counted_build)
+    monkeypatch.setattr(validation, "build_spec", counted_build)
     cli.main(["check", "method.rank=8", f"output_dir={tmp_path}"])
     assert "ok: the spec is valid" in capsys.readouterr().err
     assert calls == {"compose": 1, "build": 1}

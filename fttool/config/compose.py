@@ -272,7 +272,7 @@ def precheck(overrides: List[str], multirun: bool = False) -> List[Checked]:
             raise
         if added:  # Hydra adds a key given with '+'; fttool's schema has no room for it
             _check_keys(combo)
-        spec = validation.build(cfg, user_keys(combo), recipe_of(combo))
+        spec = validation.build_spec(cfg, user_keys(combo), recipe_of(combo))
         validation.check_sources(cfg)  # a new run's local files exist (named before a run folder is made)
         checked.append(Checked(combo, choices, spec))
     return checked

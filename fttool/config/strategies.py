@@ -28,7 +28,7 @@ class Strategy:
     offload: bool = False  # can move parameters (and optimizer state) to CPU memory: hardware.offload
     drops_steps: bool = True  # a non-finite step can be dropped before the update (train.nonfinite_tolerance)
     own_checkpointing: bool = False  # has its own activation checkpointing (hardware.activation_checkpointing)
-    # for the plan's memory estimate (config/estimate.py):
+    # for the plan's memory estimate (plan/estimate.py):
     bucket_copy: bool = False  # keeps a second copy of the gradients in its all-reduce buckets (DDP)
     fp32_masters: bool = (
         False  # under bf16/fp16 trains 16-bit weights with fp32 master copies, comm buckets (DeepSpeed)

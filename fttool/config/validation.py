@@ -401,7 +401,7 @@ def _leaf(name_or_path: str) -> str:
     )
 
 
-def build(
+def build_spec(
     cfg: DictConfig, user_keys: Optional[set] = None, recipe: Optional[str] = None, job_num: Optional[int] = None
 ) -> RunSpec:
     """Check the composed config and return the typed, fully resolved RunSpec."""

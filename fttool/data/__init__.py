@@ -1,7 +1,7 @@
 """Data: read rows -> normalise their format -> split -> weight -> render with the chat template, tokenize and
 mask -> apply the length policy -> cache. Every count along the way ends up in DataStats.
 
-`build(spec, tokenizer)` returns a `Prepared`: the tokenized training (and validation) datasets, the stats, and the
+`prepare_datasets(spec, tokenizer)` returns a `Prepared`: the tokenized training (and validation) datasets, the stats, and the
 cache folder they live in. The held-out test rows are read by `test_rows(spec)` when an evaluation needs them.
 """
 
@@ -96,7 +96,7 @@ def training_template(spec, tokenizer) -> Optional[str]:
     return tokenizer.chat_template
 
 
-def build(spec, tokenizer, use_cache: bool = True) -> Prepared:
+def prepare_datasets(spec, tokenizer, use_cache: bool = True) -> Prepared:
     t0 = time.perf_counter()
     d = spec.data
     template = training_template(spec, tokenizer)
@@ -477,7 +477,7 @@ def eval_example(loc: str, ex: Dict) -> Optional[Dict]:
 
 
 __all__ = [
-    "build",
+    "prepare_datasets",
     "drift",
     "prompt_ids",
     "mask_dump",

@@ -106,7 +106,7 @@ def _run(verb: str, spec, samples: int, out: TextIO) -> None:
 
     quiet_libraries()
     tok = load_tokenizer(spec)
-    prepared = data.build(spec, tok)
+    prepared = data.prepare_datasets(spec, tok)
     how = "loaded from the cache" if prepared.from_cache else "tokenized"
     print(f"# {how} in {prepared.seconds:.2f} s: {prepared.cache_dir}", file=out)
     if verb == "preview":

@@ -69,10 +69,10 @@ def _run(spec: RunSpec, run_dir: Path, created: bool) -> None:
 def record_plan(spec: RunSpec, run_dir: Path) -> None:
     """The run's plan into its folder (plan.json) and its log; a plan that cannot be made (a model plan does not
     model, a hub config not cached, a fault in the plan) is recorded as such and never stops the run."""
-    from fttool.config import budget
+    from fttool.plan import budget
 
     try:
-        p = budget.build(spec)
+        p = budget.make_plan(spec)
     except Exception as e:  # noqa: BLE001 - the plan advises; nothing in it may cost the run
         why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         runfiles.write_json(run_dir / runfiles.PLAN, {"error": why})

@@ -26,7 +26,7 @@ from fttool.verbs import VERBS
 # run (rundir.RESUMABLE_DIFFS: resume, resume_data, hardware.machine_rank / main_address / main_port /
 # join_timeout_s)
 NOT_COMPARED = frozenset({"run_name", "output_dir"}) | rundir.RESUMABLE_DIFFS
-# set by fttool from other keys (validation.build, lineage.resolve): saved only when re-composing does not give them
+# set by fttool from other keys (validation.build_spec, lineage.resolve): saved only when re-composing does not give them
 DERIVED = ("train.lr", "model.name_or_path", "model.revision", "model.parent_adapter", "data.metrics")
 SAVE_KEYS = {
     "run": "the finished run folder to save",
@@ -274,7 +274,7 @@ def _reproduce(cfg, keys: Dict[str, Any], user_keys: set):
     """The spec that a composed config with these keys on top gives (as +recipe= lays a recipe over its choices)."""
     from fttool.config import validation
 
-    return validation.build(OmegaConf.merge(cfg, _nested(keys)), set(user_keys))
+    return validation.build_spec(OmegaConf.merge(cfg, _nested(keys)), set(user_keys))
 
 
 def _nested(flat: Dict[str, Any]) -> Dict[str, Any]:

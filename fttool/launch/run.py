@@ -39,7 +39,7 @@ def run_task(
         return _run_trial(cfg, overrides, argv, recipe, job_num, choices, job_overrides, sweep_dir, checked)
     try:
         one = checked[0] if checked and job_num is None else None
-        spec = one.spec if one else validation.build(cfg, compose.user_keys(overrides), recipe, job_num)
+        spec = one.spec if one else validation.build_spec(cfg, compose.user_keys(overrides), recipe, job_num)
     except UserError as e:
         fail(str(e), e.exit_code)
     run_checked(verb, spec, choices, argv, samples, output, options)
@@ -126,7 +126,7 @@ def _run_trial(
     varied = compose.swept_keys(overrides)
     shown = [o for o in job_overrides if o.split("=", 1)[0].lstrip("+~") in varied]  # what this trial varies
     try:
-        spec = _checked_trial(checked, job_num, job_overrides) or validation.build(
+        spec = _checked_trial(checked, job_num, job_overrides) or validation.build_spec(
             cfg, compose.user_keys(overrides), recipe, job_num
         )
         name = spec.run_name if "run_name" in compose.user_keys(job_overrides) else sweep.trial_name(job_num, shown)
@@ -158,15 +158,16 @@ def _run_trial(
 
 def check(call) -> None:
     spec = call.spec
-    from fttool.config import plan, slurm
+    from fttool.config import slurm
     from fttool.launch import rundir
+    from fttool.plan import summary
 
     slurm.check_resolved(spec.hardware)  # as train would refuse it
 
     print("# resolved spec")
     print(rundir.spec_to_yaml(spec), end="")
     print("# plan")
-    for line in plan.describe(spec):
+    for line in summary.describe(spec):
         print(f"#   {line}")
     for line in where_from(call):
         print(f"#   {line}")
@@ -191,7 +192,8 @@ def where_from(call) -> List[str]:
 
 def plan(call) -> None:
     """`fttool plan`: memory per device, fit, fixes and time; exit 3 when the run does not fit."""
-    from fttool.config import budget, slurm
+    from fttool.config import slurm
+    from fttool.plan import budget
 
     slurm.check_resolved(call.spec.hardware)
     gpu_memory = call.options.get("gpu_memory")
@@ -200,7 +202,7 @@ def plan(call) -> None:
             gpu_memory = float(gpu_memory)
         except ValueError:
             raise UserError(f"gpu_memory={gpu_memory}: give the GPU's memory in GiB, e.g. gpu_memory=24.") from None
-    p = budget.build(call.spec, call.options.get("gpu"), gpu_memory)
+    p = budget.make_plan(call.spec, call.options.get("gpu"), gpu_memory)
     for line in budget.lines(p):
         print(line)
     if p["fits"] is False:

@@ -177,7 +177,7 @@ def train(run_dir: Path) -> dict:
     tok = load_tokenizer(spec)
     before = _read_record(run_dir)  # read before process 0 rewrites it: what the run trained on so far
     with args.main_process_first(local=True, desc="data"):  # one process per machine tokenizes; the rest read its cache
-        prepared = data.build(spec, tok)  # bad data fails here, before any model is loaded
+        prepared = data.prepare_datasets(spec, tok)  # bad data fails here, before any model is loaded
     record = prepared.record()
     record["lineage"] = folder.lineage(spec) + [folder.lineage_entry(run_dir, spec, record)]
     if before is not None:
@@ -279,7 +279,7 @@ def train(run_dir: Path) -> dict:
     )
     plan = runfiles.read_json(run_dir / runfiles.PLAN)
     if plan and "memory" in plan:
-        from fttool.config.budget import versus
+        from fttool.plan.budget import versus
 
         summary["plan_vs_measured"] = versus(plan, summary)
         log.info(

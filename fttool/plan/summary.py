@@ -16,8 +16,8 @@ from fttool.config.spec import RunSpec, effective_gate, has_validation, world_si
 
 def model_shape(spec):
     """The model's shapes from its config.json, or None when it cannot be read without a download."""
-    from fttool.config import shapes
     from fttool.errors import UserError
+    from fttool.plan import shapes
 
     if spec.model.name_or_path and not Path(assets.resolve(spec.model.name_or_path)).expanduser().is_dir():
         return None  # `check` never fetches; `plan` does
@@ -29,7 +29,7 @@ def model_shape(spec):
 
 def param_counts(spec: RunSpec, shape=None) -> Optional[Dict[str, int]]:
     """Total and trainable parameter estimates from a local config.json (or the shape already read from it)."""
-    from fttool.config.estimate import trained_parameters
+    from fttool.plan.estimate import trained_parameters
 
     shape = shape or model_shape(spec)
     if shape is None:
@@ -163,7 +163,7 @@ def describe(spec: RunSpec) -> List[str]:
         lines.append(
             f"parameters  {counts['trainable']:,} trainable of {counts['total']:,} ({100 * counts['trainable'] / counts['total']:.2f}%)"
         )
-        from fttool.config import estimate
+        from fttool.plan import estimate
 
         mem = estimate.memory(estimate.Setup.of(spec), shape)
         where = "per GPU" if spec.hardware.device == "cuda" else "for the CPU process"

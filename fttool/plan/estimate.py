@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from fttool.config import methods, objectives, strategies
-from fttool.config.shapes import ModelShape
 from fttool.config.spec import world_size
+from fttool.plan.shapes import ModelShape
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

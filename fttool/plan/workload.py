@@ -130,11 +130,11 @@ def _sequences(example) -> List[tuple]:
 
 def sample(spec, limit: int = SAMPLE_ROWS) -> Optional[Workload]:
     """Token statistics from up to `limit` rows of each local source; None when no source is local."""
-    from fttool.config.plan import local_rows
     from fttool.data import sources_of
     from fttool.data.formats import Formatter
     from fttool.data.sources import _read_file, is_local, local_files
     from fttool.errors import UserError
+    from fttool.plan.summary import local_rows
 
     d = spec.data
     tok, template = _tokenizer(spec.model)

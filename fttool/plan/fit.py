@@ -7,11 +7,11 @@ import itertools
 from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
 
-from fttool.config import cards, estimate
-from fttool.config.estimate import Setup
-from fttool.config.shapes import ModelShape
 from fttool.config.spec import QloraSpec
 from fttool.errors import UserError
+from fttool.plan import cards, estimate
+from fttool.plan.estimate import Setup
+from fttool.plan.shapes import ModelShape
 
 HEADROOM = 0.95  # plan to fill at most this share of a device: estimates are estimates
 

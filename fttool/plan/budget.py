@@ -8,8 +8,8 @@ import math
 from dataclasses import replace
 from typing import Dict, List, Optional
 
-from fttool.config import estimate, fit, shapes, workload
-from fttool.config.estimate import Setup, fmt_duration, gib
+from fttool.plan import estimate, fit, shapes, workload
+from fttool.plan.estimate import Setup, fmt_duration, gib
 
 # On a CPU, training reaches ~50% of numpy's best fp32 matmul rate and spends besides ~2.2 ms per decoder layer per
 # micro-batch (python and autograd dispatch of a layer's forward and backward, whatever its width), ~15 us per token
@@ -23,7 +23,7 @@ CPU_TOKEN_S = 15e-6
 CPU_OPTIM_S = 4e-9
 
 
-def build(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = None, measure_cpu: bool = True) -> Dict:
+def make_plan(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = None, measure_cpu: bool = True) -> Dict:
     """The plan as a JSON-able dict. UserError when the model's shape cannot be read (named, with the fix)."""
     shape = shapes.of_model(spec.model)
     t = fit.target(spec, gpu, gpu_memory)
