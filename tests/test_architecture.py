@@ -75,27 +75,16 @@ def test_no_import_cycles():
 
 
 def test_layers_point_one_way():
+    stages = ("fttool.worker", "fttool.after", "fttool.launch")
+    below_stages = stages + ("fttool.runfolder", "fttool.models", "fttool.plan")
     forbidden = {
-        # configuration: compose and validate only; the planner (fttool.plan) is built on it, not in it
-        "fttool.config": (
-            "fttool.worker",
-            "fttool.after",
-            "fttool.launch",
-            "fttool.runfolder",
-            "fttool.models",
-            "fttool.plan",
-        ),
-        "fttool.data": (
-            "fttool.worker",
-            "fttool.after",
-            "fttool.launch",
-            "fttool.runfolder",
-            "fttool.models",
-            "fttool.plan",
-        ),
+        # configuration composes and validates only (the planner, fttool.plan, is built on it, not in it); data
+        # serves every stage and reaches into none
+        "fttool.config": below_stages,
+        "fttool.data": below_stages,
         # the run folder's contracts and model loading are shared by every stage, and own none of them
-        "fttool.runfolder": ("fttool.worker", "fttool.after", "fttool.launch", "fttool.models"),
-        "fttool.models": ("fttool.worker", "fttool.after", "fttool.launch"),
+        "fttool.runfolder": stages + ("fttool.models",),
+        "fttool.models": stages,
         # stages read in order: a worker never reaches back into launching, what runs after training never into
         # the worker (both go through fttool.runfolder and fttool.models)
         "fttool.worker": ("fttool.launch",),
