@@ -55,7 +55,7 @@ def test_bins_loss_equals_unpacked(setup):
 
 
 def test_kv_cache_guard(setup):
-    """With use_cache on, packed samples attend to each other (CPU_STACK.md); the guard keeps it off."""
+    """With use_cache on, packed samples attend to each other; the guard keeps it off."""
     from fttool import models as model_lib
     from fttool.data import pack
 

@@ -21,22 +21,18 @@ class ModelSpec:
 
     name_or_path: str = MISSING  # hub id, local folder, or fttool:NAME for a model bundled with the package
     revision: Optional[str] = None  # hub revision (branch, tag or commit) to pin
-    gguf_file: Optional[str] = (
-        None  # a .gguf file in model.name_or_path (folder or hub repo): read by transformers' GGUF loader, dequantized to model.dtype
-    )
+    # a .gguf file in model.name_or_path (folder or hub repo): read by transformers' GGUF loader, dequantized to model.dtype
+    gguf_file: Optional[str] = None
     dtype: str = "auto"  # weight dtype when loading: auto follows hardware precision (auto|float32|bfloat16|float16)
     attn_implementation: str = "sdpa"  # attention kernel: sdpa, eager, flash_attention_2
     trust_remote_code: bool = False  # run modelling code shipped with the model; only ever set by the user
-    lr_scale: float = (
-        1.0  # multiplies the method's default learning rate when train.lr is unset (small models take more)
-    )
-    from_run: Optional[str] = (
-        None  # start from a finished run folder's result (or an export folder): e.g. DPO after SFT
-    )
+    # multiplies the method's default learning rate when train.lr is unset (small models take more)
+    lr_scale: float = 1.0
+    # start from a finished run folder's result (or an export folder): e.g. DPO after SFT
+    from_run: Optional[str] = None
     from_run_adapter: str = "merge"  # a from_run that trained an adapter: merge (into its base; a new adapter on top) or continue (train that adapter further)
-    parent_adapter: Optional[str] = (
-        None  # set by fttool from model.from_run: the parent's adapter folder (merged or continued)
-    )
+    # set by fttool from model.from_run: the parent's adapter folder (merged or continued)
+    parent_adapter: Optional[str] = None
 
 
 FORMATS = ("chat", "sharegpt", "alpaca", "completion", "segments", "preference")
@@ -65,12 +61,10 @@ class DataSpec:
     )  # format field -> column name in your rows, e.g. {messages: dialog}
     split: str = "train"  # split to read when the path is a hub dataset
     mix: List[SourceSpec] = field(default_factory=list)  # several datasets with weights (instead of path)
-    template: Optional[str] = (
-        None  # chat template: unset = the tokenizer's own; a name (chatml, llama-3, ...), a .jinja file or Jinja text
-    )
-    allow_template_change: bool = (
-        False  # train with data.template although the tokenizer has a different one of its own
-    )
+    # chat template: unset = the tokenizer's own; a name (chatml, llama-3, ...), a .jinja file or Jinja text
+    template: Optional[str] = None
+    # train with data.template although the tokenizer has a different one of its own
+    allow_template_change: bool = False
     template_kwargs: Dict[str, Any] = field(
         default_factory=dict
     )  # variables for every render of the template, e.g. {enable_thinking: false}
@@ -83,15 +77,13 @@ class DataSpec:
     train_turns: str = "all"  # which turns of train_roles are trained: all or last
     max_length: int = 1024  # longest tokenized sample; longer ones follow `truncation`
     truncation: str = "truncate"  # samples over max_length: truncate (keep the start) or drop
-    packing: str = (
-        "none"  # none (padded batches), padding_free (samples concatenated, no padding) or bins (fixed max_length rows)
-    )
+    # none (padded batches), padding_free (samples concatenated, no padding) or bins (fixed max_length rows)
+    packing: str = "none"
     val_ratio: float = 0.0  # fraction of rows held out for validation (seeded)
     test_ratio: float = 0.0  # fraction of rows held out as the test split (seeded)
     val_path: Optional[str] = None  # validation rows from a file instead of val_ratio
-    test_path: Optional[str] = (
-        None  # test rows from a file instead of test_ratio (used by the base-vs-fine-tuned comparison)
-    )
+    # test rows from a file instead of test_ratio (used by the base-vs-fine-tuned comparison)
+    test_path: Optional[str] = None
     dedup: bool = False  # drop exact duplicate rows (the count is reported)
     skip_bad_rows: bool = False  # skip malformed rows (counted and reported) instead of stopping at the first
     max_samples: Optional[int] = None  # use at most this many training rows (for smoke runs)
@@ -146,9 +138,8 @@ class ObjectiveSpec:
     beta: float = 0.1  # dpo: strength of the pull towards the reference model (DPO's beta); orpo: weight of the odds-ratio term (ORPO's lambda)
     loss_type: str = "sigmoid"  # dpo: sigmoid (the DPO paper), ipo, hinge or robust (TRL's loss types)
     label_smoothing: float = 0.0  # dpo: assumed fraction of flipped preference labels (conservative DPO, robust)
-    precompute_ref_log_probs: bool = (
-        False  # dpo: score every pair with the reference once before training, so no reference forward runs per step
-    )
+    # dpo: score every pair with the reference once before training, so no reference forward runs per step
+    precompute_ref_log_probs: bool = False
 
 
 @dataclass
@@ -164,9 +155,8 @@ class HardwareSpec:
     activation_checkpointing: bool = False  # fsdp2: recompute each decoder layer in backward (FSDP's own checkpointing)
     num_machines: int = 1  # machines in the job; 0 = from SLURM (SLURM_NNODES)
     machine_rank: Optional[int] = 0  # this machine's rank, 0 .. num_machines-1; -1 = from SLURM (SLURM_NODEID)
-    main_address: Optional[str] = (
-        "127.0.0.1"  # address of machine 0, reachable from every machine; "slurm" = first node of the job
-    )
+    # address of machine 0, reachable from every machine; "slurm" = first node of the job
+    main_address: Optional[str] = "127.0.0.1"
     main_port: int = 29500  # free TCP port on machine 0 for the rendezvous
     join_timeout_s: int = 600  # machines other than 0 wait this long for machine 0's run folder
 
@@ -202,17 +192,14 @@ class TrainSpec:
     save_steps: int = 200  # write a checkpoint every N steps
     save_total_limit: int = 2  # keep at most this many checkpoints
     dataloader_workers: int = 0  # dataloader worker processes
-    eval_steps: Optional[int] = (
-        None  # validation loss every N steps (needs a validation split); unset = at every checkpoint
-    )
+    # validation loss every N steps (needs a validation split); unset = at every checkpoint
+    eval_steps: Optional[int] = None
     early_stopping_patience: int = 0  # stop after this many validations without improvement (0 = never stop early)
     early_stopping_threshold: float = 0.0  # a validation loss must drop by more than this to count as an improvement
-    load_best: bool = (
-        True  # with validation during training: keep the best checkpoint (checkpoints/best) and save it as final/
-    )
-    nonfinite_tolerance: int = (
-        0  # optimizer steps with a NaN/inf loss or gradient norm to skip (update dropped, counted) before the run stops
-    )
+    # with validation during training: keep the best checkpoint (checkpoints/best) and save it as final/
+    load_best: bool = True
+    # optimizer steps with a NaN/inf loss or gradient norm to skip (update dropped, counted) before the run stops
+    nonfinite_tolerance: int = 0
 
 
 @dataclass

@@ -501,7 +501,7 @@ class Encoder:
     def spans(self, loc: str, ex: Dict) -> Tuple[str, List[Span], Dict[str, int]]:
         if ex["kind"] == "segments":
             return self.text_spans(ex)
-        if ex["kind"] == "preference":  # supervised on the chosen reply (preference training comes later)
+        if ex["kind"] == "preference":  # sft on preference rows: the chosen reply is the target
             ex = {**ex, "messages": ex["messages"] + [{"role": "assistant", "content": ex["chosen"]}]}
             msgs = ex["messages"]
             return self.chat_spans(loc, ex, turns=None if self.d.train_on_inputs else [len(msgs) - 1])

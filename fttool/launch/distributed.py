@@ -1,8 +1,8 @@
 """Several processes and machines: the accelerate config and DeepSpeed JSON a run uses, generated from the
 spec into the run folder, the `accelerate launch` command, and what the Trainer needs to match them.
 
-On CPU-only machines (tests, laptops) several processes talk over gloo. Three traps are handled here
-(../CPU_STACK.md): `accelerate launch --cpu` starts one process, so CPU runs are launched as MULTI_GPU and
+On CPU-only machines (tests, laptops) several processes talk over gloo. Three traps of accelerate are handled
+here: `accelerate launch --cpu` starts one process, so CPU runs are launched as MULTI_GPU and
 the worker asks for the CPU itself (use_cpu); DeepSpeed on the CPU needs use_cpu too; and accelerate never
 turns FSDP on for MULTI_CPU, which strategies.FSDP2 corrects (`enable_cpu_fsdp`).
 """

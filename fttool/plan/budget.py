@@ -96,8 +96,8 @@ def _time(spec, s: Setup, shape, t: fit.Target, measure_cpu: bool, work) -> Dict
     context = work.padded_tokens / s.sequences
     per_token = estimate.flops_per_token(s, shape, context)
     out.update(steps=steps, tokens_computed=int(computed), flops=computed * per_token)
-    if work.rows is not None:
-        out["tokens_per_epoch"] = int(work.rows * work.mean_tokens)
+    if work.tokens_per_epoch() is not None:
+        out["tokens_per_epoch"] = work.tokens_per_epoch()
     if t.kind == "cpu":
         if not measure_cpu:
             return out
