@@ -109,3 +109,16 @@ def test_composing_a_config_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_every_objective_has_its_trainer_in_the_worker():
+    """config/objectives.py names no worker class as a string (an edge this test could not see); the worker's table
+    has a Trainer and an arguments class for every objective."""
+    from fttool.config.objectives import OBJECTIVES
+    from fttool.worker.trainers import CLASSES
+
+    assert set(CLASSES) == set(OBJECTIVES)
+    assert "fttool.worker" not in (ROOT / "config" / "objectives.py").read_text()
+    for name, classes in CLASSES.items():
+        trainer, args = classes()
+        assert trainer.__name__.endswith("Trainer") and args.__name__.endswith(("Arguments", "Config")), name

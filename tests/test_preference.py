@@ -166,6 +166,7 @@ def _trainer(spec, tmp_path):
     from fttool import models as model_lib
     from fttool.config import objectives
     from fttool.data.tokenizer import load_tokenizer
+    from fttool.worker import trainers
     from fttool.worker.guard import NonFiniteGuard
     from fttool.worker.train import as_batches, training_args
 
@@ -173,7 +174,7 @@ def _trainer(spec, tmp_path):
     prepared = data.prepare_datasets(spec, tok, use_cache=False)
     model, precision = model_lib.load_model(spec)
     objective = objectives.of(spec)
-    trainer = objective.trainer_class()(
+    trainer = trainers.trainer_class(spec)(
         model=model,
         args=training_args(spec, tmp_path / "run", precision),
         train_dataset=as_batches(spec, prepared.train, tok),

@@ -1,10 +1,10 @@
 """What the training optimises: one object per objective, answering what differs between them.
 
 An objective owns how a data row becomes features (one sequence, or a chosen and a rejected sequence), the length
-policy's unit (a sample or a pair), the collator, the Trainer class that runs it (transformers' Trainer for SFT,
-TRL's DPOTrainer for DPO, ORPO's loss on the same pairs), its TrainingArguments class and extra arguments, the
-learning rate it defaults to, the metrics its progress line shows and its rules against the rest of the spec. The
-worker assembles these answers; nothing switches on an objective's name. Light: no torch at module level.
+policy's unit (a sample or a pair), the collator, its extra TrainingArguments, the learning rate it defaults to,
+the metrics its progress line shows and its rules against the rest of the spec. The Trainer and arguments classes
+that run it are the worker's (worker/trainers.py, one row per objective). The worker assembles these answers;
+nothing switches on an objective's name. Light: no torch at module level.
 """
 
 from __future__ import annotations
@@ -18,13 +18,6 @@ KEYS = ("beta", "loss_type", "label_smoothing", "precompute_ref_log_probs")  # o
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 
 
-def _load(path: str):
-    from importlib import import_module
-
-    module, _, name = path.partition(":")
-    return getattr(import_module(module), name)
-
-
 @dataclass(frozen=True)
 class Objective:
     """Supervised fine-tuning: next-token loss on the trained tokens."""
@@ -34,8 +27,6 @@ class Objective:
     pairs: bool = False  # features: a chosen and a rejected sequence per row (preference data only)
     reference: bool = False  # scores against a frozen reference model (a forward per step unless precomputed)
     keys: Tuple[str, ...] = ()  # the objective.* keys it reads
-    trainer: str = "fttool.worker.safe_trainer:RunTrainer"
-    args_class: str = "transformers:TrainingArguments"
     lr_full: Optional[float] = None  # train.lr when unset; None = the method's default_lr
     lr_adapter: Optional[float] = None
     progress: Tuple[Tuple[str, str], ...] = ()  # (metric key, label) shown on the progress line after the loss
@@ -56,12 +47,6 @@ class Objective:
     def columns(self) -> Tuple[str, ...]:
         """The dataset columns its collator reads."""
         return ("input_ids", "labels") + (("rejected_input_ids", "rejected_labels") if self.pairs else ())
-
-    def trainer_class(self):
-        return _load(self.trainer)
-
-    def arguments_class(self):
-        return _load(self.args_class)
 
     def extra_args(self, o) -> Dict:
         """TrainingArguments beyond the ones every run sets."""
@@ -163,9 +148,7 @@ OBJECTIVES: Dict[str, Objective] = {
             "dpo",
             "DPO: prefer the chosen reply over the rejected one relative to a frozen reference (TRL DPOTrainer)",
             keys=KEYS,
-            trainer="fttool.worker.preference:DpoRunTrainer",
             reference=True,
-            args_class="trl:DPOConfig",
             lr_full=5e-7,
             lr_adapter=5e-6,
             progress=PREFERENCE_PROGRESS,
@@ -174,7 +157,6 @@ OBJECTIVES: Dict[str, Objective] = {
             "orpo",
             "ORPO: the chosen reply's loss plus an odds-ratio preference term, no reference model",
             keys=("beta",),
-            trainer="fttool.worker.preference:OrpoRunTrainer",
             lr_full=8e-6,
             lr_adapter=8e-5,
             progress=PREFERENCE_PROGRESS,

@@ -22,7 +22,7 @@ from fttool.logs import rank, setup_logging
 from fttool.runfolder import folder, runfiles
 from fttool.runfolder.checkpoint import best_checkpoint, last_checkpoint, mark_best, wait_for_hashes
 from fttool.runfolder.runfiles import CHECKPOINTS, FINAL
-from fttool.worker import memory
+from fttool.worker import memory, trainers
 
 log = logging.getLogger("fttool")
 
@@ -47,7 +47,7 @@ def training_args(spec, run_dir: Path, precision: str):
 
     t = spec.train
     objective = objectives.of(spec)
-    return objective.arguments_class()(
+    return trainers.arguments_class(spec)(
         output_dir=str(run_dir / CHECKPOINTS),
         seed=spec.seed,
         data_seed=spec.seed,
@@ -212,7 +212,7 @@ def train(run_dir: Path) -> dict:
     objective = objectives.of(spec)
     metrics_cb = callbacks.MetricsCallback(run_dir, guard, objective.progress)
     preempt = Preemption()
-    trainer = objective.trainer_class()(
+    trainer = trainers.trainer_class(spec)(
         model=model,
         args=args,
         train_dataset=as_batches(spec, prepared.train, tok),
