@@ -80,6 +80,7 @@ END: Dict[str, set] = {
     "own/hermes-tools-loop-shape.jinja": CHATML,
     "own/deepseek-r1-distill-shape.jinja": {"<｜end▁of▁sentence｜>"},
     "own/phi-3.5-mini-shape.jinja": {"<|end|>"},
+    "own/cohere-r7b-tool-use-shape.jinja": {"<|END_OF_TURN_TOKEN|>"},
 }
 IM = {"<|im_start|>"}
 COHERE = {"<|START_OF_TURN_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|USER_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|START_RESPONSE|>"}
@@ -135,9 +136,11 @@ HEADERS: Dict[str, set] = {
     "own/hermes-tools-loop-shape.jinja": IM,
     "own/deepseek-r1-distill-shape.jinja": {"<｜User｜>", "<｜Assistant｜>"},
     "own/phi-3.5-mini-shape.jinja": {"<|user|>", "<|assistant|>", "<|system|>"},
+    # its generation prompt ends at <|CHATBOT_TOKEN|>: the model writes <|START_RESPONSE|> (or <|START_ACTION|>)
+    "own/cohere-r7b-tool-use-shape.jinja": COHERE - {"<|START_RESPONSE|>"},
 }
 # what a model writes before its reply under some templates (gpt-oss's channel, an empty reasoning block)
-MODEL_PREFIX = re.compile(r"^(\s|<think>|</think>|<\|channel\|>final<\|message\|>)*")
+MODEL_PREFIX = re.compile(r"^(\s|<think>|</think>|<\|channel\|>final<\|message\|>|<\|START_RESPONSE\|>)*")
 
 TOOL = {
     "name": "get_weather",

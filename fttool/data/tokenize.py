@@ -380,7 +380,11 @@ class Encoder:
             closing = text[b : b + self._agree(tail, text[b:])]
             marker = self.special_re.search(closing) if self.special_re else None
             if marker:
-                return b + self._closing_run(closing, marker.end(), tail, msgs, i, tools, documents), True
+                earlier = self._template_marker(text, marker.group(0), here[0], b)
+                if earlier is not None:  # the reply closed once already (DeepSeek-R1's tool calls, then "" again)
+                    return earlier, True
+                opener = self._turn_opener(text)
+                return b + self._closing_run(closing, marker.end(), tail, msgs, i, tools, documents, opener), True
         if self.special_re is None:
             return b, False
         got = self._rendered_at(
@@ -403,11 +407,31 @@ class Encoder:
                 return found[0].end(), True
         return b, False
 
-    def _closing_run(self, closing: str, end: int, last: str, msgs, i: int, tools, documents) -> int:
+    def _template_marker(self, text: str, marker: str, a: int, b: int) -> Optional[int]:
+        """The end of the template's own first `marker` inside text[a:b] (never one quoted in a message), or None."""
+        at = text.find(marker, a, b)
+        while at >= 0:
+            if not (at and text[at - 1] == LIT_OPEN):
+                return at + len(marker)
+            at = text.find(marker, at + 1, b)
+        return None
+
+    def _turn_opener(self, text: str) -> Optional[str]:
+        """The special token a turn's header opens with: the first one of the rendering, past a BOS written once
+        (<|START_OF_TURN_TOKEN|>, <|im_start|>, which is also SmolLM2's BOS, <|start_header_id|>, <|start|>)."""
+        found = [m.group(0) for m in self.special_re.finditer(text)] if self.special_re else []
+        bos = self.tok.bos_token
+        return next((t for t in found if t != bos or found.count(bos) > 1), None)
+
+    def _closing_run(
+        self, closing: str, end: int, last: str, msgs, i: int, tools, documents, opener: Optional[str] = None
+    ) -> int:
         """Where a closing that starts with special tokens ends: special tokens that follow the first one directly
         close the turn too when the template also writes them before a generation prompt that follows the reply
         (Command R7B's <|END_RESPONSE|><|END_OF_TURN_TOKEN|>); one written only at the very end of a conversation
-        does not. `last` is what the template writes after the reply when it is the last message."""
+        does not, nor the token that opens every turn's header (`opener`: Command R7B's own template writes
+        <|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|> after every conversation, asked for a reply or not). `last` is what
+        the template writes after the reply when it is the last message."""
         nxt = self.special_re.match(closing, end)
         if not nxt:
             return end
@@ -415,7 +439,12 @@ class Encoder:
         if gp is None:
             return end
         opens = self.special_re.search(gp[_common(gp, last) :])  # the generation prompt's header opens with it
-        while nxt and gp.startswith(closing[: nxt.end()]) and not (opens and nxt.group(0) == opens.group(0)):
+        while (
+            nxt
+            and gp.startswith(closing[: nxt.end()])
+            and not (opens and nxt.group(0) == opens.group(0))
+            and nxt.group(0) != opener
+        ):
             end = nxt.end()
             nxt = self.special_re.match(closing, end)
         return end
