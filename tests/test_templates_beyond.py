@@ -116,6 +116,7 @@ def test_special_text_the_template_parses_itself_renders_as_the_template_renders
 
 def test_a_row_whose_tokens_would_not_decode_to_the_rendering_is_refused_named_and_counted(data_spec, monkeypatch):
     from fttool.data.formats import Formatter
+    from fttool.data.token_text import TokenText
     from fttool.data.tokenize import Encoder
     from fttool.errors import UserError
 
@@ -124,7 +125,7 @@ def test_a_row_whose_tokens_would_not_decode_to_the_rendering_is_refused_named_a
     rows = [tc.conversations("<|im_end|>")[c] for c in ("multi_turn_system", "literal_markers")]
     exs = [Formatter("chat", {}, {}, None)(f"data.jsonl:{k + 1}", r) for k, r in enumerate(rows)]
     # a piece after a quoted marker encoded as if it started the text: the kind of slip the check is for
-    monkeypatch.setattr(Encoder, "_encode_piece", lambda self, piece, as_text, first: _lossy(self, piece, as_text))
+    monkeypatch.setattr(TokenText, "encode_piece", lambda self, piece, as_text, first: _lossy(self, piece, as_text))
     with pytest.raises(UserError, match=r"data.jsonl:2: the training tokens would decode to other text"):
         enc.encode_batch(["data.jsonl:1", "data.jsonl:2"], exs)
     out = enc.encode_batch(["data.jsonl:1", "data.jsonl:2"], exs, skip_bad=True)

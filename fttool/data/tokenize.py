@@ -31,6 +31,7 @@ import os
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from fttool.data.token_text import LIT_CLOSE, LIT_OPEN, TokenText, common, common_suffix, unmark
 from fttool.errors import UserError
 
 log = logging.getLogger("fttool")
@@ -38,9 +39,8 @@ log = logging.getLogger("fttool")
 IGNORE = -100  # the label of a token that is not trained (what Hugging Face losses skip); fttool's one definition
 Span = Tuple[int, int]
 TOOLS_INTRO = "You can call these tools (JSON schemas):\n"
-# Private-use characters (plane 15) that no dataset contains: they mark literal special-token text in data, and
-# stand in for a message's content to find its place in the rendering.
-LIT_OPEN, LIT_CLOSE = "\U000f0000", "\U000f0001"
+# Private-use characters (plane 15) that no dataset contains stand in for a message's content to find its place in
+# the rendering (literal special-token text is marked with token_text.LIT_OPEN/LIT_CLOSE).
 SENTINELS = ("\U000f0002", "@@fttool-sentinel@@")  # the second for templates that JSON-escape content
 RESERVED_KWARGS = (
     "messages",
@@ -50,25 +50,6 @@ RESERVED_KWARGS = (
     "tokenize",
     "conversation",
 )
-
-
-def _common(a: str, b: str) -> int:
-    """Length of the common prefix of a and b."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # binary search on the first differing character
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def _common_suffix(a: str, b: str) -> int:
-    return _common(a[::-1], b[::-1])
 
 
 class Turn:
@@ -96,11 +77,8 @@ class Encoder:
         added = {t.content for t in decoder} | special
         self.special_re = _alternation(special)  # turn markers, and what data may not spell as a token
         self.added_re = _alternation(added)  # every token a boundary must not cut through
-        self.marked_re = re.compile(f"{LIT_OPEN}(.*?){LIT_CLOSE}|[{LIT_OPEN}{LIT_CLOSE}]", re.S)
         self.added_ids = {i for i, t in tokenizer.added_tokens_decoder.items()}  # markup: trains only from its start
-        # whitespace a template marker swallows when the tokenizer makes it (phi-3's rstrip): gone from the ids
-        self.strips = {t.content: (t.lstrip, t.rstrip) for t in decoder if t.lstrip or t.rstrip}
-        self._lossless: Optional[bool] = None
+        self.codec = TokenText(tokenizer)  # marked text to ids, and the check that ids decode to the rendering
 
     # -- rendering --------------------------------------------------------------------------------------
     def render(self, messages, tools=None, add_generation_prompt: bool = False, documents=None) -> str:
@@ -287,8 +265,8 @@ class Encoder:
         if got is None:
             return None
         other, first, last = got
-        a = min(first, _common(text, other))
-        b = len(text) - min(len(other) - last, _common_suffix(text, other))
+        a = min(first, common(text, other))
+        b = len(text) - min(len(other) - last, common_suffix(text, other))
         return a, max(a, b)
 
     def _check_rendered(self, loc: str, msgs, tools, documents) -> None:
@@ -325,7 +303,7 @@ class Encoder:
 
     def _agree(self, tail: Optional[str], text: str) -> int:
         """How far `tail` and `text` agree, moved back to a token boundary."""
-        return 0 if tail is None else self._snap(tail, text, _common(tail, text))
+        return 0 if tail is None else self._snap(tail, text, common(tail, text))
 
     def _start(self, text: str, msgs, i: int, tools, documents, prev: Optional[Span], a: int) -> int:
         """Where the model's part of turn i begins: after the generation prompt that follows message i-1."""
@@ -352,7 +330,7 @@ class Encoder:
         got = self._rendered_at(msgs, i, tools, documents, prefix_only=True, variants=[self._bare(msgs[i])])
         if real is None or got is None:
             return None
-        end = len(real) - _common_suffix(real, got[0])
+        end = len(real) - common_suffix(real, got[0])
         for m in self.added_re.finditer(real, max(0, end - 64), min(len(real), end + 64)) if self.added_re else ():
             if m.start() < end < m.end():
                 end = m.end()  # a token both renderings end with in part is the message's own (<|call|> vs <|return|>)
@@ -438,7 +416,7 @@ class Encoder:
         gp = self._tail(msgs, i, tools, documents, True)
         if gp is None:
             return end
-        opens = self.special_re.search(gp[_common(gp, last) :])  # the generation prompt's header opens with it
+        opens = self.special_re.search(gp[common(gp, last) :])  # the generation prompt's header opens with it
         while (
             nxt
             and gp.startswith(closing[: nxt.end()])
@@ -562,7 +540,7 @@ class Encoder:
                 ids[i], offsets[i] = x, o
         for i in set(range(len(texts))) - set(plain):
             try:
-                ids[i], offsets[i], all_spans[i] = self._encode_marked(locs[i], texts[i], all_spans[i])
+                ids[i], offsets[i], all_spans[i] = self.codec.encode_marked(locs[i], texts[i], all_spans[i])
             except UserError as e:
                 if not skip_bad:
                     raise
@@ -571,7 +549,7 @@ class Encoder:
             if errors[i] or not ids[i]:
                 continue
             try:
-                self.check_text(locs[i], texts[i], ids[i])
+                self.codec.check(locs[i], texts[i], ids[i])
             except UserError as e:
                 if not skip_bad:
                     raise
@@ -597,124 +575,6 @@ class Encoder:
         starts inside one: one that starts before, and reaches in by swallowing the reply's leading whitespace
         (phi-3's `<|assistant|>` with rstrip), is the turn's header."""
         return any(s < b and a < e and (a >= s or token not in self.added_ids) for s, e in spans)
-
-    # -- the training text is the template's ------------------------------------------------------------
-    @property
-    def lossless(self) -> bool:
-        """Whether this tokenizer gives back exactly the text it was given (byte-level BPE does; a SentencePiece
-        tokenizer turns '▁' into a space and may drop a leading space)."""
-        if self._lossless is None:
-            probe = " lead  two\n\n\tx ▁é 中文 😀 {{x}} </s"
-            ids = self.tok(probe, add_special_tokens=False)["input_ids"]
-            self._lossless = self._decode(ids) == probe
-        return self._lossless
-
-    def _decode(self, ids) -> str:
-        return self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    def expected_text(self, text: str) -> str:
-        """The text the training ids must decode to: the rendering (literal special-token text unmarked, an appended
-        EOS included), less the whitespace that a template marker with lstrip/rstrip swallows when tokenized."""
-        if not self.strips:
-            return unmark(text)
-        out, at = [], 0
-        for m in list(self.marked_re.finditer(text)) + [None]:
-            out.append(self._swallow(text[at : m.start() if m else len(text)]))
-            if m is not None and m.group(1) is not None:
-                out.append(m.group(1))
-            at = m.end() if m else len(text)
-        return "".join(out)
-
-    def _swallow(self, piece: str) -> str:
-        for tok, (left, right) in self.strips.items():
-            if tok in piece:
-                if right:
-                    piece = re.sub(f"({re.escape(tok)})\\s+", r"\1", piece)
-                if left:
-                    piece = re.sub(f"\\s+({re.escape(tok)})", r"\1", piece)
-        return piece
-
-    def check_text(self, loc: str, text: str, ids: List[int]) -> None:
-        """The training ids decode to the template's rendering, byte for byte (less what the tokenizer's own
-        whitespace rules drop next to its markers). On a tokenizer that is not lossless, the texts are compared
-        without whitespace (its decoder cannot tell where it was). A row that breaks this is refused."""
-        want, got = self.expected_text(text), self._decode(ids)
-        if not self.lossless:
-            want, got = _no_space(self._decode(self.tok(want, add_special_tokens=False)["input_ids"])), _no_space(got)
-        if want == got:
-            return
-        k = _common(want, got)
-        raise UserError(
-            f"{loc}: the training tokens would decode to other text than the chat template renders, at character "
-            f"{k}: {want[max(0, k - 24) : k + 24]!r} rendered, {got[max(0, k - 24) : k + 24]!r} tokenized. "
-            "This happens around special-token text quoted in a message; remove it from the row "
-            "(or data.skip_bad_rows=true)."
-        )
-
-    def _encode_marked(self, loc: str, text: str, spans: List[Span]) -> Tuple[list, list, List[Span]]:
-        """Tokenize a text whose literal special-token text is marked: the marked pieces as ordinary characters, the
-        rest as usual (the template's own markers stay tokens). Offsets and spans come back in the unmarked text."""
-        pieces: List[Tuple[str, bool]] = []  # (text, as plain characters)
-        removed: List[Tuple[int, int]] = []  # (position in the marked text, marker characters removed up to there)
-        at, gone = 0, 0
-        for m in self.marked_re.finditer(text):
-            pieces.append((text[at : m.start()], False))
-            if m.group(1) is not None:
-                pieces.append((m.group(1), True))
-                removed += [(m.start() + 1, gone + 1), (m.end(), gone + 2)]
-                gone += 2
-            else:  # a lone marker left by a template's string operations: dropped, still a piece boundary
-                gone += 1
-                removed.append((m.end(), gone))
-            at = m.end()
-        pieces.append((text[at:], False))
-
-        def clean(p: int) -> int:
-            shift = 0
-            for pos, g in removed:
-                if pos <= p:
-                    shift = g
-            return p - shift
-
-        ids, offs, base = [], [], 0
-        for _k, (piece, as_text) in enumerate(pieces):
-            if not piece:
-                continue
-            x, o = self._encode_piece(piece, as_text, first=base == 0)
-            if as_text and self.tok.convert_tokens_to_ids(piece) in x:
-                raise UserError(
-                    f"{loc}: the text {piece!r} in a message cannot be kept as plain text: this tokenizer "
-                    "makes the special token from its characters. Remove it from the data "
-                    "(or data.skip_bad_rows=true)."
-                )
-            ids += x
-            offs += [(a + base, b + base) for a, b in o]
-            base += len(piece)
-        return ids, offs, [(clean(s), clean(e)) for s, e in spans]
-
-    def _encode_piece(self, piece: str, as_text: bool, first: bool) -> Tuple[list, list]:
-        """Ids and offsets of one piece of a chat. Pieces after the first are encoded after a newline, which is then
-        removed, so a SentencePiece tokenizer does not add the space it adds at the start of a text."""
-
-        def enc(s):
-            out = self.tok(s, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=as_text)
-            return out["input_ids"], out["offset_mapping"]
-
-        if not first:
-            nl, _ = enc("\n")
-            x, o = enc("\n" + piece)
-            if x[: len(nl)] == nl:
-                return x[len(nl) :], [(max(0, a - 1), max(0, b - 1)) for a, b in o[len(nl) :]]
-        return enc(piece)
-
-
-def unmark(text: str) -> str:
-    """The text without fttool's private markers around literal special-token text."""
-    return text.replace(LIT_OPEN, "").replace(LIT_CLOSE, "")
-
-
-def _no_space(text: str) -> str:
-    return re.sub(r"\s+", "", text.replace("\u2581", " "))
 
 
 def _alternation(tokens) -> Optional["re.Pattern"]:

@@ -271,7 +271,7 @@ def lock(run_dir: Path) -> None:
             else f"an earlier start of SLURM job {preemption.slurm_job()}"
             if earlier_start
             else "which is gone"
-            if not _alive(int(holder.get("pid") or 0) or -1)
+            if not (isinstance(holder.get("pid"), int) and holder["pid"] > 0 and _alive(holder["pid"]))
             else "which no longer holds it"
         )
         pid = holder.get("pid") if holder else "?"
