@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fttool.config import objectives
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 GSM8K = SHARED / "alpaca" / "alpacadatacleaned_gsm_8k_train.json"
@@ -56,8 +58,8 @@ def preprocessing(model_dir: Path, work: Path, rows: int):
     for nproc in (1, 2):
         spec = spec_for(base + [f"data.num_proc={nproc}", f"data.cache_dir={work / f'cache{nproc}'}"], work)
         tok = load_tokenizer(spec)
-        cold = data.prepare_datasets(spec, tok)
-        hit = data.prepare_datasets(spec, tok)
+        cold = data.prepare_datasets(spec, tok, objectives.of(spec).features)
+        hit = data.prepare_datasets(spec, tok, objectives.of(spec).features)
         assert not cold.from_cache and hit.from_cache
         results[nproc] = (cold.seconds, hit.seconds, cold.stats)
     return results

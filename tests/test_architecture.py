@@ -81,7 +81,7 @@ def test_layers_point_one_way():
         # configuration composes and validates only (the planner, fttool.plan, is built on it, not in it); data
         # serves every stage and reaches into none
         "fttool.config": below_stages,
-        "fttool.data": below_stages,
+        "fttool.data": below_stages + ("fttool.config",),  # it builds the features it is handed
         # the run folder's contracts and model loading are shared by every stage, and own none of them
         "fttool.runfolder": stages + ("fttool.models",),
         "fttool.models": stages,
@@ -99,6 +99,25 @@ def test_layers_point_one_way():
         if d.startswith(bad)
     ]
     assert not back, back
+
+
+def test_no_two_folders_import_each_other():
+    """Folders (subpackages) depend one way: no pair imports the other both ways (three pairs did before the run
+    folder, model loading and the planner got their own rooms and data stopped asking which objective it serves)."""
+    folders = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+
+    def folder_of(module: str):
+        parts = module.split(".")
+        return parts[1] if len(parts) > 2 and parts[1] in folders else None
+
+    edges = {
+        (folder_of(m), folder_of(d))
+        for m, deps in _graph().items()
+        for d in deps
+        if folder_of(m) and folder_of(d) and folder_of(m) != folder_of(d)
+    }
+    both = sorted({tuple(sorted(e)) for e in edges if (e[1], e[0]) in edges})
+    assert not both, both
 
 
 def test_composing_a_config_imports_no_torch():

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST, make_spec, run_cli, run_cli_here, train_run
+from fttool.config import objectives
 from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
 from fttool.launch import rundir
@@ -589,14 +590,15 @@ def test_tokenizing_workers_leave_ctrl_c_to_the_parent():
     """datasets' worker processes ignore SIGINT (the parent stops them): no traceback per worker."""
     import multiprocessing
 
-    from fttool.data import _encode_fn
+    from fttool.data.features import SEQUENCES
+    from fttool.data.pipeline import _encode_fn
 
     class Enc:
         def encode_batch(self, *a, **k):
             return {"handler": [str(signal.getsignal(signal.SIGINT))]}
 
     ctx = multiprocessing.get_context("fork")
-    fn, queue = _encode_fn(Enc(), False), ctx.Queue()
+    fn, queue = _encode_fn(Enc(), SEQUENCES, False), ctx.Queue()
     child = ctx.Process(target=lambda: queue.put(fn({"loc": [], "example": []})["handler"]))
     child.start()
     got = queue.get(timeout=60)
@@ -723,6 +725,6 @@ def test_a_cache_hit_names_the_file_given(tmp_path):
     second.write_text(rows)
     for path, hit in ((first, False), (second, True)):
         spec = make_spec(["data=chat", f"data.path={path}", f"data.cache_dir={tmp_path / 'cache'}"], tmp_path)
-        prepared = data.prepare_datasets(spec, load_tokenizer(spec))
+        prepared = data.prepare_datasets(spec, load_tokenizer(spec), objectives.of(spec).features)
         assert prepared.from_cache == hit
         assert prepared.train[0]["loc"] == f"{path}:1"

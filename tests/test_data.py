@@ -6,6 +6,7 @@ import re
 import pytest
 
 from conftest import SHARED_DATA, make_spec, run_cli, run_cli_here
+from fttool.config import objectives
 from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
 
@@ -56,7 +57,7 @@ def build(overrides, tmp_path, use_cache=True):
     from fttool import data
 
     spec = make_spec(overrides, tmp_path)
-    return data.prepare_datasets(spec, load_tokenizer(spec), use_cache=use_cache), spec
+    return data.prepare_datasets(spec, load_tokenizer(spec), objectives.of(spec).features, use_cache=use_cache), spec
 
 
 def trained_text(tok, row):

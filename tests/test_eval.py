@@ -120,7 +120,7 @@ def test_perplexity_is_the_loss_on_the_trained_reply_tokens(tmp_path):
             ],
         },
     }
-    enc = evaluate._encode(tok, spec, [ex, other])
+    enc = evaluate._encode(tok, spec, [ex, other], evaluate.SEQUENCES)
     got = evaluate.nll(model, enc)  # batched together, padded
     for i in range(2):
         ids, labels = torch.tensor([enc["input_ids"][i]]), torch.tensor([enc["labels"][i]])

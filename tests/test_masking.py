@@ -9,6 +9,7 @@ import re
 import pytest
 
 from conftest import SHARED_DATA, make_spec
+from fttool.config import objectives
 from fttool.data.tokenizer import load_tokenizer
 from template_cases import trained_runs
 
@@ -139,7 +140,7 @@ def test_padding_is_never_trained(tmp_path):
 
     spec = make_spec(["data.max_samples=8"], tmp_path)
     tok = load_tokenizer(spec)
-    ds = data.prepare_datasets(spec, tok).train.select_columns(["input_ids", "labels"])
+    ds = data.prepare_datasets(spec, tok, objectives.of(spec).features).train.select_columns(["input_ids", "labels"])
     batch = pack.collator("none", tok)([ds[i] for i in range(8)])
     pads = batch["attention_mask"] == 0
     assert pads.any() and (batch["labels"][pads] == -100).all()

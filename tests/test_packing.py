@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import FAST, make_spec, train_run
+from fttool.config import objectives
 from fttool.data.tokenizer import load_tokenizer
 
 N = 8
@@ -17,7 +18,7 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pack")
     spec = make_spec([f"data.max_samples={N}", "method=full"], tmp)
     tok = load_tokenizer(spec)
-    ds = data.prepare_datasets(spec, tok).train.select_columns(["input_ids", "labels"])
+    ds = data.prepare_datasets(spec, tok, objectives.of(spec).features).train.select_columns(["input_ids", "labels"])
     model, _ = model_lib.load_model(spec)
     model.eval()
     return spec, tok, [ds[i] for i in range(N)], model

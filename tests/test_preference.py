@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import FAST, ROOT, SHARED_DATA, make_spec, run_cli, run_cli_here
-from fttool.config import recipes
+from fttool.config import objectives, recipes
 from fttool.errors import UserError
 
 PHI3 = SHARED_DATA / "tokenizers" / "phi-3-mini"
@@ -54,8 +54,9 @@ BAD = [
     (["objective=orpo", "data=preference", "data.packing=padding_free"], "cannot be packed"),
     (["objective=dpo", "data=preference", "objective.loss_type=sigmod"], "Did you mean sigmoid?"),
     (["objective=dpo", "data=preference", "objective.beta=0"], "objective.beta=0.0 is out of range"),
-    (["objective.beta=0.2"], "objective.beta applies to objective=dpo / objective=orpo, not objective=sft"),
-    (["objective=orpo", "data=preference", "objective.loss_type=ipo"], "applies to objective=dpo, not"),
+    (["objective.beta=0.2"], "'objective.beta' belongs to objective=dpo / objective=orpo, not objective=sft"),
+    (["objective=orpo", "data=preference", "objective.loss_type=ipo"], "belongs to objective=dpo, not objective=orpo"),
+    (["objective=dpo", "data=preference", "objective.bta=0.2"], "Did you mean objective.beta?"),
     (["objective=dpo", "data=preference", "data.train_on_inputs=true"], "compares the two replies only"),
 ]
 
@@ -102,7 +103,7 @@ def test_pairs_are_masked_like_sft_replies_with_a_real_template(tmp_path):
         tmp_path,
     )
     tok = AutoTokenizer.from_pretrained(PHI3)
-    prepared = data.prepare_datasets(spec, tok, use_cache=False)
+    prepared = data.prepare_datasets(spec, tok, objectives.of(spec).features, use_cache=False)
     ds = prepared.train
     assert set(ds.column_names) >= {"input_ids", "labels", "rejected_input_ids", "rejected_labels"}
     assert prepared.stats.samples == 2
@@ -129,16 +130,22 @@ def test_pair_length_policy_counts_pairs(tmp_path):
     base = ["data=preference", f"data.path={path}", "objective=dpo", "data.val_ratio=0", "data.max_length=64"]
     spec = make_spec(base, tmp_path)
     tok = load_tokenizer(spec)
-    st = data.prepare_datasets(spec, tok, use_cache=False).stats
+    st = data.prepare_datasets(spec, tok, objectives.of(spec).features, use_cache=False).stats
     assert (st.samples, st.truncated) == (4, 1)  # the long rejected reply cut to 64 tokens; the pair kept
-    st = data.prepare_datasets(make_spec([*base, "data.truncation=drop"], tmp_path), tok, use_cache=False).stats
+    st = data.prepare_datasets(
+        make_spec([*base, "data.truncation=drop"], tmp_path), tok, data.FEATURES["pairs"], use_cache=False
+    ).stats
     assert (st.samples, st.dropped_too_long) == (3, 1)  # a pair goes when either reply is too long
 
 
-def test_pair_collator_lays_out_chosen_then_rejected():
-    from fttool.data.pack import PairCollator
+class _PadZero:
+    pad_token_id = 0
 
-    batch = PairCollator(pad_id=0, multiple=1)(
+
+def test_pair_collator_lays_out_chosen_then_rejected():
+    from fttool.data.features import PAIRS
+
+    batch = PAIRS.collator("none", _PadZero())(
         [
             {
                 "input_ids": [5, 6, 7],
@@ -154,9 +161,25 @@ def test_pair_collator_lays_out_chosen_then_rejected():
             },
         ]
     )
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [9, 1, 0, 0], [5, 8, 0, 0], [9, 2, 3, 4]]
-    assert batch["completion_mask"].tolist() == [[0, 1, 1, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    pad = [0, 0, 0, 0, 0, 0, 0, 0]  # padded to a multiple of 8
+    assert batch["input_ids"].tolist() == [
+        [5, 6, 7, *pad[3:]],
+        [9, 1, *pad[2:]],
+        [5, 8, *pad[2:]],
+        [9, 2, 3, 4, *pad[4:]],
+    ]
+    assert batch["completion_mask"].tolist() == [
+        [0, 1, 1, *pad[3:]],
+        [0, 1, *pad[2:]],
+        [0, 1, *pad[2:]],
+        [0, 0, 1, 1, *pad[4:]],
+    ]
+    assert batch["attention_mask"].tolist() == [
+        [1, 1, 1, *pad[3:]],
+        [1, 1, *pad[2:]],
+        [1, 1, *pad[2:]],
+        [1, 1, 1, 1, *pad[4:]],
+    ]
     assert "labels" not in batch  # TRL passes its own labels
 
 
@@ -171,19 +194,19 @@ def _trainer(spec, tmp_path):
     from fttool.worker.train import as_batches, training_args
 
     tok = load_tokenizer(spec)
-    prepared = data.prepare_datasets(spec, tok, use_cache=False)
+    prepared = data.prepare_datasets(spec, tok, objectives.of(spec).features, use_cache=False)
     model, precision = model_lib.load_model(spec)
     objective = objectives.of(spec)
     trainer = trainers.trainer_class(spec)(
         model=model,
         args=training_args(spec, tmp_path / "run", precision),
         train_dataset=as_batches(spec, prepared.train, tok),
-        data_collator=objective.collator(spec, tok),
+        data_collator=objective.features.collator(spec.data.packing, tok),
         processing_class=tok,
         guard=NonFiniteGuard(),
         **objective.trainer_kwargs(spec),
     )
-    batch = objective.collator(spec, tok)([prepared.train[i] for i in range(4)])
+    batch = objective.features.collator(spec.data.packing, tok)([prepared.train[i] for i in range(4)])
     return trainer, model, batch
 
 
@@ -318,7 +341,7 @@ def test_preview_shows_both_replies_with_the_scored_tokens(tmp_path):
 
     spec = pair_spec(tmp_path, "data.val_ratio=0")
     out = io.StringIO()
-    preview.run("preview", spec, 1, out=out)
+    preview.run("preview", spec, objectives.of(spec).features, 1, out=out)
     text = out.getvalue()
     assert "── sample 0 chosen" in text and "── sample 0 rejected" in text
     first = json.loads((tmp_path / "pairs.jsonl").read_text().splitlines()[0])

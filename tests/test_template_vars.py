@@ -59,8 +59,8 @@ def test_template_kwargs_are_part_of_the_cache_key(tmp_path):
 
     tok = tc.tokenizer("chatml.jinja")
     a, b = make_spec([], tmp_path).data, make_spec(["data.template_kwargs={enable_thinking: false}"], tmp_path).data
-    assert cache.key(b, 0, tok, "t", [])["data"]["template_kwargs"] == {"enable_thinking": False}
-    assert cache.digest(cache.key(a, 0, tok, "t", [])) != cache.digest(cache.key(b, 0, tok, "t", []))
+    assert cache.key(b, 0, tok, "t", [], {})["data"]["template_kwargs"] == {"enable_thinking": False}
+    assert cache.digest(cache.key(a, 0, tok, "t", [], {})) != cache.digest(cache.key(b, 0, tok, "t", [], {}))
 
 
 def test_template_kwargs_from_the_command_line(tmp_path):

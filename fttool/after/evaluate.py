@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from fttool.config import methods
+from fttool.data.features import PAIRS, SEQUENCES
 from fttool.data.tokenize import IGNORE
 from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
@@ -132,20 +133,20 @@ def nll(model, encoded: Dict[str, list]) -> List[Tuple[float, int]]:
     return out
 
 
-def _encode(tokenizer, spec, examples: List[Dict], pairs: bool = False) -> Dict[str, list]:
-    """The test examples tokenized and masked exactly as training masks them, cut to data.max_length. With `pairs`,
-    the chosen sequences then the rejected ones (preference test rows)."""
-    from fttool.data.pairs import encode_pairs
+def _encode(tokenizer, spec, examples: List[Dict], features) -> Dict[str, list]:
+    """The test examples encoded as `features` (data/features.py), masked exactly as training masks them and cut to
+    data.max_length: every sequence of the first side, then of the next (pairs: the chosen, then the rejected)."""
     from fttool.data.tokenize import Encoder
 
     encoder = Encoder(tokenizer, tokenizer.chat_template, spec.data)
     locs, rows = [e["loc"] for e in examples], [e["example"] for e in examples]
-    enc = encode_pairs(encoder, locs, rows, skip_bad=False) if pairs else encoder.encode_batch(locs, rows)
+    enc = features.encode(encoder, locs, rows, skip_bad=False)
     n = spec.data.max_length
-    ids, labels = enc["input_ids"], enc["labels"]
-    if pairs:
-        ids, labels = ids + enc["rejected_input_ids"], labels + enc["rejected_labels"]
-    return {"input_ids": [x[:n] for x in ids], "labels": [x[:n] for x in labels]}
+    out: Dict[str, list] = {"input_ids": [], "labels": []}
+    for ids, labels in features.sides:
+        out["input_ids"] += [x[:n] for x in enc[ids]]
+        out["labels"] += [x[:n] for x in enc[labels]]
+    return out
 
 
 def preference_scores(model, pair_encoded: Dict[str, list]) -> Tuple[Dict[str, float], List[Dict]]:
@@ -235,9 +236,9 @@ def evaluate(spec, tokenizer, load_tuned, load_base, where: str, checkpoint: str
     examples, source = examples_of(spec, where)
     schema = metric_lib.load_schema(spec.data.json_schema) if spec.data.json_schema else None
     scorers = metric_lib.scorers(spec.data.metrics, schema)
-    encoded = _encode(tokenizer, spec, examples) if "perplexity" in spec.data.metrics else None
+    encoded = _encode(tokenizer, spec, examples, SEQUENCES) if "perplexity" in spec.data.metrics else None
     paired = any(metric_lib.METRICS[m].pairs for m in spec.data.metrics)
-    pair_encoded = _encode(tokenizer, spec, examples, pairs=True) if paired else None
+    pair_encoded = _encode(tokenizer, spec, examples, PAIRS) if paired else None
     decoding = f"; greedy decoding, at most {spec.eval.max_new_tokens} new tokens" if scorers else ""
     log.info(f"eval: {len(examples)} test examples ({source}); metrics {', '.join(spec.data.metrics)}{decoding}")
     model = load_tuned()

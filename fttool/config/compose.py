@@ -14,7 +14,6 @@ from typing import Dict, Iterator, List, Optional
 from omegaconf import DictConfig
 
 from fttool.config import recipes, registry
-from fttool.config.methods import SCHEMAS as METHOD_SCHEMAS
 from fttool.config.spec import GROUPS
 from fttool.errors import UserError, suggestion
 
@@ -85,9 +84,9 @@ def _refuse_old_key(ov) -> None:
             raise UserError(f"{problem}.")
 
 
-def _method_owners(key: str) -> List[str]:
-    """The methods whose settings include `key`."""
-    return [name for name, schema in METHOD_SCHEMAS.items() if key in schema.__dataclass_fields__]
+def _owners(group: str, key: str) -> List[str]:
+    """The options of a group with per-option schemas (method, objective) whose settings include `key`."""
+    return [name for name, schema in registry.OPTION_SCHEMAS[group].items() if key in schema.__dataclass_fields__]
 
 
 def _known_keys(node) -> List[str]:
@@ -108,13 +107,14 @@ def _check_key(cfg: DictConfig, key: str) -> None:
             full = [f"{parent}.{c}" if parent else c for c in choices]
             hint = suggestion(key, full)
             where = f"in '{parent}'" if parent else "at the top level"
-            if parent == "method":
-                where += f" for method={cfg.method.name}"
-                owners = _method_owners(part)
+            if parent in registry.OPTION_SCHEMAS:
+                chosen = cfg[parent].name
+                where += f" for {parent}={chosen}"
+                owners = _owners(parent, part)
                 if owners:
                     raise UserError(
-                        f"'{key}' belongs to method={' / method='.join(owners)}, not method={cfg.method.name}; "
-                        f"choose one of those methods or drop the key."
+                        f"'{key}' belongs to {parent}={f' / {parent}='.join(owners)}, not {parent}={chosen}; "
+                        f"choose one of those or drop the key."
                     )
             raise UserError(f"unknown key '{key}'.{hint} Keys {where}: {', '.join(choices)}.")
         node = node._get_node(part)
@@ -130,8 +130,22 @@ def _describe_validation(e: BaseException, override_text: Dict[str, str]) -> Opt
     if kind:
         msg = f"expected {TYPE_WORDS.get(kind.group(1), kind.group(1))}"
     given = override_text.get(full_key, "")
-    if re.search(r"Key '\w+' not in '\w+'", msg) and not given:
+    missing = re.search(r"Key '\w+' not in '(\w+)'", msg)
+    if missing and not given:
         return _unknown_file_key(full_key)
+    section, _, leaf = full_key.rpartition(".")
+    if missing and section in registry.OPTION_SCHEMAS and _owners(section, leaf):
+        chosen = [n for n, sch in registry.OPTION_SCHEMAS[section].items() if sch.__name__ == missing.group(1)]
+        owners = _owners(section, leaf)
+        return (
+            f"'{full_key}' belongs to {section}={f' / {section}='.join(owners)}, not {section}={chosen[0] if chosen else '?'}; "
+            "choose one of those or drop the key."
+        )
+    if missing and section in registry.OPTION_SCHEMAS:
+        fields = [
+            f"{section}.{f}" for sch in registry.OPTION_SCHEMAS[section].values() for f in sch.__dataclass_fields__
+        ]
+        return f"{given}: unknown key '{full_key}'.{suggestion(full_key, sorted(set(fields)))}"
     return f"{given or full_key}: {msg}."
 
 
@@ -141,14 +155,15 @@ def _unknown_file_key(full_key: str) -> str:
 
     section, _, leaf = full_key.rpartition(".")
     where = "a recipe or config file"
-    if section == "method":
-        owners = _method_owners(leaf)
+    if section in registry.OPTION_SCHEMAS:
+        owners = _owners(section, leaf)
         if owners:
             return (
-                f"{where} sets {full_key}, which only method={' / method='.join(owners)} has; choose that method, "
-                f"or remove the key from the recipe."
+                f"{where} sets {full_key}, which only {section}={f' / {section}='.join(owners)} has; choose that "
+                f"{section}, or remove the key from the recipe."
             )
-        fields = {f for schema in METHOD_SCHEMAS.values() for f in schema.__dataclass_fields__}
+        schemas = registry.OPTION_SCHEMAS[section].values()
+        fields = {f for schema in schemas for f in schema.__dataclass_fields__}
     else:
         node = spec_mod.RunSpec.__dataclass_fields__.get(section)
         schema = (

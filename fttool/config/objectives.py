@@ -1,10 +1,12 @@
 """What the training optimises: one object per objective, answering what differs between them.
 
-An objective owns how a data row becomes features (one sequence, or a chosen and a rejected sequence), the length
-policy's unit (a sample or a pair), the collator, its extra TrainingArguments, the learning rate it defaults to,
-the metrics its progress line shows and its rules against the rest of the spec. The Trainer and arguments classes
-that run it are the worker's (worker/trainers.py, one row per objective). The worker assembles these answers;
-nothing switches on an objective's name. Light: no torch at module level.
+An objective owns its keys (a schema in spec.py), the features its rows become (data/features.py: sequences, pairs
+or prompts, each with its columns, length unit, collator and what counts as trained), its extra TrainingArguments,
+the learning rate it defaults to, the metrics its progress line shows and its rules against the rest of the spec.
+The Trainer and arguments classes that run it are the worker's (worker/trainers.py, one row per objective). The
+worker assembles these answers; nothing switches on an objective's name. A new objective is one row of OBJECTIVES,
+a schema, one conf/objective/*.yaml and a row of worker/trainers.py (docs/ARCHITECTURE.md, "Adding an objective").
+Light: no torch at module level.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from fttool.config.spec import DpoSpec, OrpoSpec, SftSpec
+from fttool.data.features import PAIRS, SEQUENCES, Features
 from fttool.errors import UserError, suggestion
 
-KEYS = ("beta", "loss_type", "label_smoothing", "precompute_ref_log_probs")  # objective.* besides name
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 
 
@@ -23,10 +26,10 @@ class Objective:
     """Supervised fine-tuning: next-token loss on the trained tokens."""
 
     name: str
+    schema: type  # the dataclass of its keys (spec.py)
     about: str  # one line for `fttool check`, the README and the model card
-    pairs: bool = False  # features: a chosen and a rejected sequence per row (preference data only)
+    features: Features = SEQUENCES  # what a row becomes (data/features.py)
     reference: bool = False  # scores against a frozen reference model (a forward per step unless precomputed)
-    keys: Tuple[str, ...] = ()  # the objective.* keys it reads
     lr_full: Optional[float] = None  # train.lr when unset; None = the method's default_lr
     lr_adapter: Optional[float] = None
     progress: Tuple[Tuple[str, str], ...] = ()  # (metric key, label) shown on the progress line after the loss
@@ -37,17 +40,6 @@ class Objective:
     def describe(self, o) -> str:
         return self.about
 
-    def collator(self, spec, tokenizer):
-        from fttool.data import pack
-
-        if self.pairs:
-            return pack.PairCollator(pack.pad_id(tokenizer))
-        return pack.collator(spec.data.packing, tokenizer)
-
-    def columns(self) -> Tuple[str, ...]:
-        """The dataset columns its collator reads."""
-        return ("input_ids", "labels") + (("rejected_input_ids", "rejected_labels") if self.pairs else ())
-
     def extra_args(self, o) -> Dict:
         """TrainingArguments beyond the ones every run sets."""
         return {}
@@ -55,25 +47,18 @@ class Objective:
     def trainer_kwargs(self, spec) -> Dict:
         return {}
 
-    def check(self, cfg, formats: List[str], user_keys: set) -> None:
-        """Rules against the rest of the composed config (formats: each data source's format)."""
-        unused = [k for k in KEYS if f"objective.{k}" in user_keys and k not in self.keys]
-        if unused:
-            users = [n for n, o in OBJECTIVES.items() if unused[0] in o.keys]
-            raise UserError(
-                f"objective.{unused[0]} applies to objective={' / objective='.join(users)}, not "
-                f"objective={self.name}; choose one of those or drop the key."
-            )
+    def check(self, cfg, formats: List[str]) -> None:
+        """Rules against the rest of the composed config (formats: each data source's format). Keys of another
+        objective never get here: its schema refuses them when the config is composed."""
 
 
 @dataclass(frozen=True)
 class Preference(Objective):
     """A preference objective: trained on (prompt, chosen, rejected) pairs, each reply scored on its own tokens."""
 
-    pairs: bool = True
+    features: Features = PAIRS
 
-    def check(self, cfg, formats: List[str], user_keys: set) -> None:
-        super().check(cfg, formats, user_keys)
+    def check(self, cfg, formats: List[str]) -> None:
         other = sorted({f for f in formats if f != "preference"})
         if other:
             raise UserError(
@@ -115,8 +100,8 @@ class Dpo(Preference):
         # continuing an earlier run's adapter: TRL's frozen copy of it ("ref") is the reference (the SFT policy)
         return {"keep_ref_adapter": bool(spec.model.parent_adapter) and spec.model.from_run_adapter == "continue"}
 
-    def check(self, cfg, formats: List[str], user_keys: set) -> None:
-        super().check(cfg, formats, user_keys)
+    def check(self, cfg, formats: List[str]) -> None:
+        super().check(cfg, formats)
         o = cfg.objective
         if o.loss_type not in DPO_LOSSES:
             raise UserError(
@@ -143,11 +128,11 @@ PREFERENCE_PROGRESS = (
 OBJECTIVES: Dict[str, Objective] = {
     o.name: o
     for o in (
-        Objective("sft", "supervised: next-token loss on the trained tokens"),
+        Objective("sft", SftSpec, "supervised: next-token loss on the trained tokens"),
         Dpo(
             "dpo",
+            DpoSpec,
             "DPO: prefer the chosen reply over the rejected one relative to a frozen reference (TRL DPOTrainer)",
-            keys=KEYS,
             reference=True,
             lr_full=5e-7,
             lr_adapter=5e-6,
@@ -155,8 +140,8 @@ OBJECTIVES: Dict[str, Objective] = {
         ),
         Orpo(
             "orpo",
+            OrpoSpec,
             "ORPO: the chosen reply's loss plus an odds-ratio preference term, no reference model",
-            keys=("beta",),
             lr_full=8e-6,
             lr_adapter=8e-5,
             progress=PREFERENCE_PROGRESS,
@@ -164,6 +149,7 @@ OBJECTIVES: Dict[str, Objective] = {
     )
 }
 NAMES = tuple(OBJECTIVES)
+SCHEMAS: Dict[str, type] = {n: o.schema for n, o in OBJECTIVES.items()}
 
 
 def of(spec_or_objective) -> Objective:

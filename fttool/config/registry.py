@@ -12,9 +12,11 @@ from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from fttool.config import recipes
-from fttool.config.methods import SCHEMAS as METHOD_SCHEMAS
+from fttool.config import methods, objectives, recipes
 from fttool.config.spec import GROUPS, RunSpec
+
+# groups whose every option has a schema of its own (method=lora has rank, objective=dpo has beta)
+OPTION_SCHEMAS: Dict[str, Dict[str, type]] = {"method": methods.SCHEMAS, "objective": objectives.SCHEMAS}
 
 RECIPE_PATH_ENV = "FTTOOL_RECIPE_PATH"
 _PKG_DIR = (
@@ -229,8 +231,9 @@ def register() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="fttool_schema", node=schema_node())
-    for name, schema in METHOD_SCHEMAS.items():
-        cs.store(group="schema/method", name=name, node=schema)
+    for group, schemas in OPTION_SCHEMAS.items():
+        for name, schema in schemas.items():
+            cs.store(group=f"schema/{group}", name=name, node=schema)
     for name, path in recipe_files().items():
         if recipe_problem(name) is not None:
             continue  # never composable (unreadable, unsafe, old keys, bad meta): choosing it names the problem

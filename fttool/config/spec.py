@@ -21,7 +21,8 @@ class ModelSpec:
 
     name_or_path: str = MISSING  # hub id, local folder, or fttool:NAME for a model bundled with the package
     revision: Optional[str] = None  # hub revision (branch, tag or commit) to pin
-    # a .gguf file in model.name_or_path (folder or hub repo): read by transformers' GGUF loader, dequantized to model.dtype
+    # a .gguf file in model.name_or_path (folder or hub repo): read by transformers' GGUF loader, dequantized to
+    # model.dtype
     gguf_file: Optional[str] = None
     dtype: str = "auto"  # weight dtype when loading: auto follows hardware precision (auto|float32|bfloat16|float16)
     attn_implementation: str = "sdpa"  # attention kernel: sdpa, eager, flash_attention_2
@@ -30,12 +31,13 @@ class ModelSpec:
     lr_scale: float = 1.0
     # start from a finished run folder's result (or an export folder): e.g. DPO after SFT
     from_run: Optional[str] = None
-    from_run_adapter: str = "merge"  # a from_run that trained an adapter: merge (into its base; a new adapter on top) or continue (train that adapter further)
+    # a from_run that trained an adapter: merge (into its base; a new adapter on top) or continue (train that adapter
+    # further)
+    from_run_adapter: str = "merge"
     # set by fttool from model.from_run: the parent's adapter folder (merged or continued)
     parent_adapter: Optional[str] = None
 
 
-FORMATS = ("chat", "sharegpt", "alpaca", "completion", "segments", "preference")
 PACKING = ("none", "padding_free", "bins")
 
 
@@ -56,22 +58,19 @@ class DataSpec:
 
     path: Optional[str] = None  # local file (.jsonl/.json/.parquet/.csv), folder, glob, hub dataset id, or fttool:NAME
     format: str = "chat"  # row format: chat, sharegpt, alpaca, completion, segments or preference
-    columns: Dict[str, str] = field(
-        default_factory=dict
-    )  # format field -> column name in your rows, e.g. {messages: dialog}
+    # format field -> column name in your rows, e.g. {messages: dialog}
+    columns: Dict[str, str] = field(default_factory=dict)
     split: str = "train"  # split to read when the path is a hub dataset
     mix: List[SourceSpec] = field(default_factory=list)  # several datasets with weights (instead of path)
     # chat template: unset = the tokenizer's own; a name (chatml, llama-3, ...), a .jinja file or Jinja text
     template: Optional[str] = None
     # train with data.template although the tokenizer has a different one of its own
     allow_template_change: bool = False
-    template_kwargs: Dict[str, Any] = field(
-        default_factory=dict
-    )  # variables for every render of the template, e.g. {enable_thinking: false}
+    # variables for every render of the template, e.g. {enable_thinking: false}
+    template_kwargs: Dict[str, Any] = field(default_factory=dict)
     system_prompt: Optional[str] = None  # system message prepended to every conversation that has none
-    roles: Dict[str, str] = field(
-        default_factory=dict
-    )  # extra role names -> user, assistant, system or tool (e.g. {bot: assistant})
+    # extra role names -> user, assistant, system or tool (e.g. {bot: assistant})
+    roles: Dict[str, str] = field(default_factory=dict)
     train_on_inputs: bool = False  # train on every token of the conversation (prompts too), not only on train_roles
     train_roles: List[str] = field(default_factory=lambda: ["assistant"])  # roles whose turns are trained
     train_turns: str = "all"  # which turns of train_roles are trained: all or last
@@ -89,9 +88,8 @@ class DataSpec:
     max_samples: Optional[int] = None  # use at most this many training rows (for smoke runs)
     num_proc: int = 0  # processes that tokenize; 0 = as many as the data size and cores warrant
     cache_dir: Optional[str] = None  # tokenized-data cache; unset = $FTTOOL_CACHE or ~/.cache/fttool/data
-    metrics: List[str] = field(
-        default_factory=lambda: ["exact_match", "token_f1", "rouge_l", "perplexity"]
-    )  # test-split scores: exact_match, token_f1, rouge_l, json_valid, json_schema, perplexity
+    # test-split scores: exact_match, token_f1, rouge_l, json_valid, json_schema, perplexity
+    metrics: List[str] = field(default_factory=lambda: ["exact_match", "token_f1", "rouge_l", "perplexity"])
     json_schema: Optional[str] = None  # JSON Schema file the replies must satisfy (adds the json_schema metric)
 
 
@@ -112,9 +110,8 @@ class LoraSpec:
     rank: int = 16  # adapter rank r
     alpha: float = 32.0  # adapter scaling numerator (scale = alpha / rank)
     dropout: float = 0.05  # dropout on the adapter input
-    target_modules: List[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )  # module names that get adapters
+    # module names that get adapters
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank)
 
 
@@ -132,14 +129,31 @@ class QloraSpec(LoraSpec):
 @dataclass
 class ObjectiveSpec:
     """What the training optimises: sft (next-token loss on the trained tokens) or a preference objective on pairs of
-    replies (dpo, orpo). `method` stays how the weights are trained (full, LoRA, QLoRA)."""
+    replies (dpo, orpo). `method` stays how the weights are trained (full, LoRA, QLoRA). Each objective has its own
+    keys (the dataclasses below): a key of another objective is refused with the objective that has it."""
 
-    name: str = "sft"  # sft, dpo or orpo (set by the group option)
-    beta: float = 0.1  # dpo: strength of the pull towards the reference model (DPO's beta); orpo: weight of the odds-ratio term (ORPO's lambda)
-    loss_type: str = "sigmoid"  # dpo: sigmoid (the DPO paper), ipo, hinge or robust (TRL's loss types)
-    label_smoothing: float = 0.0  # dpo: assumed fraction of flipped preference labels (conservative DPO, robust)
-    # dpo: score every pair with the reference once before training, so no reference forward runs per step
+    name: str = "sft"  # objective name (set by the group option)
+
+
+@dataclass
+class SftSpec(ObjectiveSpec):
+    name: str = "sft"
+
+
+@dataclass
+class DpoSpec(ObjectiveSpec):
+    name: str = "dpo"
+    beta: float = 0.1  # strength of the pull towards the reference model (DPO's beta)
+    loss_type: str = "sigmoid"  # sigmoid (the DPO paper), ipo, hinge or robust (TRL's loss types)
+    label_smoothing: float = 0.0  # assumed fraction of flipped preference labels (conservative DPO, robust)
+    # score every pair with the reference once before training, so no reference forward runs per step
     precompute_ref_log_probs: bool = False
+
+
+@dataclass
+class OrpoSpec(ObjectiveSpec):
+    name: str = "orpo"
+    beta: float = 0.1  # weight of the odds-ratio term (ORPO's lambda)
 
 
 @dataclass
@@ -211,9 +225,8 @@ class EvalSpec:
     max_new_tokens: int = 64  # generation budget per example (greedy decoding)
     batch_size: int = 16  # examples generated at once
     compare_base: bool = True  # evaluate the base model too, side by side, and give a verdict
-    gate: Dict[str, float] = field(
-        default_factory=dict
-    )  # metric -> margin the fine-tune must beat the base by; empty = {first of data.metrics: 0}
+    # metric -> margin the fine-tune must beat the base by; empty = {first of data.metrics: 0}
+    gate: Dict[str, float] = field(default_factory=dict)
     show: int = 3  # examples printed side by side
 
 
@@ -224,7 +237,7 @@ class RunSpec:
     model: ModelSpec = field(default_factory=ModelSpec)  # group `model`
     data: DataSpec = field(default_factory=DataSpec)  # group `data`
     method: Any = MISSING  # group `method`: full, lora or qlora
-    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)  # group `objective`: sft, dpo or orpo
+    objective: Any = MISSING  # group `objective`: sft, dpo or orpo
     hardware: HardwareSpec = field(default_factory=HardwareSpec)  # group `hardware`
     logging: LoggingSpec = field(default_factory=LoggingSpec)  # group `logging`
     train: TrainSpec = field(default_factory=TrainSpec)  # the schedule
@@ -232,7 +245,9 @@ class RunSpec:
     output_dir: str = "runs"  # folder that holds run folders
     run_name: Optional[str] = None  # this run's folder name; unset = <model>-<method>-<timestamp>
     resume: str = "never"  # never (fail if the run folder exists) or auto (continue from its newest checkpoint)
-    resume_data: str = "same"  # on resume: same (refuse if the data changed since the run began) or changed (continue on the new data, recorded in data.json)
+    # on resume: same (refuse if the data changed since the run began) or changed (continue on the new data, recorded
+    # in data.json)
+    resume_data: str = "same"
     seed: int = 42  # seed for data order, initialisation and dropout
 
 
@@ -256,11 +271,4 @@ def world_size(hw: HardwareSpec) -> int:
     return hw.num_processes * max(hw.num_machines, 1)
 
 
-GROUP_SCHEMAS = {
-    "model": ModelSpec,
-    "data": DataSpec,
-    "objective": ObjectiveSpec,
-    "hardware": HardwareSpec,
-    "logging": LoggingSpec,
-}
 GROUPS = ("model", "data", "method", "objective", "hardware", "logging")

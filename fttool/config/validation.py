@@ -13,8 +13,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from fttool.config import lineage, methods, objectives, recipes, strategies
-from fttool.config.spec import DTYPES, FORMATS, PACKING, PRECISIONS, RunSpec, world_size
+from fttool.config import lineage, methods, objectives, recipes, registry, strategies
+from fttool.config.spec import DTYPES, PACKING, PRECISIONS, RunSpec, world_size
+from fttool.data.formats import FORMATS
 from fttool.errors import UserError, suggestion
 
 CHOICES = {
@@ -163,7 +164,7 @@ def _check_combinations(cfg: DictConfig, user_keys: set) -> None:
         )
     methods.of(cfg).check(cfg.method)
     _check_data(cfg.data)
-    objectives.of(cfg).check(cfg, data_formats(cfg.data), user_keys)
+    objectives.of(cfg).check(cfg, data_formats(cfg.data))
     check_eval(cfg)
     _check_topology(cfg)
     if cfg.model.trust_remote_code and "model.trust_remote_code" not in user_keys:
@@ -532,7 +533,18 @@ def to_spec(cfg: Any) -> RunSpec:
     """A plain config tree (as read back from spec.yaml) -> typed RunSpec."""
     schema = OmegaConf.structured(RunSpec)
     tree = OmegaConf.create(OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else cfg)
-    method_tree = tree.pop("method")
+    trees = {"method": tree.pop("method"), "objective": tree.pop("objective", None) or {"name": "sft"}}
+    # spec.yaml of runs before per-objective schemas carried every objective's keys: those of other objectives go
+    trees["objective"] = {
+        k: v
+        for k, v in OmegaConf.to_container(OmegaConf.create(trees["objective"])).items()
+        if k in objectives.SCHEMAS[trees["objective"]["name"]].__dataclass_fields__ or k not in FORMER_OBJECTIVE_KEYS
+    }
     merged = OmegaConf.merge(schema, tree)
-    merged.method = OmegaConf.merge(OmegaConf.structured(methods.schema(method_tree["name"])), method_tree)
+    for group, sub in trees.items():
+        option = OmegaConf.structured(registry.OPTION_SCHEMAS[group][sub["name"]])
+        merged[group] = OmegaConf.merge(option, sub)
     return OmegaConf.to_object(merged)
+
+
+FORMER_OBJECTIVE_KEYS = ("beta", "loss_type", "label_smoothing", "precompute_ref_log_probs")

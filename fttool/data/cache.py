@@ -56,12 +56,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def key(data_spec, seed: int, tokenizer, template: Optional[str], sources: list, pairs: bool = False) -> Dict[str, Any]:
-    """The key's parts (kept in meta.json so a person can see why two runs share a cache or not). `pairs`: features
-    for a preference objective (a chosen and a rejected sequence per row), cached apart from SFT's."""
+def key(data_spec, seed: int, tokenizer, template: Optional[str], sources: list, tag: Dict[str, str]) -> Dict[str, Any]:
+    """The key's parts (kept in meta.json so a person can see why two runs share a cache or not). `tag`: the
+    features' own part (features.py cache_tag), so pairs or prompts are cached apart from sequences."""
     fields = {k: v for k, v in dataclasses.asdict(data_spec).items() if k not in NOT_IN_KEY}
     return {
-        **({"features": "pairs"} if pairs else {}),
+        **tag,
         "version": VERSION,
         "sources": sources,
         "tokenizer": tokenizer_fingerprint(tokenizer),

@@ -11,7 +11,8 @@ what was expected and the key that fixes it.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Mapping, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from fttool.errors import UserError, suggestion
 
@@ -32,44 +33,44 @@ ROLE_ALIASES = {
     "ipython": "tool",
 }
 
-# format -> its fields and the column each is read from by default (data.columns renames them)
-FIELDS: Dict[str, Dict[str, str]] = {
-    "chat": {
-        "messages": "messages",
-        "role": "role",
-        "content": "content",
-        "tools": "tools",
-        "documents": "documents",
-        "system": "system",
-    },
-    "sharegpt": {
-        "conversations": "conversations",
-        "role": "from",
-        "content": "value",
-        "tools": "tools",
-        "documents": "documents",
-        "system": "system",
-    },
-    "alpaca": {
-        "instruction": "instruction",
-        "input": "input",
-        "output": "output",
-        "system": "system",
-        "history": "history",
-    },
-    "completion": {"text": "text"},
-    "segments": {"segments": "segments"},
-    "preference": {
-        "prompt": "prompt",
-        "chosen": "chosen",
-        "rejected": "rejected",
-        "role": "role",
-        "content": "content",
-        "tools": "tools",
-        "documents": "documents",
-        "system": "system",
-    },
+CHAT_FIELDS = {"role": "role", "content": "content", "tools": "tools", "documents": "documents", "system": "system"}
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """One row format: its fields (each with the column it is read from by default; data.columns renames them), the
+    Formatter method that reads a row, the fields whose presence says a row is in this format, and whether its rows
+    are rendered with the chat template. A new format is one row here and one conf/data/*.yaml."""
+
+    fields: Dict[str, str]
+    reader: str  # Formatter method: row -> normal form (see the module docstring)
+    detect: Tuple[str, ...]  # default field names that mark a row as this format (`guess_format`)
+    templated: bool = True
+
+
+ROW_FORMATS: Dict[str, RowFormat] = {
+    "chat": RowFormat({"messages": "messages", **CHAT_FIELDS}, "_conversation", ("messages",)),
+    "sharegpt": RowFormat(
+        {"conversations": "conversations", **CHAT_FIELDS, "role": "from", "content": "value"},
+        "_conversation",
+        ("conversations",),
+    ),
+    "alpaca": RowFormat(
+        {"instruction": "instruction", "input": "input", "output": "output", "system": "system", "history": "history"},
+        "_alpaca_row",
+        ("instruction",),
+    ),
+    "completion": RowFormat({"text": "text"}, "_completion", ("text",), templated=False),
+    "segments": RowFormat({"segments": "segments"}, "_segments_row", ("segments",), templated=False),
+    "preference": RowFormat(
+        {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", **CHAT_FIELDS},
+        "_preference",
+        ("chosen", "rejected"),
+    ),
 }
+FORMATS = tuple(ROW_FORMATS)
+FIELDS: Dict[str, Dict[str, str]] = {name: f.fields for name, f in ROW_FORMATS.items()}
+TEMPLATED = tuple(name for name, f in ROW_FORMATS.items() if f.templated)  # formats that need a chat template
 # message fields passed on to the template as they are (templates render tool calls and reasoning from them)
 EXTRA_FIELDS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
 OPTIONAL = {"tools", "documents", "system", "input", "history", "role", "content"}
@@ -89,17 +90,9 @@ def check_columns(fmt: str, columns: Mapping[str, str], key: str = "data.columns
 
 def guess_format(rec: Dict[str, Any]) -> Optional[str]:
     """The format whose required fields a row has under their default names, if any."""
-    if "chosen" in rec and "rejected" in rec:
-        return "preference"
-    for fmt, required in (
-        ("chat", "messages"),
-        ("sharegpt", "conversations"),
-        ("alpaca", "instruction"),
-        ("segments", "segments"),
-        ("completion", "text"),
-    ):
-        if required in rec:
-            return fmt
+    for name, f in sorted(ROW_FORMATS.items(), key=lambda item: -len(item[1].detect)):  # most specific first
+        if all(field in rec for field in f.detect):
+            return name
     return None
 
 
@@ -114,19 +107,24 @@ class Formatter:
         self.system_prompt = system_prompt
 
     def __call__(self, loc: str, rec: Dict[str, Any]) -> Example:
-        if self.fmt in ("chat", "sharegpt"):
-            msgs = self._messages(loc, self._get(loc, rec, "messages" if self.fmt == "chat" else "conversations"))
-            return self._chat(loc, rec, msgs)
-        if self.fmt == "alpaca":
-            return self._chat(loc, rec, self._alpaca(loc, rec))
-        if self.fmt == "completion":
-            text = self._get(loc, rec, "text")
-            if not isinstance(text, str) or not text.strip():
-                raise UserError(f"{loc}: '{self.col['text']}' must be a non-empty string.")
-            return {"kind": "segments", "segments": [[text, True]]}
-        if self.fmt == "segments":
-            return {"kind": "segments", "segments": self._segments(loc, self._get(loc, rec, "segments"))}
-        return self._preference(loc, rec)
+        return getattr(self, ROW_FORMATS[self.fmt].reader)(loc, rec)
+
+    # -- readers (RowFormat.reader): a row -> its normal form ---------------------------------------------
+    def _conversation(self, loc: str, rec: Dict[str, Any]) -> Example:
+        field = ROW_FORMATS[self.fmt].detect[0]  # messages / conversations
+        return self._chat(loc, rec, self._messages(loc, self._get(loc, rec, field), field))
+
+    def _alpaca_row(self, loc: str, rec: Dict[str, Any]) -> Example:
+        return self._chat(loc, rec, self._alpaca(loc, rec))
+
+    def _completion(self, loc: str, rec: Dict[str, Any]) -> Example:
+        text = self._get(loc, rec, "text")
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{loc}: '{self.col['text']}' must be a non-empty string.")
+        return {"kind": "segments", "segments": [[text, True]]}
+
+    def _segments_row(self, loc: str, rec: Dict[str, Any]) -> Example:
+        return {"kind": "segments", "segments": self._segments(loc, self._get(loc, rec, "segments"))}
 
     # -- fields -----------------------------------------------------------------------------------------
     def _get(self, loc: str, rec: Dict[str, Any], name: str) -> Any:
@@ -153,13 +151,9 @@ class Formatter:
             )
         return role
 
-    def _messages(self, loc: str, msgs: Any) -> List[Dict[str, str]]:
+    def _messages(self, loc: str, msgs: Any, field: str) -> List[Dict[str, str]]:
         rk, ck = self.col["role"], self.col["content"]
-        name = (
-            self.col["messages" if self.fmt == "chat" else "conversations"]
-            if self.fmt != "preference"
-            else self.col["prompt"]
-        )
+        name = self.col[field]
         if not isinstance(msgs, list) or not msgs:
             raise UserError(f"{loc}: '{name}' must be a non-empty list of {{{rk}, {ck}}} objects.")
         return [self._message(loc, j, m) for j, m in enumerate(msgs)]
@@ -262,7 +256,9 @@ class Formatter:
 
     def _preference(self, loc: str, rec: Dict[str, Any]) -> Example:
         prompt = self._get(loc, rec, "prompt")
-        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else self._messages(loc, prompt)
+        msgs = (
+            [{"role": "user", "content": prompt}] if isinstance(prompt, str) else self._messages(loc, prompt, "prompt")
+        )
         if msgs[-1]["role"] == "assistant":
             raise UserError(
                 f"{loc}: the prompt ends with an assistant message; it must end where the compared replies begin."

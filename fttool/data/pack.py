@@ -94,16 +94,17 @@ class RightPadCollator:
 class PairCollator:
     """Preference pairs as one batch: the chosen sequences, then the rejected ones (the layout TRL's DPOTrainer
     reads), right-padded together. `completion_mask` marks the scored tokens, exactly the tokens fttool's masking
-    trains (each reply and the token closing its turn); precomputed reference log-probs ride along."""
+    trains (each reply and the token closing its turn); precomputed reference log-probs ride along. `sides`: the
+    (ids, labels) columns of the chosen and the rejected sequence (features.PAIRS)."""
 
-    def __init__(self, pad_id: int, multiple: int = 8):
+    def __init__(self, pad_id: int, sides, multiple: int = 8):
         self.pad = RightPadCollator(pad_id, multiple)
+        self.sides = sides
 
     def __call__(self, features):
         import torch
 
-        rows = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
-        rows += [{"input_ids": f["rejected_input_ids"], "labels": f["rejected_labels"]} for f in features]
+        rows = [{"input_ids": f[ids], "labels": f[labels]} for ids, labels in self.sides for f in features]
         batch = self.pad(rows)
         labels = batch.pop("labels")
         batch["completion_mask"] = (labels != IGNORE).long()
@@ -111,6 +112,27 @@ class PairCollator:
             if key in features[0]:
                 batch[key] = torch.tensor([f[key] for f in features])
         return batch
+
+
+class PromptCollator:
+    """Prompts for generation, left-padded (a batch's completions then start at one position), with their attention
+    mask; the prompt texts and references ride along as lists."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features):
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        ids = [[self.pad_id] * (longest - len(f["input_ids"])) + list(f["input_ids"]) for f in features]
+        mask = [[0] * (longest - len(f["input_ids"])) + [1] * len(f["input_ids"]) for f in features]
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long),
+            "prompt": [f["prompt"] for f in features],
+            "reference": [f["reference"] for f in features],
+        }
 
 
 def pad_id(tokenizer) -> int:

@@ -73,12 +73,15 @@ def stats_lines(spec, prepared) -> List[str]:
     return lines
 
 
-def run(verb: str, spec, samples: Optional[int] = None, out: TextIO = sys.stdout, output: Optional[str] = None) -> None:
+def run(
+    verb: str, spec, features, samples: Optional[int] = None, out: TextIO = sys.stdout, output: Optional[str] = None
+) -> None:
+    """`features`: what the run's objective trains on (data/features.py)."""
     try:
         if output is not None:
             _dump(spec, samples, output, out)
             return
-        _run(verb, spec, 3 if samples is None else samples, out)
+        _run(verb, spec, features, 3 if samples is None else samples, out)
     except BrokenPipeError:  # `fttool preview | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
@@ -99,35 +102,38 @@ def _dump(spec, samples: Optional[int], output: str, out: TextIO) -> None:
     )
 
 
-def _run(verb: str, spec, samples: int, out: TextIO) -> None:
+def _run(verb: str, spec, features, samples: int, out: TextIO) -> None:
     from fttool import data
     from fttool.data.tokenizer import load_tokenizer
     from fttool.logs import quiet_libraries
 
     quiet_libraries()
     tok = load_tokenizer(spec)
-    prepared = data.prepare_datasets(spec, tok)
+    prepared = data.prepare_datasets(spec, tok, features)
     how = "loaded from the cache" if prepared.from_cache else "tokenized"
     print(f"# {how} in {prepared.seconds:.2f} s: {prepared.cache_dir}", file=out)
     if verb == "preview":
-        color = _use_color(out)
-        pairs = "rejected_input_ids" in prepared.train.column_names
-        what = "scored" if pairs else "trained"
-        legend = f"{what} tokens on green" if color else f"{what} tokens in [[...]]"
         for i in range(min(samples, len(prepared.train))):
-            row = prepared.train[i]
-            sides = [("", "input_ids", "labels")]
-            if pairs:  # a preference objective: both sequences, each reply's scored tokens marked
-                sides = [(" chosen", "input_ids", "labels"), (" rejected", "rejected_input_ids", "rejected_labels")]
-            for side, ids_key, labels_key in sides:
-                trained = sum(1 for x in row[labels_key] if x != IGNORE)
-                print(
-                    f"\n── sample {i}{side} · {row['loc']} · {len(row[ids_key])} tokens, {trained} {what} ({legend})",
-                    file=out,
-                )
-                print(highlight(tok, row[ids_key], row[labels_key], color), file=out)
+            _show(tok, features, i, prepared.train[i], _use_color(out), out)
         print(file=out)
     for line in stats_lines(spec, prepared):
         print(line, file=out)
     for example in prepared.stats.bad_row_examples:
         print(f"skipped: {example}", file=out)
+
+
+def _show(tok, features, i: int, row, color: bool, out: TextIO) -> None:
+    """One prepared row: each of its sequences with the tokens that count marked (a prompt: its text and reference)."""
+    what = features.marked
+    legend = f"{what} tokens on green" if color else f"{what} tokens in [[...]]"
+    for name, (ids_key, labels_key) in zip(features.names, features.sides):
+        ids = row[ids_key]
+        if labels_key is None:
+            print(f"\n── prompt {i} · {row['loc']} · {len(ids)} tokens (nothing trained)", file=out)
+            print(tok.decode(ids, skip_special_tokens=False), file=out)
+            if row.get("reference"):
+                print(f"── reference: {row['reference']}", file=out)
+            continue
+        trained = sum(1 for x in row[labels_key] if x != IGNORE)
+        print(f"\n── sample {i}{name} · {row['loc']} · {len(ids)} tokens, {trained} {what} ({legend})", file=out)
+        print(highlight(tok, ids, row[labels_key], color), file=out)

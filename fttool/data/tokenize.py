@@ -42,6 +42,7 @@ TOOLS_INTRO = "You can call these tools (JSON schemas):\n"
 # Private-use characters (plane 15) that no dataset contains stand in for a message's content to find its place in
 # the rendering (literal special-token text is marked with token_text.LIT_OPEN/LIT_CLOSE).
 SENTINELS = ("\U000f0002", "@@fttool-sentinel@@")  # the second for templates that JSON-escape content
+COUNTERS = ("eos_appended", "tools_in_system", "literal_markers", "empty_replies")  # per-row counts, summed in stats
 RESERVED_KWARGS = (
     "messages",
     "add_generation_prompt",
@@ -564,17 +565,51 @@ class Encoder:
             "input_ids": ids,
             "labels": labels,
             "error": errors,
-            **{
-                k: [c.get(k, 0) for c in counters]
-                for k in ("eos_appended", "tools_in_system", "literal_markers", "empty_replies")
-            },
+            **{k: [c.get(k, 0) for c in counters] for k in COUNTERS},
         }
+
+    def encode_prompts(self, locs: Sequence[str], examples: Sequence[Dict], skip_bad: bool = False) -> Dict[str, list]:
+        """Prompts for generation: each example's conversation before the reply it is asked for, rendered with the
+        generation prompt (literal special-token text kept as plain characters), as ids and text; `reference` is the
+        reply the row holds ("" when none). Nothing is trained. Errors as in encode_batch."""
+        out: Dict[str, list] = {"input_ids": [], "prompt": [], "reference": [], "error": []}
+        for loc, ex in zip(locs, examples):
+            try:
+                messages, reference = prompt_of(loc, ex)
+                msgs, tools, _ = self.prepare_messages({**ex, "messages": messages})
+                marked, _ = self._mark_literals(msgs)
+                text = self._safe_render(loc, marked, tools, ex.get("documents"), add_generation_prompt=True)
+                if LIT_OPEN in text:
+                    ids = self.codec.encode_marked(loc, text, [])[0]
+                else:
+                    ids = self.tok(text, add_special_tokens=False)["input_ids"]
+                row = (ids, unmark(text), reference or "", "")
+            except UserError as e:
+                if not skip_bad:
+                    raise
+                row = ([], "", "", str(e))
+            for k, v in zip(("input_ids", "prompt", "reference", "error"), row):
+                out[k].append(v)
+        return {**out, **{k: [0] * len(out["error"]) for k in COUNTERS}}
 
     def _trains(self, token: int, a: int, b: int, spans: List[Span]) -> bool:
         """A token trains when its characters overlap a trained span; a template marker (an added token) only when it
         starts inside one: one that starts before, and reaches in by swallowing the reply's leading whitespace
         (phi-3's `<|assistant|>` with rstrip), is the turn's header."""
         return any(s < b and a < e and (a >= s or token not in self.added_ids) for s, e in spans)
+
+
+def prompt_of(loc: str, ex: Dict) -> Tuple[List[Dict[str, Any]], Optional[str]]:
+    """A normalised example as a prompt: the conversation before its last reply (a preference row: its prompt), and
+    that reply (the chosen one) as the reference; a conversation that ends with the user's turn has no reference."""
+    if ex["kind"] == "preference":
+        return ex["messages"], ex["chosen"]
+    if ex["kind"] != "chat":
+        raise UserError(f"{loc}: a text row has no prompt to answer; prompt features need chat-like rows.")
+    msgs = ex["messages"]
+    if msgs[-1]["role"] != "assistant":
+        return msgs, None
+    return msgs[:-1], msgs[-1]["content"]
 
 
 def _alternation(tokens) -> Optional["re.Pattern"]:

@@ -89,9 +89,10 @@ def verdict_exit(run_dir: Path) -> None:
 
 def preview(call) -> None:
     """`preview` and `preprocess`."""
+    from fttool.config import objectives
     from fttool.data import preview as data_preview
 
-    data_preview.run(call.verb, call.spec, call.samples, output=call.output)
+    data_preview.run(call.verb, call.spec, objectives.of(call.spec).features, call.samples, output=call.output)
 
 
 def _checked_trial(checked: Optional[list], job_num: int, job_overrides: List[str]):

@@ -83,7 +83,7 @@ class Setup:
             method=spec.method.name,
             mspec=spec.method,
             objective=spec.objective.name,
-            precompute_ref=bool(spec.objective.precompute_ref_log_probs),
+            precompute_ref=bool(getattr(spec.objective, "precompute_ref_log_probs", False)),  # dpo only
             batch=tr.batch_size,
             grad_accum=tr.grad_accum,
             max_length=spec.data.max_length,
@@ -113,7 +113,7 @@ class Setup:
     @property
     def sequences(self) -> int:
         """Sequences per sample: a preference pair is two."""
-        return 2 if objectives.OBJECTIVES[self.objective].pairs else 1
+        return len(objectives.OBJECTIVES[self.objective].features.sides)
 
     @property
     def worst_tokens(self) -> int:

@@ -128,8 +128,9 @@ def log_data(prepared) -> None:
 
 def log_format_notes(spec) -> None:
     from fttool.data import sources_of
+    from fttool.data.features import PAIRS
 
-    if any(s.format == "preference" for s in sources_of(spec.data)) and not objectives.of(spec).pairs:
+    if any(s.format == "preference" for s in sources_of(spec.data)) and objectives.of(spec).features is not PAIRS:
         log.info(
             "data: preference pairs under objective=sft: training supervised on the chosen replies (objective=dpo "
             "or objective=orpo trains on the pairs); `fttool preview` shows what is trained"
@@ -137,8 +138,10 @@ def log_format_notes(spec) -> None:
 
 
 def as_batches(spec, split, tok):
-    """A tokenized split as the collator wants it: samples (or pairs), or bins of max_length tokens."""
-    ds = split.select_columns(list(objectives.of(spec).columns()))
+    """A prepared split as the collator wants it: the features' columns, or bins of max_length tokens."""
+    if split is None:
+        return None
+    ds = split.select_columns(list(objectives.of(spec).features.columns))
     if spec.data.packing != "bins":
         return ds
     import datasets
@@ -159,15 +162,12 @@ def train(run_dir: Path) -> dict:
     spec = folder.load_spec(run_dir)
     main = rank() == 0
     setup_logging(run_dir, main)
-    from transformers import PrinterCallback, set_seed
+    from transformers import set_seed
 
-    from fttool import data
     from fttool import models as model_lib
-    from fttool.data import pack
     from fttool.errors import Preempted
     from fttool.worker import callbacks, tracking
-    from fttool.worker.guard import NonFiniteGuard, NonFiniteStep, TrainingDiverged, diverged_message
-    from fttool.worker.safe_trainer import Preemption
+    from fttool.worker.guard import NonFiniteStep, TrainingDiverged, diverged_message
 
     strategies.of(spec).before_worker(spec.hardware)
     set_seed(spec.seed)
@@ -175,9 +175,61 @@ def train(run_dir: Path) -> dict:
     args = training_args(spec, run_dir, precision)  # also starts the process group when there are several processes
     strategies.of(spec).after_process_group(spec.hardware)
     tok = load_tokenizer(spec)
+    prepared, record = prepare_data(spec, run_dir, args, tok, main)  # bad data fails here, before any model loads
+    model, precision = model_lib.load_model(spec)
+    trainable, total = describe_model(spec, model, precision, args)
+    if main:
+        tracking.start(spec, run_dir)
+    trainer, parts = build_trainer(spec, run_dir, model, args, prepared, tok, precision)
+    resume_from = last_checkpoint(run_dir, say=main)  # the launcher hands over checkpoints only under resume=auto
+    step = int(resume_from.name.split("-")[-1]) if resume_from else 0
+    if main:
+        callbacks.truncate_metrics(run_dir, step)  # rows logged after the checkpoint are logged again
+    if resume_from:
+        log.info(f"resuming from {resume_from} (step {step})")
+    log.info(f"training: run folder {run_dir}")
+    parts.preempt.install()
+    try:
+        out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if parts.preempt.stopped:  # the checkpoint of this step is saved; nothing after training runs
+            raise Preempted(
+                parts.preempt.message(run_dir, spec.run_name, trainer.state.global_step), parts.preempt.signal
+            )
+        best = mark_best(run_dir, trainer.state) if main else None
+        # every process takes part; a non-finite loss here stops the run before final/ is written
+        eval_loss = trainer.evaluate()["eval_loss"] if prepared.validation is not None else None
+    except KeyboardInterrupt:
+        ckpt = last_checkpoint(run_dir)
+        log.info(
+            f"interrupted. Last complete checkpoint: {ckpt or 'none'}. Continue with: resume=auto run_name={spec.run_name}"
+        )
+        raise SystemExit(130)
+    except NonFiniteStep as e:  # nothing of this step was applied; final/ is not written from this run's weights
+        if main:
+            parts.metrics.record_stop(e, trainer.state)
+            tracking.finish(run_dir)
+        raise TrainingDiverged(diverged_message(e, spec, run_dir, last_checkpoint(run_dir), precision)) from None
+    finally:
+        parts.preempt.restore()
+        if main:
+            _plot(run_dir, trainer)
+    trainer.save_model(str(run_dir / FINAL))  # every process: FSDP and ZeRO-3 gather the full weights for rank 0
+    if not main:
+        return {}
+    tok.save_pretrained(str(run_dir / FINAL))
+    summary = _summarize(spec, run_dir, out, trainable, total, prepared.stats)
+    summary.update(_measured(trainer, out, parts, eval_loss, best, record))
+    return finish(spec, run_dir, summary, prepared, model if args.world_size == 1 else None, tok)
+
+
+def prepare_data(spec, run_dir: Path, args, tok, main: bool):
+    """The run's data as its objective's features (one process per machine tokenizes; the rest read its cache),
+    checked against what a resumed run trained on, and recorded in data.json. Returns (prepared, record)."""
+    from fttool import data
+
     before = _read_record(run_dir)  # read before process 0 rewrites it: what the run trained on so far
-    with args.main_process_first(local=True, desc="data"):  # one process per machine tokenizes; the rest read its cache
-        prepared = data.prepare_datasets(spec, tok)  # bad data fails here, before any model is loaded
+    with args.main_process_first(local=True, desc="data"):
+        prepared = data.prepare_datasets(spec, tok, objectives.of(spec).features)
     record = prepared.record()
     record["lineage"] = folder.lineage(spec) + [folder.lineage_entry(run_dir, spec, record)]
     if before is not None:
@@ -194,7 +246,14 @@ def train(run_dir: Path) -> dict:
         log_data(prepared)
         log_format_notes(spec)
         runfiles.write_json(run_dir / runfiles.DATA, record, indent=1)
-    model, precision = model_lib.load_model(spec)
+    return prepared, record
+
+
+def describe_model(spec, model, precision: str, args):
+    """The loaded model checked and made ready for the batches; says what trains. Returns (trainable, total)."""
+    from fttool import models as model_lib
+    from fttool.data import pack
+
     model_lib.check_cpu_4bit_shapes(spec, model)
     if spec.data.packing != "none":
         pack.guard_kv_cache(model)
@@ -203,80 +262,74 @@ def train(run_dir: Path) -> dict:
         f"model: {spec.model.name_or_path}, {spec.method.name}, {trainable:,} trainable of {total:,} parameters, "
         f"precision {precision}, {args.world_size} process(es), strategy {spec.hardware.strategy}"
     )
-    if main:
-        tracking.start(spec, run_dir)
-    extra = []
-    if spec.train.early_stopping_patience:
-        extra.append(callbacks.EarlyStopping(spec.train.early_stopping_patience, spec.train.early_stopping_threshold))
-    guard = NonFiniteGuard(tolerance=spec.train.nonfinite_tolerance, fp16=precision == "fp16")
-    objective = objectives.of(spec)
-    metrics_cb = callbacks.MetricsCallback(run_dir, guard, objective.progress)
-    preempt = Preemption()
+    return trainable, total
+
+
+class TrainerParts:
+    """What the training loop talks to besides the Trainer: the metrics callback, the guard, preemption."""
+
+    def __init__(self, metrics, guard, preempt):
+        self.metrics, self.guard, self.preempt = metrics, guard, preempt
+
+
+def build_trainer(spec, run_dir: Path, model, args, prepared, tok, precision: str):
+    """The objective's Trainer over the prepared features, with fttool's callbacks. Returns (trainer, parts)."""
+    from transformers import PrinterCallback
+
+    from fttool.worker import callbacks
+    from fttool.worker.guard import NonFiniteGuard
+    from fttool.worker.safe_trainer import Preemption
+
+    t, objective = spec.train, objectives.of(spec)
+    extra = (
+        [callbacks.EarlyStopping(t.early_stopping_patience, t.early_stopping_threshold)]
+        if t.early_stopping_patience
+        else []
+    )
+    guard = NonFiniteGuard(tolerance=t.nonfinite_tolerance, fp16=precision == "fp16")
+    parts = TrainerParts(callbacks.MetricsCallback(run_dir, guard, objective.progress), guard, Preemption())
     trainer = trainers.trainer_class(spec)(
         model=model,
         args=args,
         train_dataset=as_batches(spec, prepared.train, tok),
-        eval_dataset=as_batches(spec, prepared.validation, tok) if prepared.validation is not None else None,
-        data_collator=objective.collator(spec, tok),
+        eval_dataset=as_batches(spec, prepared.validation, tok),
+        data_collator=objective.features.collator(spec.data.packing, tok),
         processing_class=tok,
-        callbacks=[metrics_cb, callbacks.LayoutCallback(), preempt, *extra],
+        callbacks=[parts.metrics, callbacks.LayoutCallback(), parts.preempt, *extra],
         guard=guard,
         **objective.trainer_kwargs(spec),
     )
-    trainer.keep_checkpoints = spec.train.save_total_limit
+    trainer.keep_checkpoints = t.save_total_limit
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line per logging step
-    # the launcher only hands a run folder with checkpoints to a worker when resume=auto asked for it
-    resume_from = last_checkpoint(run_dir, say=main)
-    step = int(resume_from.name.split("-")[-1]) if resume_from else 0
-    if main:
-        callbacks.truncate_metrics(run_dir, step)  # rows logged after the checkpoint are logged again
-    if resume_from:
-        log.info(f"resuming from {resume_from} (step {step})")
-    log.info(f"training: run folder {run_dir}")
-    preempt.install()
-    try:
-        out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        if preempt.stopped:  # the checkpoint of this step is saved; nothing after training runs
-            raise Preempted(preempt.message(run_dir, spec.run_name, trainer.state.global_step), preempt.signal)
-        best = mark_best(run_dir, trainer.state) if main else None
-        # every process takes part; a non-finite loss here stops the run before final/ is written
-        eval_loss = trainer.evaluate()["eval_loss"] if prepared.validation is not None else None
-    except KeyboardInterrupt:
-        ckpt = last_checkpoint(run_dir)
-        log.info(
-            f"interrupted. Last complete checkpoint: {ckpt or 'none'}. Continue with: resume=auto run_name={spec.run_name}"
-        )
-        raise SystemExit(130)
-    except NonFiniteStep as e:  # nothing of this step was applied; final/ is not written from this run's weights
-        if main:
-            metrics_cb.record_stop(e, trainer.state)
-            tracking.finish(run_dir)
-        raise TrainingDiverged(diverged_message(e, spec, run_dir, last_checkpoint(run_dir), precision)) from None
-    finally:
-        preempt.restore()
-        if main:
-            _plot(run_dir, trainer)
-    final = run_dir / FINAL
-    trainer.save_model(str(final))  # every process: FSDP and ZeRO-3 gather the full weights for process 0 to write
-    if not main:
-        return {}
-    tok.save_pretrained(str(final))
-    summary = _summarize(spec, run_dir, out, trainable, total, prepared.stats)
+    return trainer, parts
+
+
+def _measured(trainer, out, parts, eval_loss, best, record) -> dict:
+    """What the finished training measured: throughput, peak memory, skipped steps, the best checkpoint."""
     runtime = out.metrics.get("train_runtime") or 0
-    metrics_cb.peaks.read()  # the end of training, the final save and validation included
-    summary.update(
+    parts.metrics.peaks.read()  # the end of training, the final save and validation included
+    skipped = parts.guard.skipped
+    log.info(
+        f"peak memory: {memory.describe(parts.metrics.peaks.run)}"
+        + (f"; {len(skipped)} non-finite step(s) skipped: {skipped}" if skipped else "")
+    )
+    return dict(
         eval_loss=eval_loss,
         tokens_seen=trainer.state.num_input_tokens_seen,
         tokens_per_s=trainer.state.num_input_tokens_seen / runtime if runtime else None,
         **(best or {}),
-        peak_memory=metrics_cb.peaks.run,
-        nonfinite_steps=guard.skipped,
+        peak_memory=parts.metrics.peaks.run,
+        nonfinite_steps=skipped,
         lineage=record["lineage"],
+        stopped_early=out.global_step < trainer.state.max_steps,  # with early stopping on (see finish)
     )
-    log.info(
-        f"peak memory: {memory.describe(metrics_cb.peaks.run)}"
-        + (f"; {len(guard.skipped)} non-finite step(s) skipped: {guard.skipped}" if guard.skipped else "")
-    )
+
+
+def finish(spec, run_dir: Path, summary: dict, prepared, own_model, tok) -> dict:
+    """Process 0 after the final save: plan vs measured, validation, the held-out evaluation, result.json."""
+    from fttool.worker import tracking
+
+    summary["stopped_early"] = bool(spec.train.early_stopping_patience) and summary.pop("stopped_early")
     plan = runfiles.read_json(run_dir / runfiles.PLAN)
     if plan and "memory" in plan:
         from fttool.plan.budget import versus
@@ -286,11 +339,11 @@ def train(run_dir: Path) -> dict:
             "plan vs measured: "
             + ", ".join(f"{k} {v['predicted']} vs {v['measured']}" for k, v in summary["plan_vs_measured"].items())
         )
-    summary["stopped_early"] = bool(spec.train.early_stopping_patience) and out.global_step < trainer.state.max_steps
-    if eval_loss is not None:
-        log.info(f"validation loss {eval_loss:.4f} on {len(prepared.validation):,} held-out samples")
+    if summary["eval_loss"] is not None:
+        log.info(f"validation loss {summary['eval_loss']:.4f} on {len(prepared.validation):,} held-out samples")
+    final = run_dir / FINAL
     if spec.eval.after_training and has_test(spec):
-        summary["eval"] = _evaluate(spec, run_dir, final, model if args.world_size == 1 else None, tok)
+        summary["eval"] = _evaluate(spec, run_dir, final, own_model, tok)
     wait_for_hashes()  # the checkpoints' manifests get their hashes before the run is called finished
     runfiles.write_json(run_dir / runfiles.RESULT, summary)
     tracking.log_eval(summary.get("eval"))
