@@ -7,8 +7,9 @@ import os
 from typing import Tuple
 
 from fttool import assets, gguf_read
-from fttool.config import methods
+from fttool.config import devices, methods
 from fttool.config.methods import torch_dtype
+from fttool.config.spec import resolved_precision
 from fttool.errors import UserError
 
 log = logging.getLogger("fttool")
@@ -16,20 +17,18 @@ log = logging.getLogger("fttool")
 
 def resolve_precision(spec) -> str:
     """fp32, bf16 or fp16 for this machine."""
-    p = spec.hardware.precision
-    if p != "auto":
-        return p
-    if spec.hardware.device == "cpu":
-        return "fp32"
+    hw = spec.hardware
+    if hw.precision != "auto" or not devices.of(hw).gpu:
+        return resolved_precision(hw)
     import torch
 
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return resolved_precision(hw, torch.cuda.is_bf16_supported())
 
 
 def check_device(spec) -> None:
     """The machine can give the run what the hardware group asks for (checked before anything is written)."""
     hw = spec.hardware
-    if hw.device != "cuda":
+    if not devices.of(hw).gpu:
         return
     import torch
 
@@ -65,7 +64,7 @@ def load_base(spec, precision: str):
     path = assets.resolve(spec.model.name_or_path)
     quant = quantization_config(spec, precision)
     extra = {}
-    if quant is not None and spec.hardware.device == "cuda":
+    if quant is not None and devices.of(spec.hardware).gpu:
         extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}  # each process its own GPU (DDP, ZeRO-2)
     if spec.model.gguf_file:
         quant = gguf_dequantized(spec, weight_dtype(spec, precision))
@@ -123,7 +122,7 @@ def load_trained(spec, precision: str, final):
 
 def check_inference_device(spec, key: str) -> None:
     """A run trained on GPUs, evaluated or queried where there is none: say which key moves it to the CPU."""
-    if spec.hardware.device != "cuda":
+    if not devices.of(spec.hardware).gpu:
         return
     import torch
 
@@ -137,7 +136,7 @@ def check_inference_device(spec, key: str) -> None:
 def place(model, spec):
     """The model on the spec's device for inference (quantized models were placed when loaded)."""
     if (
-        spec.hardware.device == "cuda"
+        devices.of(spec.hardware).gpu
         and not getattr(model, "is_loaded_in_4bit", False)
         and not getattr(model, "is_loaded_in_8bit", False)
     ):
@@ -180,7 +179,7 @@ def check_cpu_4bit_shapes(spec, model) -> None:
     without gradients (validation, evaluation, generation, on CPUs with AVX512-BF16), and asserts that the layer's
     output size divides by 32 and its input size by 64. Say so before training, not as an assertion at the first
     validation (or only on some machines)."""
-    if spec.hardware.device != "cpu" or not methods.of(spec).quantized or spec.method.bits != 4:
+    if devices.of(spec.hardware).gpu or not methods.of(spec).quantized or spec.method.bits != 4:
         return
     bad = sorted(
         {

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 from fttool.after.args import flag
+from fttool.config import devices
 from fttool.data.tokenizer import load_tokenizer, with_pad
 from fttool.errors import UserError
 from fttool.runfolder import runfiles
@@ -24,8 +25,8 @@ def load(own: Dict[str, str]) -> Tuple[object, object, str, Dict]:
 
     quiet_libraries()
     device = own.get("device")
-    if device not in (None, "cpu", "cuda"):
-        raise UserError(f"device={device}: expected cpu or cuda.")
+    if device is not None and device not in devices.DEVICES:
+        raise UserError(f"device={device}: expected {' or '.join(devices.DEVICES)}.")
     if "run" in own:
         from dataclasses import replace
 
@@ -56,7 +57,7 @@ def _load_folder(path: Path, device, trust_remote_code: bool = False):
         hint = " It is a run folder: use run=PATH." if (path / runfiles.SPEC).is_file() else ""
         raise UserError(f"model={path}: no config.json there; give a model folder (fttool export output).{hint}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+    if devices.of(device).gpu and not torch.cuda.is_available():
         raise UserError("device=cuda: torch sees no CUDA GPU here; use device=cpu.")
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if not tok.chat_template:

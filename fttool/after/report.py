@@ -11,8 +11,6 @@ from typing import Dict, List, Optional
 from fttool.config.spec import effective_gate
 from fttool.metrics import METRICS, fmt, fmt_diff, improvement
 
-FILES = ("eval.json", "eval.md", "eval_samples.jsonl")
-
 
 def gate_of(spec) -> Dict[str, float]:
     """metric -> margin the verdict requires; by default the first metric the data group names, margin 0."""

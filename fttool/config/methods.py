@@ -33,6 +33,7 @@ class Method:
     adapter: bool = False  # trains an adapter over a frozen base; final/ holds the adapter, not a model
     quantized: bool = False  # the frozen base is loaded quantized (bitsandbytes)
     shardable_base: bool = True  # the base weights can be sharded (FSDP2, ZeRO-3)
+    utilisation: float = 0.40  # share of a GPU's bf16 peak a training step reaches (`fttool plan`'s time)
 
     # -- what final/ and checkpoints hold ------------------------------------------------------------------------
     @property
@@ -195,13 +196,20 @@ METHODS: Dict[str, Method] = {
     m.name: m
     for m in (
         Method("full", FullSpec, "every weight trained (fp32 master weights, AdamW states for all)"),
-        Lora("lora", LoraSpec, "low-rank adapters on chosen projections; the base stays frozen", adapter=True),
+        Lora(
+            "lora",
+            LoraSpec,
+            "low-rank adapters on chosen projections; the base stays frozen",
+            adapter=True,
+            utilisation=0.35,
+        ),
         Lora(
             "dora",
             LoraSpec,
             "DoRA: LoRA with a learned magnitude per output feature (peft use_dora); slower steps, "
             "often better at low rank",
             adapter=True,
+            utilisation=0.25,
             dora=True,
         ),
         QLora(
@@ -211,6 +219,7 @@ METHODS: Dict[str, Method] = {
             adapter=True,
             quantized=True,
             shardable_base=False,
+            utilisation=0.25,  # dequantizing every weight each step
         ),
     )
 }

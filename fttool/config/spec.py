@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from fttool.config import devices
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -264,6 +266,16 @@ def has_test(spec) -> bool:
 def effective_gate(spec) -> Dict[str, float]:
     """metric -> margin the fine-tune must beat the base by; unset = the first of data.metrics, by any margin."""
     return dict(spec.eval.gate) if spec.eval.gate else {spec.data.metrics[0]: 0.0}
+
+
+def resolved_precision(hw, bf16: Optional[bool] = None) -> str:
+    """hardware.precision with "auto" decided, in this one place: fp32 on the CPU; on a GPU bf16, or fp16 on one
+    without bf16 (`bf16`: whether the GPU has it; None = not known yet, as when planning for no GPU in particular)."""
+    if hw.precision != "auto":
+        return hw.precision
+    if not devices.of(hw).gpu:
+        return "fp32"
+    return "fp16" if bf16 is False else "bf16"
 
 
 def world_size(hw: HardwareSpec) -> int:

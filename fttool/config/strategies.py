@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
+from fttool.config import devices
 from fttool.errors import UserError
 
 DEEPSPEED_CONFIG = "deepspeed.json"
@@ -81,7 +82,10 @@ class Strategy:
 @dataclass(frozen=True)
 class DDP(Strategy):
     def training_kwargs(self, hw, run_dir: Path) -> Dict:
-        return {"ddp_find_unused_parameters": False, "ddp_backend": "gloo" if hw.device == "cpu" else None}
+        return {
+            "ddp_find_unused_parameters": False,
+            "ddp_backend": None if devices.of(hw).gpu else devices.of(hw).backend,
+        }
 
 
 @dataclass(frozen=True)
@@ -101,11 +105,11 @@ class FSDP2(Strategy):
         }
 
     def before_worker(self, hw) -> None:
-        if hw.device == "cpu":  # accelerate never turns FSDP on for CPU processes by itself
+        if not devices.of(hw).gpu:  # accelerate never turns FSDP on for CPU processes by itself
             enable_cpu_fsdp()
 
     def accelerate_extra(self, hw, run_dir: Path) -> Dict:
-        if hw.device == "cpu":  # accelerate would start FSDP on CPU as one process; the worker turns FSDP on itself
+        if not devices.of(hw).gpu:  # accelerate would start FSDP on CPU as one process; the worker turns FSDP on itself
             return {"distributed_type": "MULTI_GPU"}
         c = self.fsdp_config(hw)
         return {
@@ -128,7 +132,7 @@ class FSDP2(Strategy):
 
     def check(self, cfg) -> None:
         super().check(cfg)
-        if cfg.hardware.offload and cfg.hardware.device == "cpu":
+        if cfg.hardware.offload and not devices.of(cfg.hardware).gpu:
             raise UserError(
                 "hardware.offload=true moves FSDP2 parameters from the GPUs to CPU memory; with "
                 "hardware.device=cpu they are there already: remove hardware.offload."
@@ -147,7 +151,7 @@ class Zero(Strategy):
     stage: int = 2
 
     def deepspeed_config(self, hw) -> Dict:
-        zero: Dict = {"stage": self.stage, "overlap_comm": hw.device == "cuda", "contiguous_gradients": True}
+        zero: Dict = {"stage": self.stage, "overlap_comm": devices.of(hw).gpu, "contiguous_gradients": True}
         if self.stage == 3:
             zero.update(
                 stage3_gather_16bit_weights_on_model_save=True,
@@ -157,8 +161,8 @@ class Zero(Strategy):
             )
         if hw.offload and self.offload:
             zero.update(
-                offload_param={"device": "cpu", "pin_memory": hw.device == "cuda"},
-                offload_optimizer={"device": "cpu", "pin_memory": hw.device == "cuda"},
+                offload_param={"device": "cpu", "pin_memory": devices.of(hw).gpu},
+                offload_optimizer={"device": "cpu", "pin_memory": devices.of(hw).gpu},
             )
         return {
             "train_micro_batch_size_per_gpu": "auto",
@@ -195,7 +199,7 @@ class Zero(Strategy):
         if self.stage == 3:
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend="gloo" if hw.device == "cpu" else "nccl")
+            deepspeed.init_distributed(dist_backend=devices.of(hw).backend)
 
 
 def enable_cpu_fsdp() -> None:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from fttool.config import lineage, methods, objectives, recipes, registry, strategies
+from fttool.config import devices, lineage, methods, objectives, recipes, registry, strategies
 from fttool.config.spec import DTYPES, PACKING, PRECISIONS, RunSpec, world_size
 from fttool.data.formats import FORMATS
 from fttool.errors import UserError, suggestion
@@ -28,7 +28,7 @@ CHOICES = {
     "method.name": methods.METHODS,  # the tables themselves: a row added is a choice
     "method.quant_type": ("nf4", "fp4"),
     "method.compute_dtype": DTYPES,
-    "hardware.device": ("cpu", "cuda"),
+    "hardware.device": devices.DEVICES,
     "hardware.precision": PRECISIONS,
     "hardware.strategy": strategies.STRATEGIES,
     "logging.backend": ("none", "wandb"),
@@ -157,7 +157,7 @@ def _missing(cfg: DictConfig, key: str) -> bool:
 
 def _check_combinations(cfg: DictConfig, user_keys: set) -> None:
     hw = cfg.hardware
-    if hw.device == "cpu" and hw.precision == "fp16":
+    if not devices.of(hw).gpu and hw.precision == "fp16":
         raise UserError(
             "hardware.precision=fp16 needs a CUDA GPU, but hardware.device=cpu; "
             "on the CPU use hardware.precision=fp32 (or bf16), or pick hardware=single_gpu."

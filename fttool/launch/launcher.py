@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from fttool import lifeline, preemption
-from fttool.config import slurm
+from fttool.config import devices, slurm
 from fttool.config.spec import RunSpec, world_size
 from fttool.errors import Preempted, UserError
 from fttool.launch import distributed, rundir
@@ -102,7 +102,7 @@ def run_workers(spec: RunSpec, run_dir: Path, config: Path) -> None:
         flush=True,
     )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if hw.device == "cpu":
+    if not devices.of(hw).gpu:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // hw.num_processes)))
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would warn that it found no GPU
     # SIGUSR1 (SLURM's early warning) or submitit's SIGUSR2 would end torch's launcher by default: it and the workers

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
-from fttool.config import recipes, registry
+from fttool.config import devices, recipes, registry
 from fttool.config.spec import GROUPS, world_size
 from fttool.errors import UserError, suggestion
 from fttool.launch import rundir
@@ -327,7 +327,7 @@ def device_of(spec, env: Dict[str, Any]) -> str:
     """The run's hardware in words: processes x device, on which machine."""
     n = world_size(spec.hardware)
     where = f" on {env['hostname']}" if env.get("hostname") else ""
-    what = "GPU" if spec.hardware.device == "cuda" else "CPU"
+    what = "GPU" if devices.of(spec.hardware).gpu else "CPU"
     cpus = f", {env['cpus']} cores" if env.get("cpus") else ""
     return f"{n}x {what} (hardware={spec.hardware.name}{cpus}){where}"
 

@@ -8,6 +8,7 @@ import math
 from dataclasses import replace
 from typing import Dict, List, Optional
 
+from fttool.config.spec import resolved_precision
 from fttool.plan import estimate, fit, shapes, workload
 from fttool.plan.estimate import Setup, fmt_duration, gib
 
@@ -27,7 +28,7 @@ def make_plan(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = Non
     """The plan as a JSON-able dict. UserError when the model's shape cannot be read (named, with the fix)."""
     shape = shapes.of_model(spec.model)
     t = fit.target(spec, gpu, gpu_memory)
-    precision = "fp16" if (t.kind == "gpu" and not t.bf16 and spec.hardware.precision == "auto") else None
+    precision = resolved_precision(spec.hardware, t.bf16 if t.kind == "gpu" else None)
     work = workload.sample(spec)
     worst_case = Setup.of(spec, precision)
     s = replace(worst_case, batch_tokens=work.batch_tokens if work else None)  # sized by the data's lengths

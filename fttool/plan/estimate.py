@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from fttool.config import methods, objectives, strategies
-from fttool.config.spec import world_size
+from fttool.config import devices, methods, objectives, strategies
+from fttool.config.spec import resolved_precision, world_size
 from fttool.plan.shapes import ModelShape
 
 GIB = 2**30
@@ -78,7 +78,7 @@ class Setup:
     @classmethod
     def of(cls, spec, precision: Optional[str] = None) -> "Setup":
         hw, tr = spec.hardware, spec.train
-        prec = precision or (hw.precision if hw.precision != "auto" else ("fp32" if hw.device == "cpu" else "bf16"))
+        prec = precision or resolved_precision(hw)
         return cls(
             method=spec.method.name,
             mspec=spec.method,
@@ -317,7 +317,7 @@ def memory(s: Setup, shape: ModelShape) -> Memory:
     )
 
     # -- the runtime ---------------------------------------------------------------------------------------------
-    if s.device == "cuda":
+    if devices.of(s).gpu:
         mem.add(SLACK, CUDA_SLACK * mem.tensors * GIB, f"{CUDA_SLACK:.0%}: torch's caching allocator, fragmentation")
         mem.add(CONTEXT, CUDA_CONTEXT_GIB * GIB, "CUDA context, cuBLAS workspace, kernels")
     else:
@@ -327,10 +327,6 @@ def memory(s: Setup, shape: ModelShape) -> Memory:
 
 
 # -- time ----------------------------------------------------------------------------------------------------------
-UTILISATION = {"full": 0.40, "lora": 0.35, "dora": 0.25, "qlora": 0.25}  # share of the card's bf16 peak reached
-DEFAULT_UTILISATION = 0.3
-
-
 def flops_per_token(s: Setup, shape: ModelShape, context: float) -> float:
     """Training FLOPs per trained token: 6 x the parameters a token multiplies through for a full fine-tune (2
     forward, 4 backward), 4 x those for a frozen base (no weight gradients) plus 6 x the adapter's; recomputation
@@ -351,7 +347,8 @@ def flops_per_token(s: Setup, shape: ModelShape, context: float) -> float:
 
 
 def utilisation(s: Setup) -> float:
-    return UTILISATION.get(s.method, DEFAULT_UTILISATION)
+    """The share of the card's bf16 peak a step reaches (the method's row: methods.py)."""
+    return s.method_obj.utilisation
 
 
 def fmt_duration(sec: float) -> str:

@@ -7,6 +7,7 @@ import itertools
 from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
 
+from fttool.config import devices
 from fttool.config.spec import QloraSpec
 from fttool.errors import UserError
 from fttool.plan import cards, estimate
@@ -30,7 +31,7 @@ class Target:
 
 def target(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = None) -> Target:
     device = spec.hardware.device
-    if (gpu or gpu_memory) and device == "cpu":
+    if (gpu or gpu_memory) and not devices.of(device).gpu:
         opt = f"gpu={gpu}" if gpu else f"gpu_memory={gpu_memory:g}"
         raise UserError(
             f"{opt} plans a GPU run, but this spec runs on the CPU (hardware={spec.hardware.name}): add "
@@ -51,7 +52,7 @@ def target(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = None) 
     if gpu:
         c = cards.by_name(gpu)
         return Target(c.name, c.memory_gib, c.tflops, "gpu", f"gpu={gpu}", c.bf16)
-    if device == "cpu":
+    if not devices.of(device).gpu:
         return Target("this machine's CPU", cards.host_memory_gib(), 0.0, "cpu", "hardware.device=cpu")
     local = cards.local_gpus()
     if local:
@@ -100,13 +101,13 @@ def _batch(factor: int):
 
 
 def _optim8(s: Setup):
-    if s.method_obj.adapter or s.device != "cuda" or estimate.OPTIMIZER_BYTES.get(s.optim, 8) != 8:
+    if s.method_obj.adapter or not devices.of(s).gpu or estimate.OPTIMIZER_BYTES.get(s.optim, 8) != 8:
         return None
     return replace(s, optim="adamw_bnb_8bit"), ["train.optim=adamw_bnb_8bit"], "8-bit AdamW states (bitsandbytes)"
 
 
 def _qlora(s: Setup):
-    if s.method_obj.quantized or s.device != "cuda":
+    if s.method_obj.quantized or not devices.of(s).gpu:
         return None
     m = s.mspec
     if s.method_obj.adapter:
@@ -124,7 +125,7 @@ def _qlora(s: Setup):
 
 
 def _zero3(s: Setup):
-    if s.world < 2 or s.strategy_obj.shards_parameters or s.device != "cuda":
+    if s.world < 2 or s.strategy_obj.shards_parameters or not devices.of(s).gpu:
         return None
     return (
         replace(s, strategy="zero3", offload=False, ckpt=s.ckpt),
@@ -134,7 +135,7 @@ def _zero3(s: Setup):
 
 
 def _offload(s: Setup):
-    if s.offload or s.device != "cuda" or not s.method_obj.shardable_base:
+    if s.offload or not devices.of(s).gpu or not s.method_obj.shardable_base:
         return None
     return (
         replace(s, strategy="zero3", offload=True),

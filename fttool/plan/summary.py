@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from fttool import assets
-from fttool.config import methods, objectives, strategies
-from fttool.config.spec import RunSpec, effective_gate, has_validation, world_size
+from fttool.config import devices, methods, objectives, strategies
+from fttool.config.spec import RunSpec, effective_gate, has_validation, resolved_precision, world_size
 
 
 def model_shape(spec):
@@ -132,11 +132,9 @@ def eval_lines(spec: RunSpec) -> List[str]:
 
 def describe(spec: RunSpec) -> List[str]:
     hw, tr, m = spec.hardware, spec.train, spec.method
-    precision = (
-        hw.precision
-        if hw.precision != "auto"
-        else ("fp32" if hw.device == "cpu" else "bf16 (fp16 if the GPU lacks bf16)")
-    )
+    precision = resolved_precision(hw)
+    if hw.precision == "auto" and precision == "bf16":
+        precision += " (fp16 if the GPU lacks bf16)"
     machines = hw.num_machines or 0
     world = world_size(hw)
     global_batch = tr.batch_size * tr.grad_accum * world
@@ -166,7 +164,7 @@ def describe(spec: RunSpec) -> List[str]:
         from fttool.plan import estimate
 
         mem = estimate.memory(estimate.Setup.of(spec), shape)
-        where = "per GPU" if spec.hardware.device == "cuda" else "for the CPU process"
+        where = "per GPU" if devices.of(spec.hardware).gpu else "for the CPU process"
         lines.append(f"memory      ~{estimate.gib(mem.total)} GiB {where} (itemised, with fit and time: fttool plan)")
     else:
         lines.append("parameters  counted when the model loads (no local config.json)")

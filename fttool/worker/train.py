@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from fttool.config import methods, objectives, strategies
+from fttool.config import devices, methods, objectives, strategies
 from fttool.config.spec import has_test, has_validation
 from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
@@ -69,7 +69,7 @@ def training_args(spec, run_dir: Path, precision: str):
         save_total_limit=None,  # rotation: safe_trainer.RunTrainer
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        use_cpu=spec.hardware.device == "cpu",
+        use_cpu=not devices.of(spec.hardware).gpu,
         dataloader_num_workers=t.dataloader_workers,
         report_to=["wandb"] if spec.logging.backend == "wandb" else [],
         run_name=spec.run_name,
