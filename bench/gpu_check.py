@@ -146,7 +146,9 @@ def pairs_file(work: Path, data: Path) -> Path:
 
 
 def run_name(method: str, packing: str, objective: str = "sft") -> str:
-    return f"{method}-dpo" if objective == "dpo" else f"{method}-{'padded' if packing == 'none' else packing}"
+    if objective != "sft":
+        return f"{method}-{objective}"
+    return f"{method}-{'padded' if packing == 'none' else packing}"
 
 
 def train_run(work: Path, model: Path, data: Path, method: str, packing: str, args, objective: str = "sft") -> dict:
@@ -155,6 +157,8 @@ def train_run(work: Path, model: Path, data: Path, method: str, packing: str, ar
     rows = ["data=alpaca", f"data.path={data}"]
     if objective == "dpo":  # chosen and rejected batches padded together: the left-padding tokenizer's other path
         rows = ["objective=dpo", "data=preference", f"data.path={pairs_file(work, data)}"]
+    if objective == "grpo":  # left-padded prompts, sampled completions, the numeric reward on GSM8K-style answers
+        rows += ["objective=grpo", "objective.num_generations=4", "objective.max_completion_length=32"]
     cmd = [
         sys.executable,
         "-m",
@@ -215,7 +219,11 @@ def train_run(work: Path, model: Path, data: Path, method: str, packing: str, ar
         out["problems"].append("non-finite loss")
     if not all(n is not None and math.isfinite(n) for n in norms):
         out["problems"].append("non-finite grad norm")
-    if not last < first:
+    if objective == "grpo":  # a policy-gradient loss need not fall; its rewards must be numbers
+        rewards = [x.get("reward") for x in rows]
+        if not all(r is not None and math.isfinite(r) for r in rewards):
+            out["problems"].append(f"reward missing or non-finite: {rewards[:5]}")
+    elif not last < first:
         out["problems"].append(f"loss did not fall ({first:.3f} -> {last:.3f})")
     if result.get("nonfinite_steps"):
         out["problems"].append(f"non-finite steps skipped: {result['nonfinite_steps']}")
@@ -300,7 +308,7 @@ def main() -> int:
     ap.add_argument(
         "--runs",
         default="",
-        help="only these runs, comma-separated (e.g. qlora-padded,lora-padding_free,lora-dpo); default: all eight",
+        help="only these runs, comma-separated (e.g. qlora-padded,lora-padding_free,lora-dpo,lora-grpo); default: all nine",
     )
     args = ap.parse_args()
     import torch
@@ -340,7 +348,8 @@ def main() -> int:
         runs = []
         chosen = {r for r in args.runs.split(",") if r}
         plan = [(m, p, "sft") for m in ("lora", "qlora", "full") for p in ("none", "padding_free")]
-        for method, packing, objective in plan + [("lora", "none", "dpo"), ("qlora", "none", "dpo")]:
+        online = [("lora", "none", "dpo"), ("qlora", "none", "dpo"), ("lora", "none", "grpo")]
+        for method, packing, objective in plan + online:
             if chosen and run_name(method, packing, objective) not in chosen:
                 continue
             run = train_run(work, model, data, method, packing, args, objective)

@@ -145,6 +145,10 @@ def schema_checker(schema: Dict) -> Callable[[str, str], float]:
     return score
 
 
+def _built_per_run(pred: str, ref: str) -> float:
+    raise RuntimeError("the reward metric's scorer is built from the run's objective (metrics.scorers)")
+
+
 METRICS: Dict[str, Metric] = {
     m.name: m
     for m in (
@@ -158,6 +162,13 @@ METRICS: Dict[str, Metric] = {
             numeric_answer,
         ),
         Metric("json_valid", True, "reply parses as JSON (one ``` fence allowed)", json_valid),
+        Metric(
+            "reward",
+            True,
+            "the run's built-in rewards, weighted as in objective.rewards (objective=grpo)",
+            _built_per_run,
+            rate=False,
+        ),
         Metric(
             "json_schema", True, "reply is JSON that satisfies data.json_schema", None
         ),  # scorer built from the schema
@@ -204,12 +215,16 @@ def load_schema(path: str) -> Dict:
     return schema
 
 
-def scorers(names: List[str], schema: Optional[Dict]) -> Dict[str, Callable[[str, str], float]]:
-    """name -> scorer for the generation metrics among `names`."""
+def scorers(
+    names: List[str], schema: Optional[Dict], reward: Optional[Callable[[str, str], float]] = None
+) -> Dict[str, Callable[[str, str], float]]:
+    """name -> scorer for the generation metrics among `names` (`reward`: the run's weighted rewards, rewards.py)."""
     out = {}
     for n in names:
         if n == "json_schema":
             out[n] = schema_checker(schema or {})
+        elif n == "reward":
+            out[n] = reward
         elif METRICS[n].generative:
             out[n] = METRICS[n].score
     return out

@@ -52,7 +52,11 @@ def loss_curves(
     return True
 
 
-PREFERENCE = (("rewards/accuracies", "preference accuracy"), ("rewards/margins", "reward margin"))
+# the second panel: a preference objective's accuracy and margin, an online objective's rewards
+BELOW = {
+    "preference": (("rewards/accuracies", "preference accuracy"), ("rewards/margins", "reward margin")),
+    "reward": (("reward", "mean reward"), ("reward_std", "reward std over the batch")),
+}
 
 
 def run_loss_plot(run_dir: Path, metrics: List[dict], best: Optional[Tuple[int, float]] = None) -> bool:
@@ -60,8 +64,9 @@ def run_loss_plot(run_dir: Path, metrics: List[dict], best: Optional[Tuple[int, 
     train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     val = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
     marks = [(best[0], best[1], f"best: step {best[0]}")] if best else None
-    below = []  # a preference objective's accuracy and margin, training and validation
-    for key, label in PREFERENCE:
+    below = []  # training and validation
+    panel = "reward" if any("reward" in m for m in metrics) else "preference"
+    for key, label in BELOW[panel]:
         below.append((f"{label} (training)", [(m["step"], m[key]) for m in metrics if key in m and "loss" in m], "-"))
         below.append(
             (f"{label} (validation)", [(m["step"], m["eval_" + key]) for m in metrics if "eval_" + key in m], "--")
@@ -72,5 +77,5 @@ def run_loss_plot(run_dir: Path, metrics: List[dict], best: Optional[Tuple[int, 
         Path(run_dir).name,
         marks=marks,
         below=below,
-        below_label="preference",
+        below_label=panel,
     )

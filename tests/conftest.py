@@ -169,9 +169,11 @@ SHARED_RUNS = {  # module -> its module-scoped fixture that trains or builds som
     "test_cuda_like.py": "phi3_model",
     "test_bad_day.py": "uninterrupted",
     "test_real_model.py": "smol_run",
+    "test_grpo.py": "grpo_run",
 }
 LONG = {"test_embedded_default_beats_the_base_model", "test_gpu_check_flow_runs_on_the_cpu",
-        "test_the_dpo_demo_recipe_raises_held_out_preference_accuracy"}  # fmt: skip
+        "test_the_dpo_demo_recipe_raises_held_out_preference_accuracy",
+        "test_the_grpo_demo_raises_the_held_out_reward"}  # fmt: skip
 
 
 def _where(nodeid):

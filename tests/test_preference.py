@@ -54,8 +54,14 @@ BAD = [
     (["objective=orpo", "data=preference", "data.packing=padding_free"], "cannot be packed"),
     (["objective=dpo", "data=preference", "objective.loss_type=sigmod"], "Did you mean sigmoid?"),
     (["objective=dpo", "data=preference", "objective.beta=0"], "objective.beta=0.0 is out of range"),
-    (["objective.beta=0.2"], "'objective.beta' belongs to objective=dpo / objective=orpo, not objective=sft"),
-    (["objective=orpo", "data=preference", "objective.loss_type=ipo"], "belongs to objective=dpo, not objective=orpo"),
+    (
+        ["objective.beta=0.2"],
+        "'objective.beta' belongs to objective=dpo / objective=orpo / objective=grpo, not objective=sft",
+    ),
+    (
+        ["objective=orpo", "data=preference", "objective.loss_type=ipo"],
+        "belongs to objective=dpo / objective=grpo, not objective=orpo",
+    ),
     (["objective=dpo", "data=preference", "objective.bta=0.2"], "Did you mean objective.beta?"),
     (["objective=dpo", "data=preference", "data.train_on_inputs=true"], "compares the two replies only"),
 ]

@@ -203,10 +203,11 @@ def score(model, tokenizer, spec, examples: List[Dict], encoded, scorers, pair_e
 
 def examples_of(spec, where: str) -> Tuple[List[Dict], str]:
     """The test split as generation tasks (at most eval.samples), and where it came from; a clear error when empty."""
+    from fttool.config import objectives
     from fttool.data import eval_example, test_rows
     from fttool.metrics import METRICS
 
-    rows, source = test_rows(spec)
+    rows, source = test_rows(spec, objectives.of(spec).features.trains)
     examples = [e for e in (eval_example(loc, ex) for loc, ex in rows) if e is not None]
     if not rows:
         raise UserError(
@@ -235,7 +236,12 @@ def evaluate(spec, tokenizer, load_tuned, load_base, where: str, checkpoint: str
     t0 = time.time()
     examples, source = examples_of(spec, where)
     schema = metric_lib.load_schema(spec.data.json_schema) if spec.data.json_schema else None
-    scorers = metric_lib.scorers(spec.data.metrics, schema)
+    reward = None
+    if "reward" in spec.data.metrics:
+        from fttool import rewards
+
+        reward = rewards.combined(spec.objective, spec.data)
+    scorers = metric_lib.scorers(spec.data.metrics, schema, reward)
     encoded = _encode(tokenizer, spec, examples, SEQUENCES) if "perplexity" in spec.data.metrics else None
     paired = any(metric_lib.METRICS[m].pairs for m in spec.data.metrics)
     pair_encoded = _encode(tokenizer, spec, examples, PAIRS) if paired else None

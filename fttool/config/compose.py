@@ -316,7 +316,8 @@ def override_spec(spec, overrides: List[str]):
     cfg = OmegaConf.create(asdict(spec))
     OmegaConf.set_struct(cfg, True)
     for key in registry.OPEN_DICTS:
-        OmegaConf.set_struct(OmegaConf.select(cfg, key), False)
+        if OmegaConf.select(cfg, key) is not None:  # objective.rewards: grpo only
+            OmegaConf.set_struct(OmegaConf.select(cfg, key), False)
     for ov in parse(overrides):
         key, value = ov.key_or_group.lstrip("+~"), ov.value()
         _refuse_old_key(ov)

@@ -14,11 +14,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from fttool.config.spec import DpoSpec, OrpoSpec, SftSpec
-from fttool.data.features import PAIRS, SEQUENCES, Features
+from fttool.config import devices
+from fttool.config.spec import DpoSpec, GrpoSpec, OrpoSpec, SftSpec, world_size
+from fttool.data.features import PAIRS, PROMPTS, SEQUENCES, Features
 from fttool.errors import UserError, suggestion
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+GRPO_LOSSES = ("grpo", "dapo", "dr_grpo", "bnpo")
+# objective.* keys that are GRPOConfig's own, under the same names
+GRPO_ARGS = (
+    "num_generations",
+    "max_completion_length",
+    "temperature",
+    "top_p",
+    "beta",
+    "loss_type",
+    "importance_sampling_level",
+    "epsilon",
+    "epsilon_high",
+    "scale_rewards",
+    "mask_truncated_completions",
+    "use_vllm",
+)
+GRPO_CHOICES = {
+    "loss_type": GRPO_LOSSES,
+    "importance_sampling_level": ("token", "sequence"),
+    "scale_rewards": ("group", "batch", "none"),
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +68,9 @@ class Objective:
 
     def trainer_kwargs(self, spec) -> Dict:
         return {}
+
+    def derive(self, cfg) -> None:
+        """Fill in what its keys leave to be derived from the rest of the config (after the checks)."""
 
     def check(self, cfg, formats: List[str]) -> None:
         """Rules against the rest of the composed config (formats: each data source's format). Keys of another
@@ -121,6 +146,106 @@ class Orpo(Preference):
         return {"beta": spec.objective.beta}
 
 
+@dataclass(frozen=True)
+class Grpo(Objective):
+    """GRPO and its loss variants (DAPO, Dr. GRPO, GSPO) through TRL's GRPOTrainer, on prompts."""
+
+    features: Features = PROMPTS
+
+    def describe(self, o) -> str:
+        rewards = ", ".join(f"{n} x{w:g}" for n, w in o.rewards.items())
+        if o.reward_code:
+            rewards += f"{', ' if rewards else ''}{o.reward_code} x{o.reward_code_weight:g}"
+        kl = f"KL beta {o.beta:g}" if o.beta else "no reference model (beta 0)"
+        level = ", sequence-level ratios (GSPO)" if o.importance_sampling_level == "sequence" else ""
+        return (
+            f"{self.about}: {o.num_generations} completions per prompt of at most {o.max_completion_length} tokens "
+            f"(temperature {o.temperature:g}), loss {o.loss_type}{level}, {kl}; rewards {rewards}"
+        )
+
+    def derive(self, cfg) -> None:
+        o = cfg.objective
+        if not o.rewards and not o.reward_code:
+            o.rewards = {"numeric_answer": 1.0}  # the GSM8K-style default
+
+    def extra_args(self, o) -> Dict:
+        return dict(
+            {k: getattr(o, k) for k in GRPO_ARGS},
+            reward_weights=rewards_weights(o),
+            vllm_mode="colocate",
+            log_completions=False,
+            shuffle_dataset=True,
+        )
+
+    def trainer_kwargs(self, spec) -> Dict:
+        """The reward functions, each checked; the user's code is imported here, in the run the command line started."""
+        from fttool import rewards
+
+        o = spec.objective
+        user = rewards.load_code(o.reward_code) if o.reward_code else None
+        return {"reward_funcs": rewards.functions(o, spec.data, user)}
+
+    def check(self, cfg, formats: List[str]) -> None:
+        from fttool import rewards
+
+        o, t = cfg.objective, cfg.train
+        text = sorted({f for f in formats if f in ("completion", "segments")})
+        if text:
+            raise UserError(
+                f"objective={self.name} generates answers to prompts, but data.format={text[0]} rows have no prompt; "
+                "use chat-like rows (chat, sharegpt, alpaca, prompt: a conversation ending with the user's turn, or a "
+                "prompt with its reference answer)."
+            )
+        for key, allowed in GRPO_CHOICES.items():
+            if o[key] not in allowed:
+                raise UserError(
+                    f"objective.{key}={o[key]} is not allowed; expected one of: {', '.join(allowed)}."
+                    f"{suggestion(str(o[key]), allowed, '{}')}"
+                )
+        problem = rewards.names_problem(list(o.rewards))
+        if problem:
+            raise UserError(problem)
+        if o.num_generations < 2:
+            raise UserError(
+                f"objective.num_generations={o.num_generations}: GRPO compares completions within a "
+                "group; use at least 2 (common: 8)."
+            )
+        if o.max_completion_length < 1 or not 0 < o.top_p <= 1 or o.temperature <= 0 or o.beta < 0 or o.epsilon <= 0:
+            raise UserError(
+                "objective: max_completion_length >= 1, 0 < top_p <= 1, temperature > 0, beta >= 0 and "
+                "epsilon > 0 are required."
+            )
+        per_step = t.batch_size * world_size(cfg.hardware) * t.grad_accum
+        if per_step % o.num_generations:
+            raise UserError(
+                f"objective.num_generations={o.num_generations} must divide the completions of one optimizer step "
+                f"(train.batch_size {t.batch_size} x {world_size(cfg.hardware)} processes x train.grad_accum "
+                f"{t.grad_accum} = {per_step}); e.g. train.batch_size={o.num_generations}."
+            )
+        if cfg.data.packing != "none":
+            raise UserError(
+                f"objective={self.name} with data.packing={cfg.data.packing}: prompts are generated from "
+                "one by one; use data.packing=none."
+            )
+        if o.use_vllm:
+            if not devices.of(cfg.hardware).gpu:
+                raise UserError(
+                    "objective.use_vllm=true needs a CUDA GPU (vLLM does not run on the CPU); generation "
+                    "with transformers runs everywhere: drop objective.use_vllm."
+                )
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise UserError(
+                    "objective.use_vllm=true: vllm is not installed (pip install vllm); or drop the key "
+                    "to generate with transformers."
+                )
+
+
+def rewards_weights(o) -> List[float]:
+    return [float(w) for w in o.rewards.values()] + ([float(o.reward_code_weight)] if o.reward_code else [])
+
+
 PREFERENCE_PROGRESS = (
     ("rewards/accuracies", "acc"),
     ("rewards/margins", "margin"),
@@ -145,6 +270,14 @@ OBJECTIVES: Dict[str, Objective] = {
             lr_full=8e-6,
             lr_adapter=8e-5,
             progress=PREFERENCE_PROGRESS,
+        ),
+        Grpo(
+            "grpo",
+            GrpoSpec,
+            "GRPO: sample completions per prompt, reward them, raise the better ones' likelihood (TRL GRPOTrainer)",
+            lr_full=1e-6,
+            lr_adapter=1e-5,
+            progress=(("reward", "reward"), ("reward_std", "reward_std"), ("completions/mean_length", "len")),
         ),
     )
 }

@@ -213,14 +213,17 @@ def bad_recipe_path_entries() -> List[str]:
 
 
 # free-form mappings whose keys are the user's own: `data.columns={a: b}`, `data.template_kwargs.enable_thinking=false`
-OPEN_DICTS = ("data.columns", "data.roles", "data.template_kwargs", "eval.gate")
+OPEN_DICTS = ("data.columns", "data.roles", "data.template_kwargs", "eval.gate", "objective.rewards")
 
 
-def schema_node():
-    """The RunSpec schema, with the free-form mappings left open to new keys (Hydra closes everything else)."""
-    node = OmegaConf.structured(RunSpec)
+def schema_node(schema=RunSpec, prefix: str = ""):
+    """A schema (the RunSpec, or one option's schema under `prefix`, e.g. "objective."), with the free-form mappings
+    left open to new keys (Hydra closes everything else)."""
+    node = OmegaConf.structured(schema)
     for key in OPEN_DICTS:
-        OmegaConf.set_struct(OmegaConf.select(node, key), False)
+        sub = OmegaConf.select(node, key[len(prefix) :]) if key.startswith(prefix) else None
+        if sub is not None:
+            OmegaConf.set_struct(sub, False)
     return node
 
 
@@ -233,7 +236,7 @@ def register() -> None:
     cs.store(name="fttool_schema", node=schema_node())
     for group, schemas in OPTION_SCHEMAS.items():
         for name, schema in schemas.items():
-            cs.store(group=f"schema/{group}", name=name, node=schema)
+            cs.store(group=f"schema/{group}", name=name, node=schema_node(schema, f"{group}."))
     for name, path in recipe_files().items():
         if recipe_problem(name) is not None:
             continue  # never composable (unreadable, unsafe, old keys, bad meta): choosing it names the problem

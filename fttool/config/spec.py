@@ -159,6 +159,36 @@ class OrpoSpec(ObjectiveSpec):
 
 
 @dataclass
+class GrpoSpec(ObjectiveSpec):
+    """GRPO (Shao et al. 2024) through TRL's GRPOTrainer: sample num_generations completions per prompt, score them
+    with the rewards, and raise the likelihood of the ones above their group's mean."""
+
+    name: str = "grpo"
+    # built-in reward -> weight: numeric_answer, exact_match, token_f1, format, json_valid, json_schema, length;
+    # unset (and no reward_code) = {numeric_answer: 1.0}
+    rewards: Dict[str, float] = field(default_factory=dict)
+    # your own reward: FILE.py:function or module:function (TRL's signature); a recipe that names one needs trust_code=true
+    reward_code: Optional[str] = None
+    reward_code_weight: float = 1.0  # its weight beside objective.rewards
+    format_regex: Optional[str] = (
+        None  # the format reward's pattern; unset = a <think>...</think> block, then an answer
+    )
+    length_target: int = 200  # the length reward's characters: 1 at none, 0 at this many, -1 at twice as many
+    num_generations: int = 8  # completions sampled per prompt (the group); train.batch_size counts completions
+    max_completion_length: int = 256  # new tokens per completion at most
+    temperature: float = 1.0  # sampling temperature of the completions
+    top_p: float = 1.0  # nucleus sampling of the completions
+    beta: float = 0.0  # KL penalty towards the reference model; 0 loads no reference (the DAPO / Dr. GRPO setting)
+    loss_type: str = "dapo"  # grpo, dapo (tokens of the whole batch), dr_grpo (a constant) or bnpo (the local batch)
+    importance_sampling_level: str = "token"  # token, or sequence (GSPO: one ratio per completion)
+    epsilon: float = 0.2  # clip range of the importance ratio (lower side, and upper unless epsilon_high is set)
+    epsilon_high: Optional[float] = None  # upper clip range (DAPO's clip-higher: 0.28); unset = epsilon
+    scale_rewards: str = "group"  # divide advantages by the reward std of the group, the batch, or none (Dr. GRPO)
+    mask_truncated_completions: bool = False  # completions cut at max_completion_length get no loss (DAPO)
+    use_vllm: bool = False  # generate with vLLM in the training processes (colocate; CUDA, vllm installed)
+
+
+@dataclass
 class HardwareSpec:
     """Where the run executes: device, processes per machine, how the model is spread over them, machines."""
 
@@ -250,7 +280,9 @@ class RunSpec:
     # on resume: same (refuse if the data changed since the run began) or changed (continue on the new data, recorded
     # in data.json)
     resume_data: str = "same"
-    seed: int = 42  # seed for data order, initialisation and dropout
+    seed: int = 42  # seed for data order, initialisation, dropout and sampled completions
+    # run code a recipe names (objective.reward_code): only when the command line itself says trust_code=true
+    trust_code: bool = False
 
 
 # -- derived properties: each decided here once ------------------------------------------------------------------

@@ -172,10 +172,29 @@ def _check_combinations(cfg: DictConfig, user_keys: set) -> None:
             "model.trust_remote_code=true was set by a config file or recipe; running a model's own code "
             "must be asked for on the command line: add model.trust_remote_code=true yourself."
         )
+    _check_trusted_code(cfg, user_keys)
     if cfg.resume == "auto" and not cfg.run_name:
         raise UserError("resume=auto needs the run to continue: add run_name=NAME (the run folder's name).")
     if cfg.run_name is not None and not _RUN_NAME.match(str(cfg.run_name)):
         raise UserError(f"run_name={cfg.run_name!r}: use letters, digits and . _ - + = , only (no slashes or spaces).")
+
+
+def _check_trusted_code(cfg: DictConfig, user_keys: set) -> None:
+    """Code runs only when the person at the command line asked for it: reward code named by a recipe or config file
+    needs trust_code=true on the command line (as model.trust_remote_code does)."""
+    ref = OmegaConf.select(cfg, "objective.reward_code")
+    if not ref:
+        return
+    from fttool import rewards
+
+    rewards.check_code_ref(str(ref))
+    if "objective.reward_code" in user_keys:
+        return
+    if not (cfg.trust_code and "trust_code" in user_keys):
+        raise UserError(
+            f"objective.reward_code={ref} was set by a recipe or config file; running its code must be asked for on "
+            "the command line: add trust_code=true (or name the reward yourself with objective.reward_code=...)."
+        )
 
 
 def looks_local(path: str) -> bool:
@@ -273,6 +292,11 @@ def check_eval(cfg: DictConfig) -> None:
         raise UserError(
             f"data.metrics has {paired[0]}, which scores preference pairs, but the data is data.format={other[0]}; "
             "use preference data (data=preference) or drop it from data.metrics."
+        )
+    if "reward" in d.metrics and OmegaConf.select(cfg, "objective.rewards") is None:
+        raise UserError(
+            f"data.metrics has reward, which scores an online objective's rewards, but objective={cfg.objective.name} "
+            "has none; use objective=grpo or drop reward from data.metrics."
         )
     if "json_schema" in d.metrics and not d.json_schema:
         raise UserError(
@@ -415,6 +439,7 @@ def build_spec(
     lineage.resolve(cfg, user_keys or set())  # model.from_run -> the starting model
     generic_model(cfg, user_keys or set(), recipe)
     derive_metrics(cfg)
+    objectives.of(cfg).derive(cfg)
     if cfg.train.lr is None:
         own = objectives.of(cfg).default_lr(methods.of(cfg).adapter)
         cfg.train.lr = float((own if own is not None else cfg.method.default_lr) * cfg.model.lr_scale)
@@ -426,6 +451,10 @@ def build_spec(
         m.path = _absolute(m.path)
     if cfg.data.cache_dir:
         cfg.data.cache_dir = os.path.abspath(os.path.expanduser(cfg.data.cache_dir))
+    ref = OmegaConf.select(cfg, "objective.reward_code")
+    if ref and str(ref).rpartition(":")[0].endswith(".py"):
+        where, _, name = str(ref).rpartition(":")
+        cfg.objective.reward_code = f"{os.path.abspath(os.path.expanduser(where))}:{name}"
     return to_spec(cfg)
 
 

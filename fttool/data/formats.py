@@ -3,6 +3,10 @@
 - chat-like rows (chat, sharegpt, alpaca):  {"kind": "chat", "messages": [{role, content}], "tools": list | None}
 - text rows (completion, segments):         {"kind": "segments", "segments": [[text, trained], ...]}
 - preference rows:                           {"kind": "preference", "messages": prompt, "chosen": str, "rejected": str, "tools": ...}
+- prompt rows ({"prompt", "answer"}):        chat: the prompt as the user's turn, the answer (when given) as the reply
+
+Features that train nothing (prompts for online objectives: needs_reply=False) also take conversations that end
+with the user's turn, alpaca rows without an output and prompt rows without an answer.
 
 Roles are normalised to system / user / assistant / tool. Every error names the row (file:line or record #i),
 what was expected and the key that fixes it.
@@ -67,6 +71,7 @@ ROW_FORMATS: Dict[str, RowFormat] = {
         "_preference",
         ("chosen", "rejected"),
     ),
+    "prompt": RowFormat({"prompt": "prompt", "answer": "answer", "system": "system"}, "_prompt_row", ("prompt",)),
 }
 FORMATS = tuple(ROW_FORMATS)
 FIELDS: Dict[str, Dict[str, str]] = {name: f.fields for name, f in ROW_FORMATS.items()}
@@ -74,6 +79,7 @@ TEMPLATED = tuple(name for name, f in ROW_FORMATS.items() if f.templated)  # for
 # message fields passed on to the template as they are (templates render tool calls and reasoning from them)
 EXTRA_FIELDS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
 OPTIONAL = {"tools", "documents", "system", "input", "history", "role", "content"}
+REPLIES = {"output", "answer"}  # optional where no reply is needed (prompt features)
 Example = Dict[str, Any]
 QUOTED = "'{}'"
 
@@ -99,8 +105,16 @@ def guess_format(rec: Dict[str, Any]) -> Optional[str]:
 class Formatter:
     """Turns the rows of one source into examples."""
 
-    def __init__(self, fmt: str, columns: Mapping[str, str], roles: Mapping[str, str], system_prompt: Optional[str]):
+    def __init__(
+        self,
+        fmt: str,
+        columns: Mapping[str, str],
+        roles: Mapping[str, str],
+        system_prompt: Optional[str],
+        needs_reply: bool = True,
+    ):
         check_columns(fmt, columns)
+        self.needs_reply = needs_reply  # False: prompts for generation (a conversation may end with the user)
         self.fmt = fmt
         self.col = {**FIELDS[fmt], **dict(columns)}
         self.roles = {**ROLE_ALIASES, **dict(roles)}
@@ -123,14 +137,24 @@ class Formatter:
             raise UserError(f"{loc}: '{self.col['text']}' must be a non-empty string.")
         return {"kind": "segments", "segments": [[text, True]]}
 
+    def _prompt_row(self, loc: str, rec: Dict[str, Any]) -> Example:
+        prompt, answer = self._get(loc, rec, "prompt"), self._get(loc, rec, "answer")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError(f"{loc}: '{self.col['prompt']}' must be a non-empty string.")
+        if answer is not None and not isinstance(answer, (str, int, float)):
+            raise UserError(f"{loc}: '{self.col['answer']}' must be a string or a number, got {type(answer).__name__}.")
+        reply = [{"role": "assistant", "content": str(answer)}] if answer is not None else []
+        return self._chat(loc, rec, [{"role": "user", "content": prompt}, *reply])
+
     def _segments_row(self, loc: str, rec: Dict[str, Any]) -> Example:
         return {"kind": "segments", "segments": self._segments(loc, self._get(loc, rec, "segments"))}
 
     # -- fields -----------------------------------------------------------------------------------------
     def _get(self, loc: str, rec: Dict[str, Any], name: str) -> Any:
         column = self.col[name]
-        if column not in rec or (name in OPTIONAL and rec[column] is None):
-            if name in OPTIONAL:
+        optional = name in OPTIONAL or (name in REPLIES and not self.needs_reply)
+        if column not in rec or (optional and rec[column] is None):
+            if optional:
                 return None
             guess = guess_format(rec)
             hint = f" These rows look like data.format={guess}." if guess and guess != self.fmt else ""
@@ -204,7 +228,11 @@ class Formatter:
     def _alpaca(self, loc: str, rec: Dict[str, Any]) -> List[Dict[str, str]]:
         instruction, output = self._get(loc, rec, "instruction"), self._get(loc, rec, "output")
         extra = self._get(loc, rec, "input") or ""
-        for name, val in (("instruction", instruction), ("output", output), ("input", extra)):
+        for name, val in (
+            ("instruction", instruction),
+            ("output", output if output is not None else ""),
+            ("input", extra),
+        ):
             if not isinstance(val, str):
                 raise UserError(f"{loc}: '{self.col[name]}' must be a string, got {type(val).__name__}.")
         msgs = []
@@ -213,7 +241,8 @@ class Formatter:
                 raise UserError(f"{loc}: history entry #{k} must be a [user, assistant] pair of strings.")
             msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        reply = [{"role": "assistant", "content": output}] if output is not None else []
+        return msgs + [{"role": "user", "content": user}, *reply]
 
     def _system(self, loc: str, rec: Dict[str, Any], msgs: List[Dict[str, str]]) -> List[Dict[str, str]]:
         system = self._get(loc, rec, "system") or self.system_prompt
@@ -223,7 +252,7 @@ class Formatter:
 
     def _chat(self, loc: str, rec: Dict[str, Any], msgs: List[Dict[str, str]]) -> Example:
         msgs = self._system(loc, rec, msgs)
-        if not any(m["role"] == "assistant" for m in msgs):
+        if self.needs_reply and not any(m["role"] == "assistant" for m in msgs):
             raise UserError(f"{loc}: the conversation has no assistant reply, so nothing would be trained.")
         for j, m in enumerate(msgs):
             if m["role"] == "assistant" and not m["content"].strip() and not any(k in m for k in EXTRA_FIELDS):

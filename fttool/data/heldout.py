@@ -26,17 +26,17 @@ def prompt_ids(tokenizer, messages, template_kwargs: Optional[Dict] = None) -> L
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def test_rows(spec) -> Tuple[Rows, str]:
+def test_rows(spec, needs_reply: bool = True) -> Tuple[Rows, str]:
     """The held-out test rows, read afresh (no tokenizing): data.test_path, or the seeded data.test_ratio split of
-    the sources exactly as training made it. Also says where they come from."""
+    the sources exactly as training made it (`needs_reply`: as the run's features read them). Also says where they
+    come from."""
     d = spec.data
     if d.test_path:
-        return read_source(
-            d.test_path, sources_of(d)[0], d, DataStats(), "data.test_path"
-        ), f"data.test_path={d.test_path}"
+        rows = read_source(d.test_path, sources_of(d)[0], d, DataStats(), "data.test_path", needs_reply)
+        return rows, f"data.test_path={d.test_path}"
     if not d.test_ratio:
         return [], "no test split (data.test_ratio=0 and no data.test_path)"
-    return rows_of(spec, sources_of(d))[2], f"data.test_ratio={d.test_ratio} of the training sources"
+    return rows_of(spec, sources_of(d), needs_reply)[2], f"data.test_ratio={d.test_ratio} of the training sources"
 
 
 def eval_example(loc: str, ex: Dict) -> Optional[Dict]:

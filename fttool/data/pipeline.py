@@ -123,7 +123,7 @@ def prepare_datasets(spec, tokenizer, features: Features, use_cache: bool = True
             time.perf_counter() - t0,
             parts,
         )
-    train_rows, val_rows, _, stats = rows_of(spec, srcs)
+    train_rows, val_rows, _, stats = rows_of(spec, srcs, needs_reply=features.trains)
     encoder = Encoder(tokenizer, template, d)  # only when tokenizing: a cache hit needs none
     stats.unit = features.unit
     train_ds = _encode(encoder, features, train_rows, d, stats, count=True)
@@ -155,20 +155,22 @@ def _bad_row(d, stats: DataStats, e: UserError) -> None:
         stats.bad_row_examples.append(str(e))
 
 
-def read_source(path: str, source: Source, d, stats: DataStats, key: str) -> Rows:
+def read_source(path: str, source: Source, d, stats: DataStats, key: str, needs_reply: bool = True) -> Rows:
     rows = read_rows(path, source.split, key)
     stats.rows += len(rows)
-    return _format_rows(rows, Formatter(source.format, source.columns, d.roles, d.system_prompt), d, stats)
+    return _format_rows(rows, Formatter(source.format, source.columns, d.roles, d.system_prompt, needs_reply), d, stats)
 
 
-def rows_of(spec, srcs: List[Source]):
+def rows_of(spec, srcs: List[Source], needs_reply: bool = True):
+    """(train, validation, test rows, stats): read, deduplicated, split and weighted with the run's seed. `needs_reply`
+    False (prompt features) also takes rows with no reply; the split is the same either way for the same rows."""
     d = spec.data
     stats = DataStats(max_length=d.max_length)
     rng = random.Random(spec.seed)
     seen: set = set()
     train, val, test = [], [], []
     for s in srcs:
-        rows = read_source(s.path, s, d, stats, s.key)
+        rows = read_source(s.path, s, d, stats, s.key, needs_reply)
         if d.dedup:
             rows = _dedup(rows, seen, stats)
         rng.shuffle(rows) if (d.val_ratio or d.test_ratio) else None
@@ -182,7 +184,7 @@ def rows_of(spec, srcs: List[Source]):
     first = srcs[0]
     for key, path, bucket in (("data.val_path", d.val_path, val), ("data.test_path", d.test_path, test)):
         if path:
-            bucket += read_source(path, first, d, DataStats(), key)
+            bucket += read_source(path, first, d, DataStats(), key, needs_reply)
     if len(srcs) > 1:
         rng.shuffle(train)  # a mixture is interleaved; one source keeps its file order (the Trainer shuffles anyway)
     if d.max_samples:

@@ -232,6 +232,11 @@ def prepare_data(spec, run_dir: Path, args, tok, main: bool):
         prepared = data.prepare_datasets(spec, tok, objectives.of(spec).features)
     record = prepared.record()
     record["lineage"] = folder.lineage(spec) + [folder.lineage_entry(run_dir, spec, record)]
+    code = getattr(spec.objective, "reward_code", None)
+    if code:  # what ran: the reward file's hash beside its name
+        from fttool import rewards
+
+        record["reward_code"] = {"ref": code, "sha256": rewards.code_hash(code)}
     if before is not None:
         record["history"] = _data_history(spec, run_dir, before, prepared)
     if has_validation(spec) and not (prepared.validation is not None and len(prepared.validation)):

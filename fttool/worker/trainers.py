@@ -1,6 +1,6 @@
 """The worker's half of an objective's row (config/objectives.py owns the rest): the Trainer class that runs it and
 its TrainingArguments class. Imported here, inside one function per objective, so a run pays only for its own
-(TRL only for DPO) and the architecture test sees every edge."""
+(TRL only for DPO and GRPO) and the architecture test sees every edge."""
 
 from __future__ import annotations
 
@@ -31,7 +31,15 @@ def _orpo() -> Tuple[type, type]:
     return OrpoRunTrainer, TrainingArguments
 
 
-CLASSES: Dict[str, Callable[[], Tuple[type, type]]] = {"sft": _sft, "dpo": _dpo, "orpo": _orpo}
+def _grpo() -> Tuple[type, type]:
+    from trl import GRPOConfig
+
+    from fttool.worker.online import GrpoRunTrainer
+
+    return GrpoRunTrainer, GRPOConfig
+
+
+CLASSES: Dict[str, Callable[[], Tuple[type, type]]] = {"sft": _sft, "dpo": _dpo, "orpo": _orpo, "grpo": _grpo}
 
 
 def trainer_class(spec) -> type:

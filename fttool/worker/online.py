@@ -1,0 +1,43 @@
+"""The Trainers of the online objectives, with fttool's trusted checkpoints and non-finite guard.
+
+GRPO is TRL's GRPOTrainer on fttool's prompt features (data/features.py PROMPTS): each prompt is rendered with the
+run's template and tokenized once by fttool (counted by the length policy), and generation starts from exactly
+those ids; TRL's own tokenization of the prompt text is not used. Rewards come from fttool/rewards.py, each
+checked (a reward that raises or returns None/NaN stops the run, exit 4). The reference model is the
+adapter-disabled base for LoRA/QLoRA and TRL's frozen copy for a full fine-tune; objective.beta=0 loads none.
+
+Generation randomness: TRL samples with torch's global generator, which transformers seeds from `seed` per process
+(set_seed(seed) at the start, and the RNG states are saved in every checkpoint and restored on resume), so a run
+and its resumption sample the same completions.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List
+
+from trl import GRPOTrainer
+
+from fttool.worker.guard import GuardedTrainer
+from fttool.worker.safe_trainer import TrustedCheckpoints
+
+log = logging.getLogger("fttool")
+
+
+class GrpoRunTrainer(TrustedCheckpoints, GuardedTrainer, GRPOTrainer):
+    """TRL's GRPOTrainer on fttool's prompts, checkpoints and guard."""
+
+    def __init__(self, *args, reward_funcs, data_collator=None, **kwargs):
+        # TRL batches prompts itself (its own collator); fttool's prompt collator is for inference only
+        super().__init__(*args, reward_funcs=reward_funcs, **kwargs)
+        self._prompt_ids: Dict[str, List[int]] = {}
+        for ds in (kwargs.get("train_dataset"), kwargs.get("eval_dataset")):
+            if ds is not None:
+                self._prompt_ids.update(zip(ds["prompt"], ds["input_ids"]))
+
+    def _tokenize_prompts(self, prompts: list):
+        """The ids fttool rendered and counted for each prompt (no second tokenization, no BOS added twice)."""
+        missing = [p for p in prompts if p not in self._prompt_ids]
+        if missing:  # never expected: every prompt comes from the datasets above
+            return super()._tokenize_prompts(prompts)
+        return [list(self._prompt_ids[p]) for p in prompts], None, {}
