@@ -39,10 +39,22 @@ def test_every_group_option_composes(group, tmp_path):
             ["data.path=x.jsonl"]
             if (
                 group == "data"
-                and option in ("chat", "sharegpt", "alpaca", "completion", "segments", "preference", "gsm8k", "prompts")
+                and option
+                in (
+                    "chat",
+                    "sharegpt",
+                    "alpaca",
+                    "completion",
+                    "segments",
+                    "preference",
+                    "gsm8k",
+                    "prompts",
+                    "unpaired",
+                )
             )
             else []
         )
+        extra += ["objective=kto"] if option == "unpaired" else []  # unpaired rows are KTO's only
         extra += ["hardware.precision=fp32"] if group == "hardware" else []
         extra += ["hardware.machine_rank=0", "hardware.main_address=10.0.0.1"] if option == "multi_node" else []
         make_spec([f"{group}={option}"] + extra, tmp_path)

@@ -9,6 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT, make_spec, run_cli, run_cli_here, train_run
+from cuda_like import cuda_sdpa  # noqa: F401 - a fixture
 from fttool import rewards
 from fttool.config import recipes
 from fttool.errors import UserError
@@ -58,7 +59,7 @@ BAD = [
     (["data.packing=bins"], "use data.packing=none"),
     (
         ["objective.beta=0.1", "objective=sft"],
-        "'objective.beta' belongs to objective=dpo / objective=orpo / objective=grpo",
+        "'objective.beta' belongs to objective=dpo / objective=orpo / objective=kto / objective=grpo",
     ),
     (["data.metrics=[reward]", "objective=sft"], "has none; use objective=grpo"),
     (["objective.reward_code=missing.py:f"], "missing.py not found"),
@@ -237,3 +238,13 @@ def test_the_grpo_demo_raises_the_held_out_reward(tmp_path):
     summary = json.loads((tmp_path / "demo" / "result.json").read_text())
     untimed = {k: v for k, v in meta["expected"][0].items() if k != "tokens_per_s"}
     assert recipes.check_expected(untimed, summary) == []
+
+
+def test_grpo_stays_finite_on_cuda_like_attention(cuda_sdpa, tmp_path):  # noqa: F811
+    """Prompts of different lengths are left-padded for generation and for the loss's forward passes; CUDA's SDPA
+    returns NaN for the pad positions' fully masked rows (tests/cuda_like.py), which reaches every token through
+    0 x NaN unless the masks are repaired (fttool/after/attention.py)."""
+    run_dir, summary = train_run(TINY, tmp_path, name="cuda-like")
+    rows = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert len(rows) == 4 and all(math.isfinite(r["loss"]) and math.isfinite(r["reward"]) for r in rows), rows
+    assert all(math.isfinite(r["grad_norm"]) for r in rows) and not summary["nonfinite_steps"]

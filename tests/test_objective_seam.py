@@ -46,7 +46,7 @@ def test_a_toy_prompt_objective_composes_with_its_own_keys(toy, tmp_path):
     assert objectives.of(spec) is toy
     with pytest.raises(
         UserError,
-        match="'objective.beta' belongs to objective=dpo / objective=orpo / objective=grpo, not objective=toy",
+        match="'objective.beta' belongs to objective=dpo / objective=orpo / objective=kto / objective=grpo, not objective=toy",
     ):
         make_spec(["objective=toy", "objective.beta=0.1"], tmp_path)
     r = run_cli_here("check", "objective=toy", "objective.temperture=0.5", f"output_dir={tmp_path}")

@@ -56,11 +56,11 @@ BAD = [
     (["objective=dpo", "data=preference", "objective.beta=0"], "objective.beta=0.0 is out of range"),
     (
         ["objective.beta=0.2"],
-        "'objective.beta' belongs to objective=dpo / objective=orpo / objective=grpo, not objective=sft",
+        "'objective.beta' belongs to objective=dpo / objective=orpo / objective=kto / objective=grpo, not objective=sft",
     ),
     (
         ["objective=orpo", "data=preference", "objective.loss_type=ipo"],
-        "belongs to objective=dpo / objective=grpo, not objective=orpo",
+        "belongs to objective=dpo / objective=kto / objective=grpo, not objective=orpo",
     ),
     (["objective=dpo", "data=preference", "objective.bta=0.2"], "Did you mean objective.beta?"),
     (["objective=dpo", "data=preference", "data.train_on_inputs=true"], "compares the two replies only"),

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from fttool.config import devices
-from fttool.config.spec import DpoSpec, GrpoSpec, OrpoSpec, SftSpec, world_size
-from fttool.data.features import PAIRS, PROMPTS, SEQUENCES, Features
+from fttool.config.spec import DpoSpec, GrpoSpec, KtoSpec, OrpoSpec, SftSpec, world_size
+from fttool.data.features import LABELED, PAIRS, PROMPTS, SEQUENCES, Features
 from fttool.errors import UserError, suggestion
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 GRPO_LOSSES = ("grpo", "dapo", "dr_grpo", "bnpo")
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
 # objective.* keys that are GRPOConfig's own, under the same names
 GRPO_ARGS = (
     "num_generations",
@@ -75,6 +76,11 @@ class Objective:
     def check(self, cfg, formats: List[str]) -> None:
         """Rules against the rest of the composed config (formats: each data source's format). Keys of another
         objective never get here: its schema refuses them when the config is composed."""
+        if "unpaired" in formats and self.features is not LABELED:
+            raise UserError(
+                f"data.format=unpaired rows are labelled desirable or not; objective={self.name} would train on the "
+                "undesirable ones too. Use objective=kto (or keep only the desirable rows for sft)."
+            )
 
 
 @dataclass(frozen=True)
@@ -122,8 +128,7 @@ class Dpo(Preference):
         )
 
     def trainer_kwargs(self, spec) -> Dict:
-        # continuing an earlier run's adapter: TRL's frozen copy of it ("ref") is the reference (the SFT policy)
-        return {"keep_ref_adapter": bool(spec.model.parent_adapter) and spec.model.from_run_adapter == "continue"}
+        return reference_adapter(spec)
 
     def check(self, cfg, formats: List[str]) -> None:
         super().check(cfg, formats)
@@ -144,6 +149,57 @@ class Orpo(Preference):
 
     def trainer_kwargs(self, spec) -> Dict:
         return {"beta": spec.objective.beta}
+
+
+@dataclass(frozen=True)
+class Kto(Objective):
+    """KTO through TRL's KTOTrainer on fttool's labelled sequences."""
+
+    features: Features = LABELED
+
+    def describe(self, o) -> str:
+        return (
+            f"{self.about}: beta {o.beta:g}, desirable x{o.desirable_weight:g}, undesirable x{o.undesirable_weight:g}"
+            f", loss {o.loss_type}"
+        )
+
+    def extra_args(self, o) -> Dict:
+        return dict(
+            beta=o.beta,
+            desirable_weight=o.desirable_weight,
+            undesirable_weight=o.undesirable_weight,
+            loss_type=o.loss_type,
+            max_length=None,  # fttool's length policy already applied (data.max_length, counted)
+            train_sampling_strategy="sequential",  # KL pairs are built per batch; fttool shuffles the rows itself
+            disable_dropout=True,
+        )
+
+    def trainer_kwargs(self, spec) -> Dict:
+        return reference_adapter(spec)
+
+    def check(self, cfg, formats: List[str]) -> None:
+        o = cfg.objective
+        other = sorted({f for f in formats if f != "unpaired"})
+        if other:
+            raise UserError(
+                f"objective={self.name} trains on replies labelled desirable or not, but the data is "
+                f"data.format={other[0]}; use data=unpaired data.path=ROWS (rows of prompt, completion, label)."
+            )
+        if cfg.data.packing != "none":
+            raise UserError(f"objective={self.name} with data.packing={cfg.data.packing}: use data.packing=none.")
+        if cfg.data.train_on_inputs:
+            raise UserError(f"objective={self.name} scores the completion only; drop data.train_on_inputs.")
+        if o.loss_type not in KTO_LOSSES:
+            raise UserError(
+                f"objective.loss_type={o.loss_type} is not allowed; expected one of: {', '.join(KTO_LOSSES)}."
+                f"{suggestion(o.loss_type, KTO_LOSSES, '{}')}"
+            )
+        if not (o.beta > 0 and o.desirable_weight > 0 and o.undesirable_weight > 0):
+            raise UserError("objective.beta, desirable_weight and undesirable_weight must be > 0.")
+        if o.loss_type == "kto" and cfg.train.batch_size < 2:
+            raise UserError(
+                "objective=kto estimates its KL term from the other rows of a batch: train.batch_size >= 2."
+            )
 
 
 @dataclass(frozen=True)
@@ -242,6 +298,11 @@ class Grpo(Objective):
                 )
 
 
+def reference_adapter(spec) -> Dict:
+    """Continuing an earlier run's adapter: TRL's frozen copy of it ("ref") is the reference (the SFT policy)."""
+    return {"keep_ref_adapter": bool(spec.model.parent_adapter) and spec.model.from_run_adapter == "continue"}
+
+
 def rewards_weights(o) -> List[float]:
     return [float(w) for w in o.rewards.values()] + ([float(o.reward_code_weight)] if o.reward_code else [])
 
@@ -270,6 +331,15 @@ OBJECTIVES: Dict[str, Objective] = {
             lr_full=8e-6,
             lr_adapter=8e-5,
             progress=PREFERENCE_PROGRESS,
+        ),
+        Kto(
+            "kto",
+            KtoSpec,
+            "KTO: raise desirable replies and lower undesirable ones relative to a frozen reference (TRL KTOTrainer)",
+            reference=True,
+            lr_full=5e-7,
+            lr_adapter=5e-6,
+            progress=(("rewards/chosen", "desirable"), ("rewards/rejected", "undesirable"), ("kl", "kl")),
         ),
         Grpo(
             "grpo",

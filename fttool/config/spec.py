@@ -159,6 +159,17 @@ class OrpoSpec(ObjectiveSpec):
 
 
 @dataclass
+class KtoSpec(ObjectiveSpec):
+    """KTO (Ethayarajh et al. 2024) through TRL's KTOTrainer: unpaired replies labelled desirable or not."""
+
+    name: str = "kto"
+    beta: float = 0.1  # strength of the pull towards the reference model
+    desirable_weight: float = 1.0  # weight of the desirable replies' loss (raise it when they are the fewer)
+    undesirable_weight: float = 1.0  # weight of the undesirable replies' loss
+    loss_type: str = "kto"  # kto, or apo_zero_unpaired (no KL estimate)
+
+
+@dataclass
 class GrpoSpec(ObjectiveSpec):
     """GRPO (Shao et al. 2024) through TRL's GRPOTrainer: sample num_generations completions per prompt, score them
     with the rewards, and raise the likelihood of the ones above their group's mean."""

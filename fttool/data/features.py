@@ -10,6 +10,8 @@ collator that batches it:
   the reply and the token that closes its turn are scored). A pair is kept only when both are; truncation counts once.
 - prompts: the conversation before the reply, rendered with the generation prompt, plus the row's reply as an
   optional reference (online objectives generate their own completions). Nothing is trained; a prompt is never cut.
+- labeled: one masked sequence per row, as SFT masks it, with the row's label (1 = a desirable reply, 0 = not):
+  unpaired feedback for KTO.
 
 Light: no torch or datasets at module level.
 """
@@ -32,6 +34,7 @@ class Features:
     unit: str  # what one kept row is called in counts ("samples", "pairs", "prompts")
     sides: Tuple[Side, ...] = (("input_ids", "labels"),)  # the sequences a row becomes
     texts: Tuple[str, ...] = ()  # string columns carried along
+    scalars: Tuple[str, ...] = ()  # integer columns carried along (a row's label)
     trains: bool = True  # a row needs a trained token to be kept
     about: str = ""
     names: Tuple[str, ...] = ("",)  # each side's name in `fttool preview`
@@ -40,7 +43,7 @@ class Features:
     @property
     def columns(self) -> Tuple[str, ...]:
         """The dataset columns its collator reads."""
-        return tuple(c for side in self.sides for c in side if c) + self.texts
+        return tuple(c for side in self.sides for c in side if c) + self.texts + self.scalars
 
     def cache_tag(self) -> Dict[str, str]:
         """Its part of the data cache key (sequences have none, so existing caches stay valid)."""
@@ -66,6 +69,7 @@ class Features:
         ints = datasets.Sequence(datasets.Value("int32"))
         out = {c: ints for side in self.sides for c in side if c}
         out.update({t: datasets.Value("string") for t in self.texts})
+        out.update({t: datasets.Value("int32") for t in self.scalars})
         out.update(length=datasets.Value("int32"), loc=datasets.Value("string"))
         return datasets.Features(out)
 
@@ -110,7 +114,23 @@ class Prompts(Features):
         return pack.PromptCollator(pack.pad_id(tokenizer))
 
 
+@dataclass(frozen=True)
+class Labeled(Features):
+    """A masked sequence per row and the row's label."""
+
+    def encode(self, encoder, locs, examples, skip_bad):
+        out = encoder.encode_batch(locs, examples, skip_bad=skip_bad)
+        out["label"] = [int(bool(ex.get("label"))) for ex in examples]
+        return out
+
+    def collator(self, packing: str, tokenizer):
+        return None  # the Trainer's own (TRL's KTO collator builds its batches and KL pairs)
+
+
 SEQUENCES = Features("sequences", "samples", about="one masked sequence per row")
+LABELED = Labeled(
+    "labeled", "samples", scalars=("label",), about="one masked sequence per row and its label (desirable or not)"
+)
 PAIRS = Pairs(
     "pairs",
     "pairs",
@@ -127,7 +147,7 @@ PROMPTS = Prompts(
     trains=False,
     about="the prompt before the reply (and the reply as a reference); nothing trained",
 )
-FEATURES: Dict[str, Features] = {f.name: f for f in (SEQUENCES, PAIRS, PROMPTS)}
+FEATURES: Dict[str, Features] = {f.name: f for f in (SEQUENCES, PAIRS, PROMPTS, LABELED)}
 
 NO_TRAINED_WHY = {
     "same": "its chosen and rejected replies are the same tokens",

@@ -4,6 +4,7 @@
 - text rows (completion, segments):         {"kind": "segments", "segments": [[text, trained], ...]}
 - preference rows:                           {"kind": "preference", "messages": prompt, "chosen": str, "rejected": str, "tools": ...}
 - prompt rows ({"prompt", "answer"}):        chat: the prompt as the user's turn, the answer (when given) as the reply
+- unpaired rows:                             {"kind": "unpaired", "messages": prompt, "completion": str, "label": bool, ...}
 
 Features that train nothing (prompts for online objectives: needs_reply=False) also take conversations that end
 with the user's turn, alpaca rows without an output and prompt rows without an answer.
@@ -72,6 +73,11 @@ ROW_FORMATS: Dict[str, RowFormat] = {
         ("chosen", "rejected"),
     ),
     "prompt": RowFormat({"prompt": "prompt", "answer": "answer", "system": "system"}, "_prompt_row", ("prompt",)),
+    "unpaired": RowFormat(
+        {"prompt": "prompt", "completion": "completion", "label": "label", **CHAT_FIELDS},
+        "_unpaired",
+        ("completion", "label"),
+    ),
 }
 FORMATS = tuple(ROW_FORMATS)
 FIELDS: Dict[str, Dict[str, str]] = {name: f.fields for name, f in ROW_FORMATS.items()}
@@ -283,22 +289,34 @@ class Formatter:
             raise UserError(f'{loc}: no segment is marked "train": true with text, so nothing would be trained.')
         return out
 
-    def _preference(self, loc: str, rec: Dict[str, Any]) -> Example:
+    def _unpaired(self, loc: str, rec: Dict[str, Any]) -> Example:
+        label = self._get(loc, rec, "label")
+        if not isinstance(label, bool):
+            raise UserError(
+                f"{loc}: '{self.col['label']}' must be true (a desirable reply) or false (an undesirable one), "
+                f"got {label!r}."
+            )
+        out = self._prompt_of(loc, rec)
+        out.update(kind="unpaired", completion=self._reply(loc, "completion", self._get(loc, rec, "completion")))
+        out["label"] = label
+        return out
+
+    def _prompt_of(self, loc: str, rec: Dict[str, Any]) -> Example:
+        """The prompt of a preference or unpaired row: text (the user's turn) or messages ending before the reply."""
         prompt = self._get(loc, rec, "prompt")
         msgs = (
             [{"role": "user", "content": prompt}] if isinstance(prompt, str) else self._messages(loc, prompt, "prompt")
         )
         if msgs[-1]["role"] == "assistant":
-            raise UserError(
-                f"{loc}: the prompt ends with an assistant message; it must end where the compared replies begin."
-            )
-        msgs = self._system(loc, rec, msgs)
-        out = {
-            "kind": "preference",
-            "messages": msgs,
+            raise UserError(f"{loc}: the prompt ends with an assistant message; it must end where the replies begin.")
+        return {
+            "messages": self._system(loc, rec, msgs),
             "tools": self._tools(loc, rec),
             "documents": self._listed(loc, rec, "documents", "documents"),
         }
+
+    def _preference(self, loc: str, rec: Dict[str, Any]) -> Example:
+        out = {"kind": "preference", **self._prompt_of(loc, rec)}
         for name in ("chosen", "rejected"):
             out[name] = self._reply(loc, name, self._get(loc, rec, name))
         if out["chosen"] == out["rejected"]:

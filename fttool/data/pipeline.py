@@ -282,7 +282,7 @@ def _length_policy(enc, features: Features, d, stats: DataStats, count: bool):
                 keep[labels_col].append(labels)
             stats.tokens += len(ids)
             stats.trained_tokens += trained_count(labels)
-        for t in features.texts:
+        for t in features.texts + features.scalars:
             keep[t].append(cols[t][k])
         length = max(len(ids) for ids, _ in seqs)
         keep["length"].append(length)

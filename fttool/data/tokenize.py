@@ -42,6 +42,7 @@ TOOLS_INTRO = "You can call these tools (JSON schemas):\n"
 # Private-use characters (plane 15) that no dataset contains stand in for a message's content to find its place in
 # the rendering (literal special-token text is marked with token_text.LIT_OPEN/LIT_CLOSE).
 SENTINELS = ("\U000f0002", "@@fttool-sentinel@@")  # the second for templates that JSON-escape content
+REPLY_OF = {"preference": "chosen", "unpaired": "completion"}  # the reply a prompt-and-reply row is trained on
 COUNTERS = ("eos_appended", "tools_in_system", "literal_markers", "empty_replies")  # per-row counts, summed in stats
 RESERVED_KWARGS = (
     "messages",
@@ -509,8 +510,9 @@ class Encoder:
     def spans(self, loc: str, ex: Dict) -> Tuple[str, List[Span], Dict[str, int]]:
         if ex["kind"] == "segments":
             return self.text_spans(ex)
-        if ex["kind"] == "preference":  # sft on preference rows: the chosen reply is the target
-            ex = {**ex, "messages": ex["messages"] + [{"role": "assistant", "content": ex["chosen"]}]}
+        if ex["kind"] in REPLY_OF:  # a prompt and one reply (preference: the chosen; unpaired: its completion)
+            reply = ex[REPLY_OF[ex["kind"]]]
+            ex = {**ex, "messages": ex["messages"] + [{"role": "assistant", "content": reply}]}
             msgs = ex["messages"]
             return self.chat_spans(loc, ex, turns=None if self.d.train_on_inputs else [len(msgs) - 1])
         return self.chat_spans(loc, ex)
@@ -604,6 +606,8 @@ def prompt_of(loc: str, ex: Dict) -> Tuple[List[Dict[str, Any]], Optional[str]]:
     that reply (the chosen one) as the reference; a conversation that ends with the user's turn has no reference."""
     if ex["kind"] == "preference":
         return ex["messages"], ex["chosen"]
+    if ex["kind"] == "unpaired":  # a desirable completion is a reference; an undesirable one is none
+        return ex["messages"], ex["completion"] if ex["label"] else None
     if ex["kind"] != "chat":
         raise UserError(f"{loc}: a text row has no prompt to answer; prompt features need chat-like rows.")
     msgs = ex["messages"]

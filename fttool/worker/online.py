@@ -5,6 +5,7 @@ run's template and tokenized once by fttool (counted by the length policy), and 
 those ids; TRL's own tokenization of the prompt text is not used. Rewards come from fttool/rewards.py, each
 checked (a reward that raises or returns None/NaN stops the run, exit 4). The reference model is the
 adapter-disabled base for LoRA/QLoRA and TRL's frozen copy for a full fine-tune; objective.beta=0 loads none.
+Prompts are left-padded (TRL's layout); the attention masks are repaired so pad positions never give NaN on CUDA.
 
 Generation randomness: TRL samples with torch's global generator, which transformers seeds from `seed` per process
 (set_seed(seed) at the start, and the RNG states are saved in every checkpoint and restored on resume), so a run
@@ -18,6 +19,7 @@ from typing import Dict, List
 
 from trl import GRPOTrainer
 
+from fttool.after.attention import no_fully_masked_rows
 from fttool.worker.guard import GuardedTrainer
 from fttool.worker.safe_trainer import TrustedCheckpoints
 
@@ -34,6 +36,17 @@ class GrpoRunTrainer(TrustedCheckpoints, GuardedTrainer, GRPOTrainer):
         for ds in (kwargs.get("train_dataset"), kwargs.get("eval_dataset")):
             if ds is not None:
                 self._prompt_ids.update(zip(ds["prompt"], ds["input_ids"]))
+
+    # TRL pads prompts on the left, for generation and for the forward passes of the loss (prompt, then completion):
+    # on CUDA the pad positions' fully masked attention rows give NaN, which reaches every token through 0 x NaN.
+    # The masks are repaired for both (a row that admits no key admits every key; no real token attends to a pad).
+    def training_step(self, *args, **kwargs):
+        with no_fully_masked_rows():
+            return super().training_step(*args, **kwargs)
+
+    def prediction_step(self, *args, **kwargs):
+        with no_fully_masked_rows():
+            return super().prediction_step(*args, **kwargs)
 
     def _tokenize_prompts(self, prompts: list):
         """The ids fttool rendered and counted for each prompt (no second tokenization, no BOS added twice)."""

@@ -1,4 +1,4 @@
-"""The Trainers of the preference objectives, with fttool's trusted checkpoints and non-finite guard.
+"""The Trainers of the preference objectives (DPO, ORPO, KTO), with fttool's trusted checkpoints and non-finite guard.
 
 - DPO is TRL's DPOTrainer. fttool hands it batches it already tokenized and masked (`data.pack.PairCollator`:
   chosen rows then rejected rows, `completion_mask` = the tokens SFT would train), so TRL's own prompt/completion
@@ -17,30 +17,65 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-from trl import DPOTrainer
+from trl import DPOTrainer, KTOTrainer
 
+from fttool.data.tokenize import IGNORE
 from fttool.worker.guard import GuardedTrainer
 from fttool.worker.safe_trainer import RunTrainer, TrustedCheckpoints
 
 log = logging.getLogger("fttool")
 
 
-class DpoRunTrainer(TrustedCheckpoints, GuardedTrainer, DPOTrainer):
-    """TRL's DPOTrainer on fttool's pairs, checkpoints and guard."""
+class ReferenceAdapter:
+    """TRL's DPO and KTO Trainers copy an adapter the model already carries into a frozen "ref" adapter. fttool's
+    adapter is new (zero-initialised B), so that copy equals the base: it is dropped and the reference scored with
+    the adapter disabled, as TRL does for an adapter it creates itself. Continuing an earlier run's adapter
+    (keep_ref_adapter) keeps the copy: the reference is that adapter as it was (the SFT policy)."""
 
     def __init__(self, *args, keep_ref_adapter: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         model = self.accelerator.unwrap_model(self.model)
-        peft_config = getattr(model, "peft_config", {})
-        if "ref" in peft_config and not keep_ref_adapter:
-            # TRL copies an adapter the model already carries into a frozen "ref" adapter. fttool's adapter is new
-            # (zero-initialised B), so that copy equals the base: drop it and score the reference with the adapter
-            # disabled, as TRL does for an adapter it creates itself.
+        if "ref" in getattr(model, "peft_config", {}) and not keep_ref_adapter:
             model.delete_adapter("ref")
             model.set_adapter("default")
 
+
+class DpoRunTrainer(ReferenceAdapter, TrustedCheckpoints, GuardedTrainer, DPOTrainer):
+    """TRL's DPOTrainer on fttool's pairs, checkpoints and guard."""
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # tokenized, masked and length-checked by fttool.data (counted in data.json)
+
+
+class KtoRunTrainer(ReferenceAdapter, TrustedCheckpoints, GuardedTrainer, KTOTrainer):
+    """TRL's KTOTrainer on fttool's labelled sequences (data/features.py LABELED), checkpoints and guard. Each row's
+    prompt is its tokens before the first trained one and its completion the trained span (the reply and the token
+    closing its turn, as SFT masks it); the template's tail after the turn is not scored."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        def split(row):
+            trained = [i for i, x in enumerate(row["labels"]) if x != IGNORE]
+            a, b = trained[0], trained[-1] + 1
+            return {
+                "prompt_ids": row["input_ids"][:a],
+                "completion_ids": row["input_ids"][a:b],
+                "label": bool(row["label"]),
+            }
+
+        dataset = dataset.map(split, remove_columns=dataset.column_names)
+        if dataset_name == "train":
+            # KTO's KL term pairs each prompt with another row's completion inside a fixed-order batch, so the Trainer
+            # samples in order: the order is shuffled here, with the run's seed
+            dataset = dataset.shuffle(seed=args.seed).flatten_indices()
+        if self.calculate_KL:
+            size = args.per_device_train_batch_size
+
+            def rotate(batch):
+                batch["KL_completion_ids"] = [batch["completion_ids"][-1]] + batch["completion_ids"][:-1]
+                return batch
+
+            dataset = dataset.map(rotate, batched=True, batch_size=size)
+        return dataset
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

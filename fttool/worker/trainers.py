@@ -1,6 +1,6 @@
 """The worker's half of an objective's row (config/objectives.py owns the rest): the Trainer class that runs it and
 its TrainingArguments class. Imported here, inside one function per objective, so a run pays only for its own
-(TRL only for DPO and GRPO) and the architecture test sees every edge."""
+(TRL only for DPO, KTO and GRPO) and the architecture test sees every edge."""
 
 from __future__ import annotations
 
@@ -39,7 +39,21 @@ def _grpo() -> Tuple[type, type]:
     return GrpoRunTrainer, GRPOConfig
 
 
-CLASSES: Dict[str, Callable[[], Tuple[type, type]]] = {"sft": _sft, "dpo": _dpo, "orpo": _orpo, "grpo": _grpo}
+def _kto() -> Tuple[type, type]:
+    from trl import KTOConfig
+
+    from fttool.worker.preference import KtoRunTrainer
+
+    return KtoRunTrainer, KTOConfig
+
+
+CLASSES: Dict[str, Callable[[], Tuple[type, type]]] = {
+    "sft": _sft,
+    "dpo": _dpo,
+    "orpo": _orpo,
+    "grpo": _grpo,
+    "kto": _kto,
+}
 
 
 def trainer_class(spec) -> type:
