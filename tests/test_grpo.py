@@ -248,3 +248,15 @@ def test_grpo_stays_finite_on_cuda_like_attention(cuda_sdpa, tmp_path):  # noqa:
     rows = [r for r in read_metrics(run_dir) if "loss" in r]
     assert len(rows) == 4 and all(math.isfinite(r["loss"]) and math.isfinite(r["reward"]) for r in rows), rows
     assert all(math.isfinite(r["grad_norm"]) for r in rows) and not summary["nonfinite_steps"]
+
+
+def test_preview_samples_completions_and_shows_their_rewards(tmp_path):
+    """`fttool preview objective=grpo --samples N`: the prompts, their references, and completions sampled as training
+    samples them with every reward's value; a broken reward shows up here, before any training."""
+    r = run_cli_here("preview", "+recipe=tiny_grpo_cpu", "--samples", "1", f"output_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("── sampled completion") == 2 and "(exact_match " in r.stdout and "── reference: " in r.stdout
+    code = tmp_path / "none_reward.py"
+    code.write_text("def nothing(prompts, completions, **kw):\n    return [None] * len(completions)\n")
+    bad = run_cli_here("preview", "+recipe=tiny_grpo_cpu", f"objective.reward_code={code}:nothing", "--samples", "1")
+    assert bad.returncode == 4 and "reward reward_code:nothing returned None for completion 0" in bad.stderr, bad.stderr

@@ -58,10 +58,25 @@ def generate(
     """(reply, stopped) per conversation: batched, left-padded; greedy unless temperature > 0. `stopped` is True when
     the reply ended with an end-of-turn token rather than at max_new_tokens. The pad positions' attention rows are
     repaired (fttool/after/attention.py), so a reply does not depend on the other prompts of its batch, on CUDA too."""
+    from fttool.data import prompt_ids
+
+    prompts = [prompt_ids(tokenizer, c, template_kwargs) for c in conversations]
+    return generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p)
+
+
+def generate_ids(
+    model,
+    tokenizer,
+    prompts: Sequence[List[int]],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> List[Tuple[str, bool]]:
+    """`generate` from prompts already rendered and tokenized (a run's prompt features)."""
     import torch
 
     from fttool.after.attention import no_fully_masked_rows
-    from fttool.data import prompt_ids
 
     device = next(model.parameters()).device
     stop = stop_ids(tokenizer, model)
@@ -71,9 +86,8 @@ def generate(
     )
     out: List[Tuple[str, bool]] = []
     model.eval()
-    for i in range(0, len(conversations), batch_size):
-        prompts = [prompt_ids(tokenizer, c, template_kwargs) for c in conversations[i : i + batch_size]]
-        ids, mask = left_padded(prompts, pad, device)
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = left_padded(prompts[i : i + batch_size], pad, device)
         width = ids.shape[1]
         with torch.no_grad(), no_fully_masked_rows():
             gen = model.generate(

@@ -187,3 +187,25 @@ def chat(model, tok, start: List[Dict], opts: Dict, source: str) -> None:
             continue
         history.append({"role": "assistant", "content": reply})
         print(("model> " if tty else "") + reply + ("" if stopped else "  [cut at max_new_tokens]"), flush=True)
+
+
+def reward_samples(spec, tokenizer, rows: List[Dict], per_prompt: int = 2) -> List[List[Tuple[str, Dict[str, float]]]]:
+    """`fttool preview objective=grpo --samples N`: for each shown prompt, `per_prompt` completions sampled from the
+    starting model as training samples them (objective.temperature, top_p, max_completion_length), each with the
+    value of every reward. A broken reward stops here, before any training (RewardFailed, exit 4)."""
+    from fttool import models as model_lib
+    from fttool import rewards
+    from fttool.after.evaluate import generate_ids
+
+    o = spec.objective
+    functions = rewards.functions(o, spec.data, rewards.load_code(o.reward_code) if o.reward_code else None)
+    model, _ = model_lib.load_model(spec)
+    prompts = [list(r["input_ids"]) for r in rows for _ in range(per_prompt)]
+    replies = generate_ids(model, tokenizer, prompts, o.max_completion_length, 8, o.temperature, o.top_p)
+    out = []
+    for i, row in enumerate(rows):
+        completions = [text for text, _ in replies[i * per_prompt : (i + 1) * per_prompt]]
+        given = dict(prompts=[row["prompt"]] * per_prompt, completions=completions)
+        scores = {f.__name__: f(**given, reference=[row["reference"]] * per_prompt) for f in functions}
+        out.append([(c, {name: v[k] for name, v in scores.items()}) for k, c in enumerate(completions)])
+    return out

@@ -74,14 +74,21 @@ def stats_lines(spec, prepared) -> List[str]:
 
 
 def run(
-    verb: str, spec, features, samples: Optional[int] = None, out: TextIO = sys.stdout, output: Optional[str] = None
+    verb: str,
+    spec,
+    features,
+    samples: Optional[int] = None,
+    out: TextIO = sys.stdout,
+    output: Optional[str] = None,
+    sampler=None,
 ) -> None:
-    """`features`: what the run's objective trains on (data/features.py)."""
+    """`features`: what the run's objective trains on (data/features.py). `sampler(tokenizer, rows)`: for prompt
+    features, completions sampled for the shown rows with their rewards (given by the caller: data/ loads no model)."""
     try:
         if output is not None:
             _dump(spec, samples, output, out)
             return
-        _run(verb, spec, features, 3 if samples is None else samples, out)
+        _run(verb, spec, features, 3 if samples is None else samples, out, sampler)
     except BrokenPipeError:  # `fttool preview | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
@@ -102,7 +109,7 @@ def _dump(spec, samples: Optional[int], output: str, out: TextIO) -> None:
     )
 
 
-def _run(verb: str, spec, features, samples: int, out: TextIO) -> None:
+def _run(verb: str, spec, features, samples: int, out: TextIO, sampler=None) -> None:
     from fttool import data
     from fttool.data.tokenizer import load_tokenizer
     from fttool.logs import quiet_libraries
@@ -113,8 +120,13 @@ def _run(verb: str, spec, features, samples: int, out: TextIO) -> None:
     how = "loaded from the cache" if prepared.from_cache else "tokenized"
     print(f"# {how} in {prepared.seconds:.2f} s: {prepared.cache_dir}", file=out)
     if verb == "preview":
-        for i in range(min(samples, len(prepared.train))):
-            _show(tok, features, i, prepared.train[i], _use_color(out), out)
+        rows = [prepared.train[i] for i in range(min(samples, len(prepared.train)))]
+        sampled = sampler(tok, rows) if sampler and rows else [None] * len(rows)
+        for i, (row, completions) in enumerate(zip(rows, sampled)):
+            _show(tok, features, i, row, _use_color(out), out)
+            for k, (text, scores) in enumerate(completions or []):
+                rewards = ", ".join(f"{name} {value:.3g}" for name, value in scores.items())
+                print(f"── sampled completion {k} ({rewards}):\n{text}", file=out)
         print(file=out)
     for line in stats_lines(spec, prepared):
         print(line, file=out)

@@ -4,6 +4,7 @@ each trial of a sweep (or a run given Hydra's own flags), with the spec the comm
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
@@ -91,8 +92,15 @@ def preview(call) -> None:
     """`preview` and `preprocess`."""
     from fttool.config import objectives
     from fttool.data import preview as data_preview
+    from fttool.data.features import PROMPTS
 
-    data_preview.run(call.verb, call.spec, objectives.of(call.spec).features, call.samples, output=call.output)
+    features = objectives.of(call.spec).features
+    sampler = None
+    if call.verb == "preview" and features is PROMPTS and call.samples:  # asked for: sampled completions, rewarded
+        from fttool.after.generate import reward_samples
+
+        sampler = partial(reward_samples, call.spec)
+    data_preview.run(call.verb, call.spec, features, call.samples, output=call.output, sampler=sampler)
 
 
 def _checked_trial(checked: Optional[list], job_num: int, job_overrides: List[str]):
