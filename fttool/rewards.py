@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from fttool import metrics
-from fttool.errors import UserError
+from fttool.errors import UserError, suggestion
 
 DEFAULT_FORMAT = r"(?s)^\s*<think>.+?</think>\s*\S"
 
@@ -197,8 +197,6 @@ def combined(o, d) -> Callable[[str, str], float]:
 
 
 def names_problem(names: Sequence[str]) -> Optional[str]:
-    from fttool.errors import suggestion
-
     for n in names:
         if n not in REWARDS:
             return (

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from fttool.data.prompts import encode_prompts
 from fttool.data.tokenize import COUNTERS, IGNORE
 
 Side = Tuple[str, Optional[str]]  # (ids column, labels column or None)
@@ -106,7 +107,7 @@ class Prompts(Features):
     """A prompt per row (and its reference reply); nothing trained."""
 
     def encode(self, encoder, locs, examples, skip_bad):
-        return encoder.encode_prompts(locs, examples, skip_bad=skip_bad)
+        return encode_prompts(encoder, locs, examples, skip_bad=skip_bad)
 
     def collator(self, packing: str, tokenizer):
         from fttool.data import pack

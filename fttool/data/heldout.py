@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 from fttool.data.pipeline import Rows, read_source, rows_of, sources_of
+from fttool.data.prompts import prompt_of
 from fttool.data.stats import DataStats
-from fttool.data.tokenize import prompt_of
 from fttool.errors import UserError
 
 

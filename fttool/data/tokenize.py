@@ -141,6 +141,13 @@ class Encoder:
             tools, in_system = None, True
         return msgs, tools, in_system
 
+    def render_prompt(self, loc: str, ex: Dict) -> str:
+        """The text a model is prompted with for `ex`'s messages: rendered with the generation prompt, literal
+        special-token text inside the messages marked to stay plain characters (data/prompts.py)."""
+        msgs, tools, _ = self.prepare_messages(ex)
+        marked, _ = self._mark_literals(msgs)
+        return self._safe_render(loc, marked, tools, ex.get("documents"), add_generation_prompt=True)
+
     def _mark_literals(self, msgs: List[Dict[str, str]], parsed=frozenset()) -> Tuple[List[Dict[str, str]], int]:
         """Wrap special-token text inside messages in private markers, so it is later tokenized as plain text; texts
         in `parsed` (ones the template itself looks for in a message, such as Qwen3's '</think>') stay as written."""
@@ -570,50 +577,11 @@ class Encoder:
             **{k: [c.get(k, 0) for c in counters] for k in COUNTERS},
         }
 
-    def encode_prompts(self, locs: Sequence[str], examples: Sequence[Dict], skip_bad: bool = False) -> Dict[str, list]:
-        """Prompts for generation: each example's conversation before the reply it is asked for, rendered with the
-        generation prompt (literal special-token text kept as plain characters), as ids and text; `reference` is the
-        reply the row holds ("" when none). Nothing is trained. Errors as in encode_batch."""
-        out: Dict[str, list] = {"input_ids": [], "prompt": [], "reference": [], "error": []}
-        for loc, ex in zip(locs, examples):
-            try:
-                messages, reference = prompt_of(loc, ex)
-                msgs, tools, _ = self.prepare_messages({**ex, "messages": messages})
-                marked, _ = self._mark_literals(msgs)
-                text = self._safe_render(loc, marked, tools, ex.get("documents"), add_generation_prompt=True)
-                if LIT_OPEN in text:
-                    ids = self.codec.encode_marked(loc, text, [])[0]
-                else:
-                    ids = self.tok(text, add_special_tokens=False)["input_ids"]
-                row = (ids, unmark(text), reference or "", "")
-            except UserError as e:
-                if not skip_bad:
-                    raise
-                row = ([], "", "", str(e))
-            for k, v in zip(("input_ids", "prompt", "reference", "error"), row):
-                out[k].append(v)
-        return {**out, **{k: [0] * len(out["error"]) for k in COUNTERS}}
-
     def _trains(self, token: int, a: int, b: int, spans: List[Span]) -> bool:
         """A token trains when its characters overlap a trained span; a template marker (an added token) only when it
         starts inside one: one that starts before, and reaches in by swallowing the reply's leading whitespace
         (phi-3's `<|assistant|>` with rstrip), is the turn's header."""
         return any(s < b and a < e and (a >= s or token not in self.added_ids) for s, e in spans)
-
-
-def prompt_of(loc: str, ex: Dict) -> Tuple[List[Dict[str, Any]], Optional[str]]:
-    """A normalised example as a prompt: the conversation before its last reply (a preference row: its prompt), and
-    that reply (the chosen one) as the reference; a conversation that ends with the user's turn has no reference."""
-    if ex["kind"] == "preference":
-        return ex["messages"], ex["chosen"]
-    if ex["kind"] == "unpaired":  # a desirable completion is a reference; an undesirable one is none
-        return ex["messages"], ex["completion"] if ex["label"] else None
-    if ex["kind"] != "chat":
-        raise UserError(f"{loc}: a text row has no prompt to answer; prompt features need chat-like rows.")
-    msgs = ex["messages"]
-    if msgs[-1]["role"] != "assistant":
-        return msgs, None
-    return msgs[:-1], msgs[-1]["content"]
 
 
 def _alternation(tokens) -> Optional["re.Pattern"]:
