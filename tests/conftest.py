@@ -95,6 +95,15 @@ def make_spec(overrides, tmp_path):
     return validation.build_spec(cfg, compose.user_keys(ovs), compose.recipe_of(ovs))
 
 
+def free_port():
+    """A TCP port free on this machine now, for a multi-process run's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def train_run(overrides, tmp_path, name="run"):
     """Create a run folder from overrides and train it in this process; returns (run_dir, summary)."""
     from fttool.launch import rundir

@@ -7,14 +7,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import ROOT, run_cli, run_cli_here, train_run
+from conftest import ROOT, free_port, run_cli, run_cli_here, train_run
 
 # LoRA dropout draws different random masks in 1 and 2 processes; without it the runs must agree exactly
 STEPS = [
@@ -40,12 +39,6 @@ def weights(final):
 
     name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").is_file() else "model.safetensors"
     return load_file(str(final / name))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, make_spec, run_cli, run_cli_here, train_run
+from conftest import ROOT, free_port, make_spec, run_cli, run_cli_here, train_run
 from cuda_like import cuda_sdpa  # noqa: F401 - a fixture
 from fttool import rewards
 from fttool.config import recipes
@@ -190,7 +190,7 @@ def test_grpo_trains_and_logs_its_rewards(grpo_run):
 
 
 def test_grpo_resume_equals_uninterrupted(grpo_run):
-    """Sampling is seeded and the RNG state is in every checkpoint: the resumed steps sample and learn the same."""
+    """Sampling is seeded per completion (worker/sampling.py): the resumed steps sample and learn the same."""
     from fttool.worker.train import train
 
     tmp, full_dir, _ = grpo_run
@@ -215,6 +215,62 @@ def test_grpo_resume_equals_uninterrupted(grpo_run):
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], abs=1e-5), step
 
 
+def test_a_completion_samples_the_same_on_any_number_of_processes():
+    """Each completion's generator is seeded from (seed, step, prompt, which of its completions): split the same
+    global batch over 1, 2 or 4 processes, and every row gets the seed and draws the tokens it got in one."""
+    import torch
+
+    from fttool.worker.sampling import SeededRows, row_seeds
+
+    batch = [[5, 6]] * 4 + [[7]] * 4  # 2 prompts x 4 completions, as TRL's sampler lays them out
+    whole = row_seeds(42, 3, batch, 0, 8)
+    assert len(set(whole)) == 8  # every completion of a prompt has its own generator
+    for procs in (2, 4):
+        n = 8 // procs
+        assert sum((row_seeds(42, 3, batch, p * n, n) for p in range(procs)), []) == whole
+    assert row_seeds(42, 4, batch, 0, 8) != whole and row_seeds(1, 3, batch, 0, 8) != whole
+    scores = torch.randn(8, 50)
+
+    def draw(seeds, rows):
+        sampler = SeededRows(seeds, "cpu", 5, temperature=0.7, top_p=0.9)
+        return [sampler(None, rows).argmax(-1) for _ in range(5)]  # 5 positions, one draw per row each
+
+    one = torch.stack(draw(whole, scores), 1)
+    two = torch.cat([torch.stack(draw(whole[i : i + 4], scores[i : i + 4]), 1) for i in (0, 4)])
+    assert torch.equal(one, two) and len({tuple(r) for r in one.tolist()}) > 1
+    only = SeededRows(whole, "cpu", 1)(None, scores)
+    assert ((only == 0).sum(-1) == 1).all() and torch.isinf(only).sum() == 8 * 49  # one token left per row
+    peaked = torch.full((8, 50), -5.0).index_fill_(1, torch.tensor([7]), 5.0)  # token 7 holds > 0.9 of the mass
+    assert all((d == 7).all() for d in draw(whole, peaked))  # top_p=0.9 leaves only it: nothing outside is drawn
+
+
+@pytest.mark.slow
+def test_grpo_on_two_processes_equals_one(tmp_path):
+    """GRPO LoRA (DDP) on 2 processes x 4 completions equals 1 process x 8 at the same seed: the same completions
+    are sampled (seeded per completion, not per process), scored and learned from."""
+    common = [*TINY, "method.dropout=0"]  # LoRA dropout draws other masks in 1 and 2 processes
+    one, _ = train_run(common, tmp_path, name="one")
+    r = run_cli(
+        *common,
+        "hardware=ddp",
+        "hardware.device=cpu",
+        "hardware.num_processes=2",
+        "train.batch_size=4",
+        f"hardware.main_port={free_port()}",
+        "run_name=two",
+        f"output_dir={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 process(es)" in (tmp_path / "two" / "train.log").read_text()
+    a = [r for r in read_metrics(one) if "loss" in r]
+    b = [r for r in read_metrics(tmp_path / "two") if "loss" in r]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for key in ("reward", "reward_std", "completions/mean_length", "loss"):
+            assert y[key] == pytest.approx(x[key], abs=1e-4), (x["step"], key, x[key], y[key])
+
+
 def test_a_nan_reward_stops_the_run_with_exit_4(tmp_path):
     code = tmp_path / "bad_reward.py"
     code.write_text("def bad(prompts, completions, **kw):\n    return [float('nan')] * len(completions)\n")
@@ -232,12 +288,16 @@ def test_the_grpo_demo_raises_the_held_out_reward(tmp_path):
     ev = json.loads((tmp_path / "demo" / "eval.json").read_text())
     assert ev["verdict"] == "pass"
     assert ev["finetuned"]["reward"] > ev["base"]["reward"] + 0.05, ev
-    assert (tmp_path / "demo" / "loss.png").is_file()
+    from matplotlib.image import imread
+
+    assert imread(tmp_path / "demo" / "loss.png").shape[0] > 800  # a second panel: the mean reward and its spread
     # the recipe's own run is within the loss and memory its meta header expects (speed: bench/, not tests)
     meta = recipes.meta_of(OmegaConf.to_container(OmegaConf.load(ROOT / "recipes" / "tiny_grpo_cpu.yaml")))
     summary = json.loads((tmp_path / "demo" / "result.json").read_text())
     untimed = {k: v for k, v in meta["expected"][0].items() if k != "tokens_per_s"}
     assert recipes.check_expected(untimed, summary) == []
+    # the plan sized sampling, the prompts and the completions: its memory within 20% of what was measured
+    assert 0.8 < summary["plan_vs_measured"]["peak_memory_gib"]["ratio"] < 1.2, summary["plan_vs_measured"]
 
 
 def test_grpo_stays_finite_on_cuda_like_attention(cuda_sdpa, tmp_path):  # noqa: F811

@@ -7,21 +7,25 @@ checked (a reward that raises or returns None/NaN stops the run, exit 4). The re
 adapter-disabled base for LoRA/QLoRA and TRL's frozen copy for a full fine-tune; objective.beta=0 loads none.
 Prompts are left-padded (TRL's layout); the attention masks are repaired so pad positions never give NaN on CUDA.
 
-Generation randomness: TRL samples with torch's global generator, which transformers seeds from `seed` per process
-(set_seed(seed) at the start, and the RNG states are saved in every checkpoint and restored on resume), so a run
-and its resumption sample the same completions.
+Generation randomness belongs to the completion, not to the process (worker/sampling.py): each completion is drawn
+with its own generator, seeded from (seed, optimizer step, the prompt's ids, which of that prompt's completions it
+is in the global batch). So 2 processes sample the completions 1 process samples at the same global batch and
+seed, and a resumed run samples what the uninterrupted one did (vLLM, when used, samples with its own seed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Dict, List
 
+from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
 from fttool.after.attention import no_fully_masked_rows
 from fttool.worker.guard import GuardedTrainer
 from fttool.worker.safe_trainer import TrustedCheckpoints
+from fttool.worker.sampling import SeededRows, row_seeds
 
 log = logging.getLogger("fttool")
 
@@ -54,3 +58,26 @@ class GrpoRunTrainer(TrustedCheckpoints, GuardedTrainer, GRPOTrainer):
         if missing:  # never expected: every prompt comes from the datasets above
             return super()._tokenize_prompts(prompts)
         return [list(self._prompt_ids[p]) for p in prompts], None, {}
+
+    def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+        if self.use_vllm or self.use_transformers_continuous_batching:
+            return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+        with self._seeded_rows(prompt_ids):
+            return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _seeded_rows(self, prompt_ids):
+        """generate() draws each completion with its own generator (see the module docstring) for this call."""
+        every = gather_object([list(map(int, ids)) for ids in prompt_ids])  # all processes' rows, in process order
+        counts = gather_object([len(prompt_ids)])
+        first = sum(counts[: self.accelerator.process_index])
+        seeds = row_seeds(self.args.seed, self.state.global_step, every, first, len(prompt_ids))
+        g = self.generation_config
+        sampler = SeededRows(seeds, self.accelerator.device, g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.min_p)
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        generate = model.generate
+        model.generate = lambda *a, **kw: generate(*a, logits_processor=[sampler], **kw)
+        try:
+            yield
+        finally:
+            del model.generate
