@@ -338,3 +338,56 @@ def test_peak_rss_is_the_processs_own_not_its_parents(tmp_path):
     assert r.returncode == 0, r.stderr
     assert float(r.stdout) < 0.4, r.stdout  # the child imports little; the parent holds > 0.6 GiB
     del held
+
+
+# -- online RL: sampling, the completions' logits, the reference -----------------------------------------------------
+QWEN25_1_5B = dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28, intermediate_size=8960,
+                   num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)  # fmt: skip
+
+
+def test_grpo_plan_sizes_generated_completions_the_reference_and_sampling(tmp_path):
+    """A GRPO micro-batch is its prompts plus completions at their longest; the loss keeps the completions' logits
+    only; beta > 0 adds the reference (a frozen copy for a full fine-tune, a forward for adapters); sampling is its
+    own figure (a KV cache of every row generated at once, and time per token)."""
+    shape = shapes.from_config(QWEN25_1_5B)
+    base = ["objective=grpo", "hardware=single_gpu", "train.batch_size=16", "train.grad_accum=4",
+            "objective.max_completion_length=512", "data.max_length=256"]  # fmt: skip
+    s = Setup.of(_spec(tmp_path, QWEN25_1_5B, *base))
+    assert (s.completion, s.reference, s.generated_rows) == (512, False, 64)
+    assert s.tokens == s.worst_tokens == 16 * (256 + 512) and s.logit_tokens == 16 * 512
+    items = {i.name: i for i in estimate.memory(s, shape).items}
+    assert "reference model" not in items and "(the completions')" in items["logits and loss"].note
+    kv = 2 * 28 * 256 * 2 * 64 * (256 + 512)  # keys and values, 28 layers, 2 kv heads x 128, bf16, 64 rows
+    assert estimate.generation_bytes(s, shape) == pytest.approx(kv + 64 * 151936 * 12)
+    full = Setup.of(_spec(tmp_path, QWEN25_1_5B, *base, "method=full", "objective.beta=0.04"))
+    items = {i.name: i for i in estimate.memory(full, shape).items}
+    assert (
+        items["reference model"].gib * 2**30 == pytest.approx(shape.total * 2)
+        and "grpo's" in items["reference model"].note
+    )
+    lora_kl = Setup.of(_spec(tmp_path, QWEN25_1_5B, *base, "objective.beta=0.04"))
+    assert lora_kl.reference and "reference model" not in {i.name for i in estimate.memory(lora_kl, shape).items}
+    assert (
+        estimate.flops_per_token(lora_kl, shape, 500) - estimate.flops_per_token(s, shape, 500)
+        == 2 * shape.matmul_params
+    )
+    # a huge sampling batch: its KV cache outgrows the training micro-batch's activations and logits
+    many = Setup.of(_spec(tmp_path, QWEN25_1_5B, *base, "train.grad_accum=64", "train.gradient_checkpointing=true"))
+    items = {i.name: i for i in estimate.memory(many, shape).items}
+    assert "1024 completions at once" in items["sampling (beyond training)"].note
+
+
+def test_grpo_plan_time_counts_sampling_and_steps_per_prompt(tmp_path):
+    """On the demo data: a prompt is num_generations samples of an epoch; sampling time grows with the completions'
+    length; the reference replies set the expected completion length; generate's launch cost is named on a GPU."""
+    common = ["+recipe=tiny_grpo_cpu", "train.max_steps=null", "train.epochs=1", "data.max_samples=1024"]
+    p = budget.make_plan(make_spec(common, tmp_path), measure_cpu=False)
+    assert p["time"]["steps"] == 1024 * 8 // 128  # 1,024 prompts x 8 completions, 128 completions per step
+    gpu = [*common, "hardware=single_gpu"]
+    short = budget.make_plan(make_spec(gpu, tmp_path), gpu="H100")["time"]
+    long = budget.make_plan(make_spec([*gpu, "objective.max_completion_length=256"], tmp_path), gpu="H100")["time"]
+    assert long["generation"]["seconds"] > 10 * short["generation"]["seconds"] > 0
+    assert "as long as the data's references (~5 tokens)" in long["generation"]["note"]
+    r = run_cli_here("plan", *gpu, "objective.max_completion_length=256", "gpu=H100", f"output_dir={tmp_path}")
+    assert r.returncode == 0 and "sampling    128 completions of up to 256 tokens" in r.stdout, r.stdout
+    assert "objective.use_vllm=true" in r.stdout

@@ -60,6 +60,18 @@ class Objective:
     def default_lr(self, adapter: bool) -> Optional[float]:
         return self.lr_adapter if adapter else self.lr_full
 
+    def uses_reference(self, o) -> bool:
+        """Whether a run scores against a frozen reference model every step (the planner's figures)."""
+        return self.reference and not getattr(o, "precompute_ref_log_probs", False)
+
+    def completion_tokens(self, o) -> int:
+        """Tokens the model generates per row before it trains on them (0: it trains on the data's own)."""
+        return 0
+
+    def samples_per_row(self, o) -> int:
+        """Training samples one data row becomes per epoch (GRPO: one per completion sampled for its prompt)."""
+        return 1
+
     def describe(self, o) -> str:
         return self.about
 
@@ -207,6 +219,15 @@ class Grpo(Objective):
     """GRPO and its loss variants (DAPO, Dr. GRPO, GSPO) through TRL's GRPOTrainer, on prompts."""
 
     features: Features = PROMPTS
+
+    def uses_reference(self, o) -> bool:
+        return o.beta > 0
+
+    def completion_tokens(self, o) -> int:
+        return o.max_completion_length
+
+    def samples_per_row(self, o) -> int:
+        return o.num_generations
 
     def describe(self, o) -> str:
         rewards = ", ".join(f"{n} x{w:g}" for n, w in o.rewards.items())

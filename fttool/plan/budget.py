@@ -22,6 +22,18 @@ CPU_EFFICIENCY = 0.5
 CPU_LAYER_S = 2.2e-3
 CPU_TOKEN_S = 15e-6
 CPU_OPTIM_S = 4e-9
+# Sampling (transformers' generate, one token per step for every row at once). On a CPU a step reads the weights
+# (~11.5 GB/s here), spends ~0.85 ms per decoder layer (dispatch) and per row ~60 us (sampling, cache updates) plus
+# its matmuls at ~28% of the measured fp32 rate (skinny products). Fitted on 2 cores to the demo model, random 8 x 256
+# and 4 x 512 Llamas (vocabulary 32,000) and SmolLM2-135M, 8 and 64 rows of 32 tokens each: within 12%.
+# On a GPU a step reads the weights and the KV cache at the card's bandwidth, or computes at the method's share of
+# its peak when that is slower, plus ~0.8 ms per decoder layer of kernel launches (eager generate; not measured here:
+# no GPU was lent, a typical figure); vLLM replays CUDA graphs, so only the reads and the compute count.
+CPU_READ_BPS = 11.5e9
+CPU_GEN_LAYER_S = 0.85e-3
+CPU_GEN_ROW_S = 60e-6
+CPU_GEN_EFFICIENCY = 0.28
+GPU_GEN_LAYER_S = 0.8e-3
 
 
 def make_plan(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = None, measure_cpu: bool = True) -> Dict:
@@ -33,6 +45,7 @@ def make_plan(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = Non
     worst_case = Setup.of(spec, precision)
     s = replace(worst_case, batch_tokens=work.batch_tokens if work else None)  # sized by the data's lengths
     mem, worst = estimate.memory(s, shape), estimate.memory(worst_case, shape)
+    weight_bytes = sum(i.gib for i in mem.items if i.name.startswith("weights")) * estimate.GIB
     ok = fit.fits(mem.total, t, s)
     fixes = fit.fixes(s, shape, t) if ok is False else []
     return {
@@ -64,13 +77,16 @@ def make_plan(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = Non
         "target": {"name": t.name, "memory_gib": t.memory_gib, "tflops": t.tflops, "chosen_by": t.where},
         "fits": ok,
         "fixes": [{"overrides": f.overrides, "per_device_gib": round(f.total_gib, 3), "costs": f.costs} for f in fixes],
-        "time": _time(spec, s, shape, t, measure_cpu, work),
+        "time": _time(spec, s, shape, t, measure_cpu, work, weight_bytes),
     }
 
 
-def _time(spec, s: Setup, shape, t: fit.Target, measure_cpu: bool, work) -> Dict:
+def _time(spec, s: Setup, shape, t: fit.Target, measure_cpu: bool, work, weight_bytes: float) -> Dict:
+    from fttool.config import objectives
+
     tr = spec.train
     global_batch = s.batch * s.grad_accum * s.world
+    repeat = objectives.of(spec).samples_per_row(spec.objective)  # GRPO: a prompt is num_generations samples
     out: Dict = {}
     if work is None:
         out["note"] = "no local data to sample (a hub dataset): run `fttool preprocess` for its statistics"
@@ -82,6 +98,12 @@ def _time(spec, s: Setup, shape, t: fit.Target, measure_cpu: bool, work) -> Dict
         sampled=work.how,
     )
     units, per_unit = work.rows, work.padded_tokens  # what one row of a micro-batch is, and its tokens computed
+    generated = s.completion * s.sequences  # GRPO: tokens sampled per row, computed at their longest
+    per_unit += generated
+    if generated and work.reply_tokens:  # as long as the data's reference replies, as far as a guess goes
+        generated = min(work.reply_tokens, s.completion) * s.sequences
+    if units is not None:
+        units *= repeat
     if spec.data.packing == "bins":  # rows of max_length tokens, samples packed into them
         per_unit = float(spec.data.max_length * s.sequences)
         units = None if work.rows is None else math.ceil(work.rows * work.mean_tokens / per_unit)
@@ -93,8 +115,8 @@ def _time(spec, s: Setup, shape, t: fit.Target, measure_cpu: bool, work) -> Dict
         out["note"] = "row count unknown (a hub dataset): set train.max_steps or run `fttool preprocess`"
         return out
     computed = steps * global_batch * per_unit
-    real = computed if spec.data.packing == "bins" else steps * global_batch * work.mean_tokens  # no padding
-    context = work.padded_tokens / s.sequences
+    real = computed if spec.data.packing == "bins" else steps * global_batch * (work.mean_tokens + generated)
+    context = per_unit / s.sequences
     per_token = estimate.flops_per_token(s, shape, context)
     out.update(steps=steps, tokens_computed=int(computed), flops=computed * per_token)
     if work.tokens_per_epoch() is not None:
@@ -123,9 +145,46 @@ def _time(spec, s: Setup, shape, t: fit.Target, measure_cpu: bool, work) -> Dict
     if t.kind == "cpu":
         trained = estimate.trained_parameters(s.method_obj, s.mspec, shape)
         seconds += steps * (s.grad_accum * shape.layers * CPU_LAYER_S + trained * CPU_OPTIM_S) + computed * CPU_TOKEN_S
+    if s.completion:
+        per_call = _sampling_seconds(s, shape, t, rate, weight_bytes, work.padded_tokens / s.sequences)
+        out["generation"] = {
+            "rows": s.generated_rows,
+            "tokens": s.completion,
+            "seconds": steps * per_call,
+            "note": "every row sampled to the longest (a batch waits for its longest completion); tokens/s counts "
+            + (
+                f"completions as long as the data's references (~{generated:.0f} tokens)"
+                if generated < s.completion
+                else "completions at their longest"
+            ),
+        }
+        seconds += steps * per_call
+        if t.kind == "gpu" and not s.vllm and steps * per_call > seconds / 2:
+            out["generation"]["advice"] = (
+                "sampling token by token dominates; objective.use_vllm=true (vLLM colocated, pip install vllm) "
+                "samples without generate's per-layer launch cost"
+            )
     out["seconds"] = seconds
     out["tokens_per_s"] = real / seconds  # non-padding tokens, as result.json measures them
     return out
+
+
+def _sampling_seconds(s: Setup, shape, t: fit.Target, rate: float, weight_bytes: float, prompt: float) -> float:
+    """One generate call of a process (once per optimizer step): its rows' prompts in one forward, then a step per
+    completion token (see the constants above)."""
+    rows, n = s.generated_rows, shape.matmul_params
+    prefill = rows * prompt * 2 * n / rate
+    if t.kind == "cpu":
+        step = (
+            weight_bytes / CPU_READ_BPS
+            + shape.layers * CPU_GEN_LAYER_S
+            + rows * (2 * n / (rate / CPU_EFFICIENCY * CPU_GEN_EFFICIENCY) + CPU_GEN_ROW_S)
+        )
+    else:
+        kv = 2 * shape.layers * shape.kv_dim * s.compute_bytes * rows * (prompt + s.completion / 2)
+        read = (weight_bytes + kv) / (t.bandwidth * 1e12) if t.bandwidth else 0.0
+        step = max(read, rows * 2 * n / (rate / s.world)) + (0 if s.vllm else shape.layers * GPU_GEN_LAYER_S)
+    return prefill + s.completion * step
 
 
 def lines(p: Dict) -> List[str]:
@@ -203,6 +262,14 @@ def _time_lines(tm: Dict) -> List[str]:
         f"compute     {tm['steps']:,} steps, {tm['tokens_computed']:,} tokens computed{padding}, "
         f"{tm['flops'] / 1e15:.3g} PFLOP"
     )
+    gen = tm.get("generation")
+    if gen and "seconds" in tm:
+        out.append(
+            f"sampling    {gen['rows']} completions of up to {gen['tokens']} tokens at once per process and step: "
+            f"~{fmt_duration(gen['seconds'])} of the time below ({gen['note']})"
+        )
+        if gen.get("advice"):
+            out.append(f"            {gen['advice']}")
     if "seconds" in tm:
         out.append(
             f"time        ~{fmt_duration(tm['seconds'])} of training ({tm['tokens_per_s']:,.0f} non-padding tokens/s at "
@@ -249,9 +316,12 @@ def versus(plan: Dict, summary: Dict) -> Dict:
             "measured": peaks["peak_rss_gib"],
             "measure": "peak resident memory of the training process",
         }
-    tps = (plan.get("time") or {}).get("tokens_per_s")
+    tm = plan.get("time") or {}
+    tps = tm.get("tokens_per_s")
     if tps and summary.get("tokens_per_s"):
         out["tokens_per_s"] = {"predicted": round(tps, 1), "measured": round(summary["tokens_per_s"], 1)}
+    if tm.get("seconds") and summary.get("runtime_s") and summary.get("steps") == tm.get("steps"):
+        out["train_seconds"] = {"predicted": round(tm["seconds"], 1), "measured": round(summary["runtime_s"], 1)}
     for v in out.values():
         if v.get("predicted"):
             v["ratio"] = round(v["measured"] / v["predicted"], 3)

@@ -60,7 +60,7 @@ class Setup:
     method: str
     mspec: object  # the method's keys (rank, targets, bits ...)
     objective: str
-    precompute_ref: bool
+    reference: bool  # a frozen reference model scores every step (objectives.uses_reference)
     batch: int  # micro-batch per process
     grad_accum: int
     max_length: int
@@ -74,16 +74,21 @@ class Setup:
     device: str
     dtype: str  # model.dtype
     batch_tokens: Optional[int] = None  # expected tokens of the largest micro-batch (a data sample); None: the worst
+    completion: int = 0  # tokens generated per row before training on them (GRPO: max_completion_length)
+    vllm: bool = False  # sampled by vLLM (CUDA graphs) rather than transformers' generate
 
     @classmethod
     def of(cls, spec, precision: Optional[str] = None) -> "Setup":
         hw, tr = spec.hardware, spec.train
         prec = precision or resolved_precision(hw)
+        obj = objectives.of(spec)
         return cls(
             method=spec.method.name,
             mspec=spec.method,
             objective=spec.objective.name,
-            precompute_ref=bool(getattr(spec.objective, "precompute_ref_log_probs", False)),  # dpo only
+            reference=obj.uses_reference(spec.objective),
+            completion=obj.completion_tokens(spec.objective),
+            vllm=bool(getattr(spec.objective, "use_vllm", False)),
             batch=tr.batch_size,
             grad_accum=tr.grad_accum,
             max_length=spec.data.max_length,
@@ -116,20 +121,40 @@ class Setup:
         return len(objectives.OBJECTIVES[self.objective].features.sides)
 
     @property
+    def data_tokens(self) -> int:
+        """The data's tokens in the largest micro-batch (a data sample's, else data.max_length for every row)."""
+        worst = self.batch * self.sequences * self.max_length
+        return min(self.batch_tokens, worst) if self.batch_tokens else worst
+
+    @property
     def worst_tokens(self) -> int:
-        """Tokens of one micro-batch at the longest (data.max_length)."""
-        return self.batch * self.sequences * self.max_length
+        """Tokens of one micro-batch at the longest (data.max_length, and every completion at its longest)."""
+        return self.batch * self.sequences * (self.max_length + self.completion)
 
     @property
     def tokens(self) -> int:
-        """Tokens of the largest micro-batch the memory is sized for: the data's (sampled), else the worst case."""
-        return min(self.batch_tokens, self.worst_tokens) if self.batch_tokens else self.worst_tokens
+        """Tokens of the largest micro-batch the memory is sized for: the data's (sampled), else the worst case;
+        generated completions at their longest."""
+        return self.data_tokens + self.batch * self.completion
+
+    @property
+    def logit_tokens(self) -> int:
+        """Positions whose logits the loss computes: every token's, or only the completions' (TRL's GRPO keeps the
+        logits of the completion positions alone)."""
+        return self.batch * self.completion if self.completion else self.tokens
+
+    @property
+    def generated_rows(self) -> int:
+        """Completions one process samples at once: its micro-batch for every accumulation step (TRL generates for
+        steps_per_generation = grad_accum micro-batches in one call)."""
+        return self.batch * self.grad_accum if self.completion else 0
 
     def shape_note(self) -> str:
+        gen = f" + {self.batch} x {self.completion} generated" if self.completion else ""
         if self.batch_tokens and self.tokens < self.worst_tokens:
-            return f"the largest micro-batch of a data sample; at most {self.worst_tokens:,}"
+            return f"the largest micro-batch of a data sample{gen}; at most {self.worst_tokens:,}"
         seq = f"{self.sequences} x " if self.sequences > 1 else ""
-        return f"{self.batch} x {seq}{self.max_length}"
+        return f"{self.batch} x {seq}{self.max_length}{gen}"
 
 
 @dataclass
@@ -248,9 +273,12 @@ def memory(s: Setup, shape: ModelShape) -> Memory:
     elif offload and shard_params:
         layer = sum(i * o for i, o in shape.linears.values()) + shape.layer_extra
         mem.add("gathered layers", 2 * layer * cb, "layers fetched from the CPU as they run")
-    ref = objectives.OBJECTIVES[s.objective].reference and not s.precompute_ref
-    if ref and not m.adapter:
-        mem.add("reference model", total * cb / div, "DPO's frozen copy of the model, in the compute dtype" + share)
+    if s.reference and not m.adapter:
+        mem.add(
+            "reference model",
+            total * cb / div,
+            f"{s.objective}'s frozen copy of the model, in the compute dtype" + share,
+        )
 
     # -- what training adds --------------------------------------------------------------------------------------
     state_div = n if shard_states else 1
@@ -310,11 +338,22 @@ def memory(s: Setup, shape: ModelShape) -> Memory:
             f"({s.shape_note()}); train.gradient_checkpointing=true keeps one layer's",
         )
     loss_b = LOSS_BYTES_FP32 + (cb if cb != 4 else 0)
+    which = " (the completions')" if s.completion else ""
     mem.add(
         "logits and loss",
-        tokens * shape.vocab * loss_b,
-        f"vocab {shape.vocab:,} x {tokens:,} tokens x {loss_b} bytes (logits, fp32 log-softmax and gradients)",
+        s.logit_tokens * shape.vocab * loss_b,
+        f"vocab {shape.vocab:,} x {s.logit_tokens:,} tokens{which} x {loss_b} bytes (logits, fp32 log-softmax and "
+        "gradients)",
     )
+    if s.completion:  # sampling holds a KV cache instead of the micro-batch's activations and logits
+        gen = generation_bytes(s, shape)
+        during_training = sum(i.gib for i in mem.items if i.name in ("activations", "logits and loss")) * GIB
+        mem.add(
+            "sampling (beyond training)",
+            gen - during_training,
+            f"generating {s.generated_rows} completions at once holds a {gen / GIB:.2f} GiB KV cache and logits, "
+            "more than a training micro-batch's activations and logits",
+        )
 
     # -- the runtime ---------------------------------------------------------------------------------------------
     if devices.of(s).gpu:
@@ -326,12 +365,21 @@ def memory(s: Setup, shape: ModelShape) -> Memory:
     return mem
 
 
+def generation_bytes(s: Setup, shape: ModelShape) -> float:
+    """What sampling holds beyond the weights: the KV cache of every row at its longest (keys and values of each
+    layer) and the last position's logits, scores and probabilities (fp32)."""
+    rows = s.generated_rows
+    length = s.data_tokens / max(s.batch, 1) + s.completion  # the longest prompt of a micro-batch, then the reply
+    kv = 2 * shape.layers * shape.kv_dim * s.compute_bytes * rows * length
+    return kv + rows * shape.vocab * 4 * 3
+
+
 # -- time ----------------------------------------------------------------------------------------------------------
 def flops_per_token(s: Setup, shape: ModelShape, context: float) -> float:
     """Training FLOPs per trained token: 6 x the parameters a token multiplies through for a full fine-tune (2
     forward, 4 backward), 4 x those for a frozen base (no weight gradients) plus 6 x the adapter's; recomputation
     adds a forward (2x) with checkpointing; attention adds 6 x layers x context x attention width (causal: half the
-    context on average). DPO's reference adds one forward unless precomputed."""
+    context on average). A reference model adds one forward (DPO's unless precomputed, GRPO's with beta > 0)."""
     n = shape.matmul_params
     trainable = trained_parameters(s.method_obj, s.mspec, shape)
     if s.method_obj.adapter:
@@ -341,7 +389,7 @@ def flops_per_token(s: Setup, shape: ModelShape, context: float) -> float:
     f += 6 * shape.layers * (context / 2) * shape.attn_dim * 2
     if s.ckpt:
         f += 2 * shape.linear_params  # the decoder layers' forward again (not the output layer)
-    if objectives.OBJECTIVES[s.objective].reference and not s.precompute_ref:
+    if s.reference:
         f += 2 * n
     return f
 

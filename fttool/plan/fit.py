@@ -27,6 +27,7 @@ class Target:
     kind: str  # gpu or cpu
     where: str  # how it was chosen: "gpu=H100", "this machine", ...
     bf16: bool = True
+    bandwidth: float = 0.0  # memory bandwidth per device, TB/s (0: unknown)
 
 
 def target(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = None) -> Target:
@@ -48,17 +49,18 @@ def target(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = None) 
             "gpu",
             "gpu_memory=" + f"{gpu_memory:g}",
             card.bf16 if card else True,
+            card.bandwidth if card else 0.0,
         )
     if gpu:
         c = cards.by_name(gpu)
-        return Target(c.name, c.memory_gib, c.tflops, "gpu", f"gpu={gpu}", c.bf16)
+        return Target(c.name, c.memory_gib, c.tflops, "gpu", f"gpu={gpu}", c.bf16, c.bandwidth)
     if not devices.of(device).gpu:
         return Target("this machine's CPU", cards.host_memory_gib(), 0.0, "cpu", "hardware.device=cpu")
     local = cards.local_gpus()
     if local:
         c = local[0]
         more = f" ({len(local)} here)" if len(local) > 1 else ""
-        return Target(c.name + more, c.memory_gib, c.tflops, "gpu", "this machine's GPU", c.bf16)
+        return Target(c.name + more, c.memory_gib, c.tflops, "gpu", "this machine's GPU", c.bf16, c.bandwidth)
     return Target("a GPU", None, 0.0, "gpu", "none here")
 
 

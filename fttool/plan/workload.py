@@ -21,6 +21,7 @@ class Workload:
     padded_tokens: float  # per sample as computed: padding to the longest of a micro-batch, or packed
     how: str  # where the figures come from
     batch_tokens: int = 0  # tokens of the largest micro-batch of the sample (padding included): the expected peak
+    reply_tokens: Optional[float] = None  # prompt features: the mean reference reply (a completion's likely length)
 
     def tokens_per_epoch(self) -> Optional[int]:
         return None if self.rows is None else int(self.rows * self.mean_tokens)
@@ -113,35 +114,47 @@ def _tokenizer(model):
         return None, None
 
 
-def _sequences(example) -> List[tuple]:
-    """(texts, roles) of each sequence a normalised example becomes (a preference pair: two); roles None for raw
-    text segments (no template)."""
+def _sequences(example, prompts_only: bool = False) -> List[tuple]:
+    """(texts, roles) of each sequence a normalised example becomes (a preference pair: two; prompt features: the
+    prompt alone, its reference is not computed on); roles None for raw text segments (no template)."""
+    from fttool.data.prompts import prompt_of
+
     if example["kind"] == "segments":
         return [([t for t, _ in example["segments"]], None)]
-    msgs = [m for m in example["messages"] if isinstance(m.get("content"), str)]
+    messages = prompt_of("", example)[0] if prompts_only else example["messages"]
+    msgs = [m for m in messages if isinstance(m.get("content"), str)]
     prompt, roles = [m["content"] for m in msgs], tuple(m["role"] for m in msgs)
+    if prompts_only:
+        return [(prompt, roles)]
     if example["kind"] == "preference":
         return [
             (prompt + [example["chosen"]], roles + ("assistant",)),
             (prompt + [example["rejected"]], roles + ("assistant",)),
         ]
+    if example["kind"] == "unpaired":
+        return [(prompt + [example["completion"]], roles + ("assistant",))]
     return [(prompt, roles)]
 
 
 def sample(spec, limit: int = SAMPLE_ROWS) -> Optional[Workload]:
     """Token statistics from up to `limit` rows of each local source; None when no source is local."""
+    from fttool.config import objectives
     from fttool.data import sources_of
+    from fttool.data.features import PROMPTS
     from fttool.data.formats import Formatter
+    from fttool.data.prompts import prompt_of
     from fttool.data.sources import _read_file, is_local, local_files
     from fttool.errors import UserError
     from fttool.plan.summary import local_rows
 
     d = spec.data
+    features = objectives.of(spec).features
     tok, template = _tokenizer(spec.model)
     if d.template and "{" in d.template:
         template = d.template  # Jinja text given in the spec (a name or a file: the guess below)
     cache: dict = {}
     lengths: List[int] = []
+    replies: List[int] = []
     rows_total: Optional[int] = 0
     for s in sources_of(d):
         if not is_local(s.path):
@@ -161,9 +174,18 @@ def sample(spec, limit: int = SAMPLE_ROWS) -> Optional[Workload]:
             try:
                 for loc, rec in _read_file(p):
                     try:
-                        seqs = _sequences(fmt(loc, rec))
+                        example = fmt(loc, rec)
+                        seqs = _sequences(example, features is PROMPTS)
+                        reply = prompt_of(loc, example)[1] if features is PROMPTS else None
                     except UserError:
                         continue
+                    if reply:  # its tokens and the end of turn
+                        n = (
+                            len(tok.encode(reply, add_special_tokens=False).ids)
+                            if tok
+                            else len(reply) / CHARS_PER_TOKEN
+                        )
+                        replies.append(round(n) + 1)
                     for texts, roles in seqs:
                         body = (
                             sum(len(t.ids) for t in tok.encode_batch(texts, add_special_tokens=False))
@@ -180,7 +202,7 @@ def sample(spec, limit: int = SAMPLE_ROWS) -> Optional[Workload]:
                 continue
     if not lengths:
         return None
-    pair = 2 if spec.objective.name != "sft" else 1
+    pair = len(features.sides)  # sequences per sample: a preference pair is two
     kept = [n for n in lengths if n <= d.max_length] or lengths
     per_seq = sum(kept) / len(kept)
     padded, longest = _padded(kept, spec.train.batch_size * pair, d.packing, d.max_length, spec.seed)
@@ -191,7 +213,12 @@ def sample(spec, limit: int = SAMPLE_ROWS) -> Optional[Workload]:
     counted = "the model's tokenizer" if tok else f"~{CHARS_PER_TOKEN:g} characters per token (no tokenizer.json here)"
     counted += ", the chat template rendered" if any(v is not None for v in cache.values()) else ""
     return Workload(
-        rows_total, per_seq * pair, padded * pair, f"a sample of {len(lengths):,} sequences, {counted}", longest
+        rows_total,
+        per_seq * pair,
+        padded * pair,
+        f"a sample of {len(lengths):,} sequences, {counted}",
+        longest,
+        sum(replies) / len(replies) if replies else None,
     )
 
 
