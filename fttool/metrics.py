@@ -21,7 +21,7 @@ class Metric:
     about: str
     score: Optional[Callable[[str, str], float]] = None  # (prediction, reference) -> score; None: from the model's loss
     rate: bool = True  # a fraction of examples (shown as %); False: a value in its own units
-    pairs: bool = False  # scored on preference pairs (chosen vs rejected log-probs): preference test data only
+    rows: str = ""  # the test rows it is scored on, when not generation tasks: "preference" pairs or "unpaired" rows
 
     @property
     def generative(self) -> bool:
@@ -182,14 +182,28 @@ METRICS: Dict[str, Metric] = {
             "preference_accuracy",
             True,
             "fraction of held-out pairs whose chosen reply the model gives a higher log-prob than the rejected one",
-            pairs=True,
+            rows="preference",
         ),
         Metric(
             "preference_margin",
             True,
             "mean log-prob of the chosen reply minus the rejected one's, over held-out pairs (nats)",
             rate=False,
-            pairs=True,
+            rows="preference",
+        ),
+        Metric(
+            "label_auc",
+            True,
+            "chance that a held-out desirable completion gets a higher mean log-prob per token than an undesirable one "
+            "(unpaired rows; 50% = no separation)",
+            rows="unpaired",
+        ),
+        Metric(
+            "label_margin",
+            True,
+            "mean log-prob per token of held-out desirable completions minus undesirable ones (nats per token)",
+            rate=False,
+            rows="unpaired",
         ),
     )
 }

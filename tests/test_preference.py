@@ -356,7 +356,7 @@ def test_preview_shows_both_replies_with_the_scored_tokens(tmp_path):
 
 
 def test_preference_metrics_need_preference_data(tmp_path):
-    with pytest.raises(UserError, match="preference_accuracy, which scores preference pairs, but the data is"):
+    with pytest.raises(UserError, match="preference_accuracy, which scores preference rows, but the data is"):
         make_spec(["data.metrics=[preference_accuracy]"], tmp_path)
 
 

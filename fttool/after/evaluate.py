@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from fttool.config import methods
-from fttool.data.features import PAIRS, SEQUENCES
+from fttool.data.features import LABELED, PAIRS, SEQUENCES
 from fttool.data.tokenize import IGNORE
 from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
@@ -177,7 +177,46 @@ def preference_scores(model, pair_encoded: Dict[str, list]) -> Tuple[Dict[str, f
     return metrics, per
 
 
-def score(model, tokenizer, spec, examples: List[Dict], encoded, scorers, pair_encoded=None) -> Dict:
+def label_scores(model, labeled: Dict[str, list]) -> Dict[str, float]:
+    """How far the model separates held-out desirable completions from undesirable ones (unpaired rows): each
+    completion's mean log-prob per trained token (the completion and its end of turn, as KTO trains them); AUC over
+    every (desirable, undesirable) pair (ties count half) and the difference of the two means."""
+    import bisect
+
+    per = [(-lo / c, label) for (lo, c), label in zip(nll(model, labeled), labeled["label"]) if c]
+    good = [v for v, label in per if label]
+    bad = sorted(v for v, label in per if not label)
+    above = sum(
+        bisect.bisect_left(bad, g) + 0.5 * (bisect.bisect_right(bad, g) - bisect.bisect_left(bad, g)) for g in good
+    )
+    return {
+        "label_auc": above / (len(good) * len(bad)),
+        "label_margin": sum(good) / len(good) - sum(bad) / len(bad),
+    }
+
+
+def labeled_rows(spec, tokenizer, where: str) -> Dict[str, list]:
+    """The held-out unpaired rows (at most eval.samples), encoded and masked as training masks them, with labels;
+    a clear error when they lack either kind."""
+    from fttool.data import test_rows
+
+    rows, source = test_rows(spec, True)
+    rows = rows[: spec.eval.samples] if spec.eval.samples else rows
+    labels = [int(bool(ex.get("label"))) for _, ex in rows]
+    if not rows or all(labels) or not any(labels):
+        kind = "no rows" if not rows else f"only {'desirable' if any(labels) else 'undesirable'} rows"
+        raise UserError(
+            f"{where}: label_auc and label_margin compare desirable with undesirable completions, but the held-out "
+            f"rows ({source}) have {kind}; give a test file with both (data.test_path=FILE) or drop them from "
+            "data.metrics."
+        )
+    encoded = _encode(tokenizer, spec, [{"loc": loc, "example": ex} for loc, ex in rows], LABELED)
+    encoded["label"] = labels
+    log.info(f"eval: label metrics over {len(rows)} held-out rows, {sum(labels)} desirable ({source})")
+    return encoded
+
+
+def score(model, tokenizer, spec, examples: List[Dict], encoded, scorers, pair_encoded=None, labeled=None) -> Dict:
     """One model's scores on the examples: {"metrics": {name: value}, "replies": [...], "per_example": [...]}"""
     names = spec.data.metrics
     replies: List[Tuple[str, bool]] = []
@@ -212,6 +251,8 @@ def score(model, tokenizer, spec, examples: List[Dict], encoded, scorers, pair_e
         metrics.update(pair_metrics)
         for p, q in zip(per, pair_per):
             p.update(q)
+    if labeled is not None:
+        metrics.update(label_scores(model, labeled))
     return {"metrics": {n: metrics[n] for n in names if n in metrics}, "replies": replies, "per_example": per}
 
 
@@ -257,12 +298,13 @@ def evaluate(spec, tokenizer, load_tuned, load_base, where: str, checkpoint: str
         reward = rewards.combined(spec.objective, spec.data)
     scorers = metric_lib.scorers(spec.data.metrics, schema, reward)
     encoded = _encode(tokenizer, spec, examples, SEQUENCES) if "perplexity" in spec.data.metrics else None
-    paired = any(metric_lib.METRICS[m].pairs for m in spec.data.metrics)
-    pair_encoded = _encode(tokenizer, spec, examples, PAIRS) if paired else None
+    needs = {metric_lib.METRICS[m].rows for m in spec.data.metrics}
+    pair_encoded = _encode(tokenizer, spec, examples, PAIRS) if "preference" in needs else None
+    labeled = labeled_rows(spec, tokenizer, where) if "unpaired" in needs else None
     decoding = f"; greedy decoding, at most {spec.eval.max_new_tokens} new tokens" if scorers else ""
     log.info(f"eval: {len(examples)} test examples ({source}); metrics {', '.join(spec.data.metrics)}{decoding}")
     model = load_tuned()
-    tuned = score(model, tokenizer, spec, examples, encoded, scorers, pair_encoded)
+    tuned = score(model, tokenizer, spec, examples, encoded, scorers, pair_encoded, labeled)
     base = None
     if spec.eval.compare_base:
         separate = load_base()
@@ -272,7 +314,7 @@ def evaluate(spec, tokenizer, load_tuned, load_base, where: str, checkpoint: str
             del model
             ctx, m = nullcontext(), separate
         with ctx:
-            base = score(m, tokenizer, spec, examples, encoded, scorers, pair_encoded)
+            base = score(m, tokenizer, spec, examples, encoded, scorers, pair_encoded, labeled)
     result = report.assemble(
         spec, examples, tuned, base, source=source, checkpoint=checkpoint, seconds=time.time() - t0
     )

@@ -286,13 +286,15 @@ def check_eval(cfg: DictConfig) -> None:
             raise UserError(
                 f"data.metrics: unknown metric '{m}'.{suggestion(m, METRICS, '{}')} Metrics: {', '.join(METRICS)}."
             )
-    paired = [m for m in d.metrics if METRICS[m].pairs]
-    other = sorted({f for f in data_formats(d) if f != "preference"})
-    if paired and other:
-        raise UserError(
-            f"data.metrics has {paired[0]}, which scores preference pairs, but the data is data.format={other[0]}; "
-            "use preference data (data=preference) or drop it from data.metrics."
-        )
+    for m in d.metrics:
+        needs = METRICS[m].rows
+        other = sorted({f for f in data_formats(d) if f != needs}) if needs else []
+        if other:
+            raise UserError(
+                f"data.metrics has {m}, which scores {needs} rows, but the data is data.format={other[0]}; use "
+                f"{needs} data (data={'preference' if needs == 'preference' else 'unpaired'}) or drop it from "
+                "data.metrics."
+            )
     if "reward" in d.metrics and OmegaConf.select(cfg, "objective.rewards") is None:
         raise UserError(
             f"data.metrics has reward, which scores an online objective's rewards, but objective={cfg.objective.name} "
