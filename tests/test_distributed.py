@@ -121,6 +121,18 @@ def test_two_processes_match_one(strategy, method, one_process, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_on_the_full_loss_equal_one_on_the_chunked(one_process, tmp_path):
+    """The reference runs take the chunked LM-head loss (train.loss_impl=auto); 2 DDP processes on the full logits
+    reach the same losses and adapter weights."""
+    run_dir, r = two_processes(tmp_path, "ddp", "lora", "train.loss_impl=full")
+    assert "loss: full (train.loss_impl=full)" in (run_dir / "train.log").read_text()
+    assert "loss: chunked" in (one_process["lora"] / "train.log").read_text()
+    assert losses(run_dir) == pytest.approx(losses(one_process["lora"]), abs=TOL)
+    got, want = weights(run_dir / "final"), weights(one_process["lora"] / "final")
+    assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-4
+
+
+@pytest.mark.slow
 def test_two_machines_over_loopback(one_process, tmp_path):
     port = free_port()
     common = [

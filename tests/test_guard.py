@@ -17,7 +17,7 @@ STEPS = ["method=lora", *FAST, "train.max_steps=6", "train.save_steps=2"]
 @pytest.fixture
 def nan_loss_at(monkeypatch):
     """nan_loss_at({3, 5}): the 3rd and 5th training forward passes return a NaN loss (as a bad batch would)."""
-    from transformers import Trainer
+    from fttool.worker.safe_trainer import RunTrainer as Trainer  # its loss: the chunked path's or transformers'
 
     original = Trainer.compute_loss
 

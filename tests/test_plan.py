@@ -90,7 +90,8 @@ def test_qlora_7b_recipe_shape_matches_the_h100_measurement(tmp_path):
     """qlora_7b on a Qwen2.5-7B-shaped model with a 32,011-token vocabulary, batch 4, checkpointing, samples up to
     512 tokens: 8.1 GB peak by nvidia-smi on an H100 (bench/gpu_check.py). The plan is within 15%."""
     cfg = {**QWEN25_7B, "vocab_size": 32011}
-    spec = _spec(tmp_path, cfg, "+recipe=qlora_7b", "data.max_length=512", "data.path=x.jsonl", "data.format=alpaca")
+    spec = _spec(tmp_path, cfg, "+recipe=qlora_7b", "data.max_length=512", "data.path=x.jsonl", "data.format=alpaca",
+                 "train.loss_impl=full")  # measured before the chunked loss  # fmt: skip
     p = estimate.memory(Setup.of(spec), shapes.from_config(cfg))
     assert p.total * 2**30 / 1e9 == pytest.approx(8.1, rel=0.15), p.items
 
@@ -125,7 +126,11 @@ def test_sharding_divides_what_the_strategy_divides(tmp_path):
 
 def test_checkpointing_and_smaller_micro_batches_cut_activations(tmp_path):
     shape = shapes.from_config(LLAMA32_1B)
-    base = Setup.of(_spec(tmp_path, LLAMA32_1B, "method=lora", "hardware=single_gpu", "data.max_length=2048"))
+    base = Setup.of(
+        _spec(
+            tmp_path, LLAMA32_1B, "method=lora", "hardware=single_gpu", "data.max_length=2048", "train.loss_impl=full"
+        )
+    )
     act = {i.name: i.gib for i in estimate.memory(base, shape).items}
     ckpt = {i.name: i.gib for i in estimate.memory(replace(base, ckpt=True), shape).items}
     half = {i.name: i.gib for i in estimate.memory(replace(base, batch=2), shape).items}
@@ -135,12 +140,15 @@ def test_checkpointing_and_smaller_micro_batches_cut_activations(tmp_path):
 
 
 def test_a_run_that_does_not_fit_gets_fixes_that_fit_when_applied(tmp_path):
-    """full_1b on a 24 GiB card: each fix's overrides, composed and planned again, fit."""
-    spec = _spec(tmp_path, LLAMA32_1B, "+recipe=full_1b", "data.max_length=2048")
+    """full_1b on a 24 GiB card with the full logits (the chunked loss alone makes it fit): each fix's overrides,
+    composed and planned again, fit."""
+    spec = _spec(tmp_path, LLAMA32_1B, "+recipe=full_1b", "data.max_length=2048", "train.loss_impl=full")
     p = budget.make_plan(spec, gpu="RTX4090")
     assert p["fits"] is False and p["fixes"], p["memory"]
     for f in p["fixes"]:
-        again = _spec(tmp_path, LLAMA32_1B, "+recipe=full_1b", "data.max_length=2048", *f["overrides"])
+        again = _spec(
+            tmp_path, LLAMA32_1B, "+recipe=full_1b", "data.max_length=2048", "train.loss_impl=full", *f["overrides"]
+        )
         q = budget.make_plan(again, gpu="RTX4090")
         assert q["fits"] is True, f
         assert q["memory"]["per_device_gib"] == pytest.approx(f["per_device_gib"], rel=1e-6)
@@ -356,7 +364,9 @@ def test_grpo_plan_sizes_generated_completions_the_reference_and_sampling(tmp_pa
     assert (s.completion, s.reference, s.generated_rows) == (512, False, 64)
     assert s.tokens == s.worst_tokens == 16 * (256 + 512) and s.logit_tokens == 16 * 512
     items = {i.name: i for i in estimate.memory(s, shape).items}
-    assert "reference model" not in items and "(the completions')" in items["logits and loss"].note
+    assert (
+        "reference model" not in items and "TRL's fused head over 8,192 trained tokens" in items["logits and loss"].note
+    )
     kv = 2 * 28 * 256 * 2 * 64 * (256 + 512)  # keys and values, 28 layers, 2 kv heads x 128, bf16, 64 rows
     assert estimate.generation_bytes(s, shape) == pytest.approx(kv + 64 * 151936 * 12)
     full = Setup.of(_spec(tmp_path, QWEN25_1_5B, *base, "method=full", "objective.beta=0.04"))
@@ -391,3 +401,35 @@ def test_grpo_plan_time_counts_sampling_and_steps_per_prompt(tmp_path):
     r = run_cli_here("plan", *gpu, "objective.max_completion_length=256", "gpu=H100", f"output_dir={tmp_path}")
     assert r.returncode == 0 and "sampling    128 completions of up to 256 tokens" in r.stdout, r.stdout
     assert "objective.use_vllm=true" in r.stdout
+
+
+# -- the chunked LM-head loss ------------------------------------------------------------------------------------------
+def test_chunked_loss_shrinks_the_logits_line_to_a_chunk(tmp_path):
+    """train.loss_impl: the full path holds vocab x tokens x 12-14 bytes; the chunked one two fp32 [chunk, vocab]
+    buffers over the trained tokens (plus their hidden states and gradient); DPO's TRL tiles are sized as TRL makes
+    them; a LoRA on lm_head adds its merged weight."""
+    shape = shapes.from_config(QWEN25_1_5B)
+    base = ["hardware=single_gpu", "train.batch_size=8", "data.max_length=2048"]
+    item = lambda *o: {
+        i.name: i for i in estimate.memory(Setup.of(_spec(tmp_path, QWEN25_1_5B, *base, *o)), shape).items
+    }["logits and loss"]  # noqa: E731
+    full, chunked = item("train.loss_impl=full"), item()
+    assert full.gib * 2**30 == pytest.approx(8 * 2048 * 151936 * 14)
+    assert chunked.gib < full.gib / 20 and "chunked over the 16,384 trained tokens" in chunked.note
+    dpo = item("objective=dpo", "data=preference", "data.path=p.jsonl")
+    assert "TRL's fused head over 32,768 trained tokens: tiles of 4,096 tokens x 32,768" in dpo.note
+    head = item("method.target_modules=[q_proj,lm_head]", "method.dropout=0")
+    assert head.gib - chunked.gib == pytest.approx(2 * 151936 * 1536 * 4 / 2**30, rel=1e-6)
+
+
+def test_plan_counts_only_the_trained_share_of_a_chat_batch(tmp_path):
+    """On the demo data (chat: a prompt and a short reply), the chunked loss works on the replies' tokens only."""
+    p = budget.make_plan(make_spec(["+recipe=tiny_cpu"], tmp_path), measure_cpu=False)
+    note = next(i for i in p["memory"]["items"] if i["name"] == "logits and loss")["note"]
+    trained = int(note.split("chunked over the ")[1].split(" trained")[0].replace(",", ""))
+    assert 0.1 * p["setup"]["tokens_per_micro_batch"] < trained < 0.6 * p["setup"]["tokens_per_micro_batch"]
+
+
+def test_the_chunked_loss_alone_makes_full_1b_fit_a_24_gib_card(tmp_path):
+    p = budget.make_plan(_spec(tmp_path, LLAMA32_1B, "+recipe=full_1b", "data.max_length=2048"), gpu="RTX4090")
+    assert p["fits"] is True, p["memory"]

@@ -245,6 +245,9 @@ class TrainSpec:
     max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs)
     optim: str = "adamw_torch"  # optimizer name as transformers knows it
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    # the LM head and loss: chunked (trained positions only, in tiles, never the whole [tokens, vocab] logits),
+    # full (the model's own logits and loss), or auto (chunked wherever it is exact)
+    loss_impl: str = "auto"
     logging_steps: int = 10  # log metrics every N steps
     save_steps: int = 200  # write a checkpoint every N steps
     save_total_limit: int = 2  # keep at most this many checkpoints

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from fttool.config import devices, lineage, methods, objectives, recipes, registry, strategies
+from fttool.config import devices, lineage, losspath, methods, objectives, recipes, registry, strategies
 from fttool.config.spec import DTYPES, PACKING, PRECISIONS, RunSpec, world_size
 from fttool.data.formats import FORMATS
 from fttool.errors import UserError, suggestion
@@ -166,6 +166,7 @@ def _check_combinations(cfg: DictConfig, user_keys: set) -> None:
     _check_data(cfg.data)
     objectives.of(cfg).check(cfg, data_formats(cfg.data))
     check_eval(cfg)
+    losspath.check(cfg)
     _check_topology(cfg)
     if cfg.model.trust_remote_code and "model.trust_remote_code" not in user_keys:
         raise UserError(

@@ -43,7 +43,12 @@ def make_plan(spec, gpu: Optional[str] = None, gpu_memory: Optional[float] = Non
     precision = resolved_precision(spec.hardware, t.bf16 if t.kind == "gpu" else None)
     work = workload.sample(spec)
     worst_case = Setup.of(spec, precision)
-    s = replace(worst_case, batch_tokens=work.batch_tokens if work else None)  # sized by the data's lengths
+    worst_case = replace(worst_case, device_gib=t.memory_gib)
+    s = replace(  # sized by the data's lengths
+        worst_case,
+        batch_tokens=work.batch_tokens if work else None,
+        trained_share=work.trained_share if work else 1.0,
+    )
     mem, worst = estimate.memory(s, shape), estimate.memory(worst_case, shape)
     weight_bytes = sum(i.gib for i in mem.items if i.name.startswith("weights")) * estimate.GIB
     ok = fit.fits(mem.total, t, s)

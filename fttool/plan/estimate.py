@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from fttool.config import devices, methods, objectives, strategies
+from fttool.config import devices, losspath, methods, objectives, strategies
 from fttool.config.spec import resolved_precision, world_size
 from fttool.plan.shapes import ModelShape
 
@@ -76,6 +76,10 @@ class Setup:
     batch_tokens: Optional[int] = None  # expected tokens of the largest micro-batch (a data sample); None: the worst
     completion: int = 0  # tokens generated per row before training on them (GRPO: max_completion_length)
     vllm: bool = False  # sampled by vLLM (CUDA graphs) rather than transformers' generate
+    loss_path: str = "full"  # chunked or full (config/losspath.py)
+    trained_share: float = 1.0  # of a micro-batch's tokens, those trained (a data sample's; 1: unknown)
+    device_gib: Optional[float] = None  # the device's memory (the chunk size follows it); None: unknown
+    head_adapter: bool = False  # a LoRA on lm_head (the chunked path builds its merged weight)
 
     @classmethod
     def of(cls, spec, precision: Optional[str] = None) -> "Setup":
@@ -89,6 +93,8 @@ class Setup:
             reference=obj.uses_reference(spec.objective),
             completion=obj.completion_tokens(spec.objective),
             vllm=bool(getattr(spec.objective, "use_vllm", False)),
+            loss_path=losspath.decide(spec)[0],
+            head_adapter="lm_head" in list(getattr(spec.method, "target_modules", None) or []),
             batch=tr.batch_size,
             grad_accum=tr.grad_accum,
             max_length=spec.data.max_length,
@@ -142,6 +148,11 @@ class Setup:
         """Positions whose logits the loss computes: every token's, or only the completions' (TRL's GRPO keeps the
         logits of the completion positions alone)."""
         return self.batch * self.completion if self.completion else self.tokens
+
+    @property
+    def trained_tokens(self) -> int:
+        """Positions whose next token is trained in the largest micro-batch (what a chunked loss computes on)."""
+        return self.logit_tokens if self.completion else max(1, round(self.tokens * self.trained_share))
 
     @property
     def generated_rows(self) -> int:
@@ -337,14 +348,17 @@ def memory(s: Setup, shape: ModelShape) -> Memory:
             f"{shape.layers} layers x {per_layer / tokens / 1024:.1f} KiB per token, {tokens:,} tokens "
             f"({s.shape_note()}); train.gradient_checkpointing=true keeps one layer's",
         )
-    loss_b = LOSS_BYTES_FP32 + (cb if cb != 4 else 0)
-    which = " (the completions')" if s.completion else ""
-    mem.add(
-        "logits and loss",
-        s.logit_tokens * shape.vocab * loss_b,
-        f"vocab {shape.vocab:,} x {s.logit_tokens:,} tokens{which} x {loss_b} bytes (logits, fp32 log-softmax and "
-        "gradients)",
-    )
+    if s.loss_path == "chunked":
+        mem.add("logits and loss", *_chunked_loss_bytes(s, shape))
+    else:
+        loss_b = LOSS_BYTES_FP32 + (cb if cb != 4 else 0)
+        which = " (the completions')" if s.completion else ""
+        mem.add(
+            "logits and loss",
+            s.logit_tokens * shape.vocab * loss_b,
+            f"vocab {shape.vocab:,} x {s.logit_tokens:,} tokens{which} x {loss_b} bytes (logits, fp32 log-softmax "
+            "and gradients)",
+        )
     if s.completion:  # sampling holds a KV cache instead of the micro-batch's activations and logits
         gen = generation_bytes(s, shape)
         during_training = sum(i.gib for i in mem.items if i.name in ("activations", "logits and loss")) * GIB
@@ -363,6 +377,35 @@ def memory(s: Setup, shape: ModelShape) -> Memory:
         mem.add(SLACK, CPU_SLACK * mem.tensors * GIB, f"{CPU_SLACK:.0%}: freed memory malloc keeps")
         mem.add(RUNTIME, CPU_RUNTIME_GIB * GIB, "python, torch and libraries, tokenized data (measured)")
     return mem
+
+
+TRL_TILE_TOKENS, TRL_TILE_VOCAB = 4096, 32768  # TRL's fused head: tiles of tokens x vocabulary (trl/kernels)
+TRL_CPU_TEMPORARIES = 9  # tile-sized fp32 temporaries of TRL's torch fold where there is no Triton (measured peak)
+
+
+def _chunked_loss_bytes(s: Setup, shape: ModelShape) -> tuple:
+    """(bytes, note) of the chunked LM-head loss: fttool's chunks (one fp32 [chunk, vocab] buffer) or TRL's tiles
+    (DPO, KTO, GRPO), plus the trained positions' hidden states gathered and their fp32 gradient; a LoRA on lm_head
+    adds its merged weight and that weight's fp32 gradient."""
+    n, v, h = s.trained_tokens, shape.vocab, shape.hidden
+    rows = n * h * (s.compute_bytes + 4)
+    head = 2 * v * h * 4 if s.head_adapter else 0
+    if s.objective in losspath.FUSED_BY_TRL:
+        tile = min(n, TRL_TILE_TOKENS) * min(v, TRL_TILE_VOCAB)
+        temps = 2 if devices.of(s).gpu else TRL_CPU_TEMPORARIES
+        return (
+            tile * 4 * temps + rows + head,
+            f"TRL's fused head over {n:,} trained tokens: tiles of {min(n, TRL_TILE_TOKENS):,} tokens x "
+            f"{min(v, TRL_TILE_VOCAB):,} vocabulary ({temps} fp32 tile buffers{'' if temps == 2 else ' on the CPU'})",
+        )
+    device = (s.device_gib or 80) * GIB
+    chunk = min(n, losspath.chunk_tokens(v, device))
+    return (
+        chunk * v * 4 + rows + head,
+        f"chunked over the {n:,} trained tokens, {chunk:,} at a time: one fp32 [{chunk:,}, {v:,}] buffer "
+        "(train.loss_impl; the full logits would be "
+        f"{s.logit_tokens * v * (LOSS_BYTES_FP32 + (s.compute_bytes if s.compute_bytes != 4 else 0)) / GIB:.2f} GiB)",
+    )
 
 
 def generation_bytes(s: Setup, shape: ModelShape) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from fttool import assets
-from fttool.config import devices, methods, objectives, strategies
+from fttool.config import devices, losspath, methods, objectives, strategies
 from fttool.config.spec import RunSpec, effective_gate, has_validation, resolved_precision, world_size
 
 
@@ -151,6 +151,7 @@ def describe(spec: RunSpec) -> List[str]:
     ]
     lines.append(f"method      {methods.of(spec).describe(m)}")
     lines.append(f"objective   {objectives.of(spec).describe(spec.objective)}")
+    lines.append(f"loss        {losspath.describe(spec)}")
     if spec.model.from_run:
         how = {"merge": "its adapter merged into the base", "continue": "its adapter trained further"}
         what = how[spec.model.from_run_adapter] if spec.model.parent_adapter else "its trained model"

@@ -22,6 +22,7 @@ class Workload:
     how: str  # where the figures come from
     batch_tokens: int = 0  # tokens of the largest micro-batch of the sample (padding included): the expected peak
     reply_tokens: Optional[float] = None  # prompt features: the mean reference reply (a completion's likely length)
+    trained_share: float = 1.0  # of the tokens, those trained (labels not -100): what a chunked loss computes on
 
     def tokens_per_epoch(self) -> Optional[int]:
         return None if self.rows is None else int(self.rows * self.mean_tokens)
@@ -155,6 +156,7 @@ def sample(spec, limit: int = SAMPLE_ROWS) -> Optional[Workload]:
     cache: dict = {}
     lengths: List[int] = []
     replies: List[int] = []
+    trained = [0, 0]  # tokens trained (the replies and their end of turn), tokens in all
     rows_total: Optional[int] = 0
     for s in sources_of(d):
         if not is_local(s.path):
@@ -187,14 +189,18 @@ def sample(spec, limit: int = SAMPLE_ROWS) -> Optional[Workload]:
                         )
                         replies.append(round(n) + 1)
                     for texts, roles in seqs:
-                        body = (
-                            sum(len(t.ids) for t in tok.encode_batch(texts, add_special_tokens=False))
+                        each = (
+                            [len(t.ids) for t in tok.encode_batch(texts, add_special_tokens=False)]
                             if tok
-                            else sum(round(len(t) / CHARS_PER_TOKEN) for t in texts)
+                            else [round(len(t) / CHARS_PER_TOKEN) for t in texts]
                         )
+                        body = sum(each)
                         around = _overhead(tok, template, roles, cache) if roles else 0
                         n_tok = body + (PER_MESSAGE * len(texts) + 1 if around is None else around)
                         lengths.append(min(n_tok, d.max_length) if d.truncation == "truncate" else n_tok)
+                        replies_of = [n + 1 for n, r in zip(each, roles or ()) if r == "assistant"]
+                        trained[0] += n_tok if roles is None or d.train_on_inputs else sum(replies_of)
+                        trained[1] += n_tok
                     taken += 1
                     if taken >= limit:
                         break
@@ -219,6 +225,7 @@ def sample(spec, limit: int = SAMPLE_ROWS) -> Optional[Workload]:
         f"a sample of {len(lengths):,} sequences, {counted}",
         longest,
         sum(replies) / len(replies) if replies else None,
+        min(1.0, trained[0] / trained[1]) if trained[1] else 1.0,
     )
 
 

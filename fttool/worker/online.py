@@ -24,13 +24,14 @@ from trl import GRPOTrainer
 
 from fttool.after.attention import no_fully_masked_rows
 from fttool.worker.guard import GuardedTrainer
+from fttool.worker.lm_head import HeadCheck
 from fttool.worker.safe_trainer import TrustedCheckpoints
 from fttool.worker.sampling import SeededRows, row_seeds
 
 log = logging.getLogger("fttool")
 
 
-class GrpoRunTrainer(TrustedCheckpoints, GuardedTrainer, GRPOTrainer):
+class GrpoRunTrainer(HeadCheck, TrustedCheckpoints, GuardedTrainer, GRPOTrainer):
     """TRL's GRPOTrainer on fttool's prompts, checkpoints and guard."""
 
     def __init__(self, *args, reward_funcs, data_collator=None, **kwargs):

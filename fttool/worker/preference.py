@@ -21,6 +21,7 @@ from trl import DPOTrainer, KTOTrainer
 
 from fttool.data.tokenize import IGNORE
 from fttool.worker.guard import GuardedTrainer
+from fttool.worker.lm_head import HeadCheck
 from fttool.worker.safe_trainer import RunTrainer, TrustedCheckpoints
 
 log = logging.getLogger("fttool")
@@ -40,14 +41,14 @@ class ReferenceAdapter:
             model.set_adapter("default")
 
 
-class DpoRunTrainer(ReferenceAdapter, TrustedCheckpoints, GuardedTrainer, DPOTrainer):
+class DpoRunTrainer(ReferenceAdapter, HeadCheck, TrustedCheckpoints, GuardedTrainer, DPOTrainer):
     """TRL's DPOTrainer on fttool's pairs, checkpoints and guard."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # tokenized, masked and length-checked by fttool.data (counted in data.json)
 
 
-class KtoRunTrainer(ReferenceAdapter, TrustedCheckpoints, GuardedTrainer, KTOTrainer):
+class KtoRunTrainer(ReferenceAdapter, HeadCheck, TrustedCheckpoints, GuardedTrainer, KTOTrainer):
     """TRL's KTOTrainer on fttool's labelled sequences (data/features.py LABELED), checkpoints and guard. Each row's
     prompt is its tokens before the first trained one and its completion the trained span (the reply and the token
     closing its turn, as SFT masks it); the template's tail after the turn is not scored."""
@@ -83,8 +84,17 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def mean_reply_logps(model, batch) -> tuple:
-    """(mean token log-prob of each sequence's scored tokens, the summed log-probs, the scored-token counts)."""
+def mean_reply_logps(model, batch, chunked: bool = False) -> tuple:
+    """(mean token log-prob of each sequence's scored tokens, the summed log-probs, the scored-token counts);
+    `chunked`: through the chunked LM head, over the scored tokens only (worker/chunked_loss.py)."""
+    if chunked:
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], chunked_labels=labels, use_cache=False
+        )
+        summed = out.log_probs.sum(dim=1)  # zero where not scored
+        counts = out.label_mask.sum(dim=1).clamp(min=1).to(summed.dtype)
+        return summed / counts, summed, counts
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     logits = out.logits[:, :-1].float()
     targets = batch["input_ids"][:, 1:]
@@ -111,7 +121,7 @@ class OrpoRunTrainer(RunTrainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mean, summed, counts = mean_reply_logps(model, inputs)
+        mean, summed, counts = mean_reply_logps(model, inputs, self.chunked_head)
         chosen, rejected = mean.chunk(2)
         chosen_sum, _ = summed.chunk(2)
         chosen_count, _ = counts.chunk(2)

@@ -20,6 +20,7 @@ from fttool.errors import UserError
 from fttool.preemption import stop_signals
 from fttool.runfolder.checkpoint import disk_full_message, failed_file, low_space, rotate, write_failure, write_manifest
 from fttool.worker.guard import GuardedTrainer
+from fttool.worker.lm_head import HeadCheck
 
 log = logging.getLogger("fttool")
 
@@ -106,5 +107,28 @@ class Preemption(TrainerCallback):
         )
 
 
-class RunTrainer(TrustedCheckpoints, GuardedTrainer):
-    """The Trainer of every run: trusted checkpoints and the non-finite guard."""
+class RunTrainer(HeadCheck, TrustedCheckpoints, GuardedTrainer):
+    """The Trainer of fttool's own objectives: trusted checkpoints, the non-finite guard, and the loss through the
+    chunked LM head when the run takes that path (worker/chunked_loss.py): the log-probs of the trained tokens,
+    summed and divided by the accumulated batch's count, as the model's own loss is."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.chunked_head:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from fttool.worker.chunked_loss import token_loss
+
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, chunked_labels=labels)
+        # normalised exactly as transformers normalises the model's own loss (Trainer.compute_loss, training_step)
+        per_batch = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        loss = token_loss(outputs, num_items_in_batch if per_batch else None)
+        if self.args.average_tokens_across_devices and per_batch:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return (loss, outputs) if return_outputs else loss
+
+    def chunked_probe_loss(self, model, batch):
+        from fttool.worker.chunked_loss import token_loss
+
+        labels = batch.pop("labels")
+        return token_loss(model(**batch, chunked_labels=labels))

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from fttool.config import devices, methods, objectives, strategies
+from fttool.config import devices, losspath, methods, objectives, strategies
 from fttool.config.spec import has_test, has_validation
 from fttool.data.tokenizer import load_tokenizer
 from fttool.errors import UserError
@@ -281,7 +281,7 @@ def build_trainer(spec, run_dir: Path, model, args, prepared, tok, precision: st
     """The objective's Trainer over the prepared features, with fttool's callbacks. Returns (trainer, parts)."""
     from transformers import PrinterCallback
 
-    from fttool.worker import callbacks
+    from fttool.worker import callbacks, lm_head
     from fttool.worker.guard import NonFiniteGuard
     from fttool.worker.safe_trainer import Preemption
 
@@ -292,6 +292,10 @@ def build_trainer(spec, run_dir: Path, model, args, prepared, tok, precision: st
         else []
     )
     guard = NonFiniteGuard(tolerance=t.nonfinite_tolerance, fp16=precision == "fp16")
+    impl, why = losspath.decide(spec)
+    fused_by_trl = spec.objective.name in losspath.FUSED_BY_TRL
+    lm_head.install(model, own_loss=impl == "chunked" and not fused_by_trl)
+    log.info(f"loss: {impl} ({why})")
     parts = TrainerParts(callbacks.MetricsCallback(run_dir, guard, objective.progress), guard, Preemption())
     trainer = trainers.trainer_class(spec)(
         model=model,
@@ -305,6 +309,8 @@ def build_trainer(spec, run_dir: Path, model, args, prepared, tok, precision: st
         **objective.trainer_kwargs(spec),
     )
     trainer.keep_checkpoints = t.save_total_limit
+    trainer.chunked_head = impl == "chunked"
+    trainer.head_fallback = t.loss_impl == "auto" and not fused_by_trl
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line per logging step
     return trainer, parts
 
