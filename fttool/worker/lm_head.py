@@ -83,7 +83,9 @@ class HeadCheck:
             with torch.no_grad(), self.compute_loss_context_manager():
                 logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits
                 full = float(
-                    torch.nn.functional.cross_entropy(logits[0, :-1].float() / temperature, ids[0, 1:].to(logits.device))
+                    torch.nn.functional.cross_entropy(
+                        logits[0, :-1].float() / temperature, ids[0, 1:].to(logits.device)
+                    )
                 )
                 chunked = float(self.chunked_probe_loss(model, dict(batch)))
         finally:
