@@ -64,6 +64,22 @@ def run_cli_here(*args, cwd=None, env=None):
     return subprocess.CompletedProcess(["fttool", *args], code, out.getvalue(), err.getvalue())
 
 
+@pytest.fixture(autouse=True)
+def signal_handlers_kept(request):
+    """A test that leaves SIGINT or SIGTERM handled differently changes every later test of its worker process (and
+    the subprocesses those start inherit an ignored signal: Ctrl-C tests then fail). Put back, and named."""
+    import signal
+    import warnings
+
+    watched = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in watched}
+    yield
+    for s, handler in before.items():
+        if signal.getsignal(s) is not handler and handler is not None:
+            warnings.warn(f"{request.node.nodeid} left {signal.Signals(s).name} set to {signal.getsignal(s)}; put back")
+            signal.signal(s, handler)
+
+
 def pytest_sessionstart(session):
     if STRICT and not SHARED_DATA.is_dir():
         pytest.exit(

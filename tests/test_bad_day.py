@@ -597,14 +597,19 @@ def test_tokenizing_workers_leave_ctrl_c_to_the_parent():
         def encode_batch(self, *a, **k):
             return {"handler": [str(signal.getsignal(signal.SIGINT))]}
 
-    ctx = multiprocessing.get_context("fork")
-    fn, queue = _encode_fn(Enc(), SEQUENCES, False), ctx.Queue()
-    child = ctx.Process(target=lambda: queue.put(fn({"loc": [], "example": []})["handler"]))
-    child.start()
-    got = queue.get(timeout=60)
-    child.join()
-    assert got == [str(signal.SIG_IGN)]
-    assert fn({"loc": [], "example": []})["handler"] != [str(signal.SIG_IGN)]  # the parent keeps its handler
+    # the parent handles Ctrl-C, as from a terminal (a test run started with `&` from a script inherits an ignore)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        ctx = multiprocessing.get_context("fork")
+        fn, queue = _encode_fn(Enc(), SEQUENCES, False), ctx.Queue()
+        child = ctx.Process(target=lambda: queue.put(fn({"loc": [], "example": []})["handler"]))
+        child.start()
+        got = queue.get(timeout=60)
+        child.join()
+        assert got == [str(signal.SIG_IGN)]
+        assert fn({"loc": [], "example": []})["handler"] != [str(signal.SIG_IGN)]  # the parent keeps its handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize(

@@ -213,6 +213,9 @@ def _start(tmp_path, name, *extra):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # as from a terminal: Ctrl-C handled, even when this test runs under a shell that ignores SIGINT (a job
+        # started with `&` from a script), whose ignore every child would inherit
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
