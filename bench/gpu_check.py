@@ -159,6 +159,10 @@ def train_run(work: Path, model: Path, data: Path, method: str, packing: str, ar
         rows = ["objective=dpo", "data=preference", f"data.path={pairs_file(work, data)}"]
     if objective == "grpo":  # left-padded prompts, sampled completions, the numeric reward on GSM8K-style answers
         rows += ["objective=grpo", "objective.num_generations=4", "objective.max_completion_length=32"]
+    if (
+        objective == "fullloss"
+    ):  # SFT on the full logits: the baseline of the chunked LM-head loss every other run takes
+        rows += ["train.loss_impl=full"]
     cmd = [
         sys.executable,
         "-m",
@@ -308,7 +312,8 @@ def main() -> int:
     ap.add_argument(
         "--runs",
         default="",
-        help="only these runs, comma-separated (e.g. qlora-padded,lora-padding_free,lora-dpo,lora-grpo); default: all nine",
+        help="only these runs, comma-separated (e.g. qlora-padded,lora-padding_free,lora-dpo,lora-grpo,lora-fullloss); "
+        "default: all ten",
     )
     args = ap.parse_args()
     import torch
@@ -348,7 +353,12 @@ def main() -> int:
         runs = []
         chosen = {r for r in args.runs.split(",") if r}
         plan = [(m, p, "sft") for m in ("lora", "qlora", "full") for p in ("none", "padding_free")]
-        online = [("lora", "none", "dpo"), ("qlora", "none", "dpo"), ("lora", "none", "grpo")]
+        online = [
+            ("lora", "none", "dpo"),
+            ("qlora", "none", "dpo"),
+            ("lora", "none", "grpo"),
+            ("lora", "none", "fullloss"),
+        ]
         for method, packing, objective in plan + online:
             if chosen and run_name(method, packing, objective) not in chosen:
                 continue
