@@ -1,12 +1,12 @@
 """Which LM-head and loss path a run takes (train.loss_impl), decided from the config alone.
 
-chunked: TRL's fused LM head (trl.trainer.utils.add_fused_lm_head): the output layer and the log-softmax run only
-over the positions that are trained, in tiles of tokens x vocabulary, recomputed in backward, so the [tokens, vocab]
-logits never exist; logit soft-capping and logit scales (Gemma 2/3, Granite, Cohere ...) are applied exactly.
-full: the model's own forward, logits for every position, and its own loss. auto: chunked wherever it is exact.
-TRL's DPO, KTO and GRPO trainers always take the chunked path; fttool's SFT and ORPO take either. A LoRA on lm_head
-is read through its merged weight (base + B A x scaling, differentiable), which is exact only without LoRA dropout;
-DoRA's per-feature magnitude is not a merged weight TRL's head reads.
+chunked: the output layer and the log-softmax only at the positions that are trained, a chunk at a time,
+recomputed in backward, so the [tokens, vocab] logits never exist (fttool's own for SFT and ORPO:
+worker/chunked_loss.py; TRL's fused LM head, which TRL's DPO, KTO and GRPO trainers always take); logit
+soft-capping and logit scales are applied exactly. full: the model's own forward, logits for every position, and its
+own loss. auto: chunked wherever it is exact. A LoRA on lm_head is read through its merged weight (base + B A x
+scaling, differentiable), which is exact only without LoRA dropout; DoRA's per-feature magnitude is not a merged
+weight.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ makes that layer's `weight` the merged one (base + B A x scaling, built from the
 reach A and B), for the adapter-enabled forward only.
 
 The check runs both paths on one short row of token ids (dropout off, no gradient): a model whose forward does to
-its logits something TRL's head does not know would train on a wrong loss. Under train.loss_impl=auto such a run
+its logits something the chunked head does not know would train on a wrong loss. Under train.loss_impl=auto such a run
 falls back to the full path with a warning; asked for explicitly, or under DPO/KTO/GRPO (always chunked), it stops
 with the two losses named.
 """
@@ -25,9 +25,9 @@ log = logging.getLogger("fttool")
 PROBE_TOKENS = 32
 
 
-def install(model, own_loss: bool) -> None:
+def install(model, own_loss: bool, by_trl: bool) -> None:
     """Before the Trainer is built: fttool's chunked loss on the base model when fttool's own trainer computes the
-    loss (`own_loss`), else (TRL's trainers add their fused head) the merged-weight view of a LoRA lm_head."""
+    loss (`own_loss`); the merged-weight view of a LoRA lm_head where TRL's fused head reads it (`by_trl`)."""
     from peft import PeftModel
 
     from fttool.worker import chunked_loss
@@ -35,7 +35,7 @@ def install(model, own_loss: bool) -> None:
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     if own_loss:
         chunked_loss.install(base)
-    else:
+    if by_trl:
         merged_head_weight(base.get_output_embeddings())
 
 
@@ -90,7 +90,7 @@ class HeadCheck:
                 chunked = float(self.chunked_probe_loss(model, dict(batch)))
         finally:
             model.train(was_training)
-        tol = 1e-4 if self.args.bf16 is False and self.args.fp16 is False else 2e-2
+        tol = 2e-2 if self.args.bf16 or self.args.fp16 else 1e-4
         if math.isfinite(full) and abs(full - chunked) <= tol * max(1.0, abs(full)):
             log.info(f"loss: chunked LM head checked against the model's own loss ({chunked:.6f} vs {full:.6f})")
             return

@@ -69,9 +69,9 @@ class GrpoRunTrainer(HeadCheck, TrustedCheckpoints, GuardedTrainer, GRPOTrainer)
     @contextlib.contextmanager
     def _seeded_rows(self, prompt_ids):
         """generate() draws each completion with its own generator (see the module docstring) for this call."""
-        every = gather_object([list(map(int, ids)) for ids in prompt_ids])  # all processes' rows, in process order
-        counts = gather_object([len(prompt_ids)])
-        first = sum(counts[: self.accelerator.process_index])
+        per_process = gather_object([[list(map(int, ids)) for ids in prompt_ids]])  # each process's rows, in order
+        every = [row for rows in per_process for row in rows]
+        first = sum(len(rows) for rows in per_process[: self.accelerator.process_index])
         seeds = row_seeds(self.args.seed, self.state.global_step, every, first, len(prompt_ids))
         g = self.generation_config
         sampler = SeededRows(seeds, self.accelerator.device, g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.min_p)

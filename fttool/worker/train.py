@@ -294,7 +294,7 @@ def build_trainer(spec, run_dir: Path, model, args, prepared, tok, precision: st
     guard = NonFiniteGuard(tolerance=t.nonfinite_tolerance, fp16=precision == "fp16")
     impl, why = losspath.decide(spec)
     fused_by_trl = spec.objective.name in losspath.FUSED_BY_TRL
-    lm_head.install(model, own_loss=impl == "chunked" and not fused_by_trl)
+    lm_head.install(model, own_loss=impl == "chunked" and not fused_by_trl, by_trl=fused_by_trl)
     log.info(f"loss: {impl} ({why})")
     parts = TrainerParts(callbacks.MetricsCallback(run_dir, guard, objective.progress), guard, Preemption())
     trainer = trainers.trainer_class(spec)(
