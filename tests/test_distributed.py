@@ -121,6 +121,23 @@ def test_two_processes_match_one(strategy, method, one_process, tmp_path):
 
 
 @pytest.mark.slow
+def test_selective_checkpointing_under_ddp_equals_one_process(one_process, tmp_path):
+    """Selective checkpointing on 2 DDP processes reaches the losses and adapter weights of 1 process without it."""
+    run_dir, _ = two_processes(tmp_path, "ddp", "lora", "train.gradient_checkpointing=selective")
+    assert losses(run_dir) == pytest.approx(losses(one_process["lora"]), abs=TOL)
+    got, want = weights(run_dir / "final"), weights(one_process["lora"] / "final")
+    assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-4
+
+
+def test_zero3_refuses_selective_checkpointing_with_the_fix(tmp_path):
+    """ZeRO-3 gathers a layer's weights again in the recomputation (collectives selective checkpointing cannot
+    replay: found by running it); refused before anything is written."""
+    r = run_cli_here("check", "hardware=zero3", "hardware.device=cpu", "hardware.num_processes=2",
+                     "train.gradient_checkpointing=selective", cwd=tmp_path)  # fmt: skip
+    assert r.returncode != 0 and "train.gradient_checkpointing=true" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
 def test_two_processes_on_the_full_loss_equal_one_on_the_chunked(one_process, tmp_path):
     """The reference runs take the chunked LM-head loss (train.loss_impl=auto); 2 DDP processes on the full logits
     reach the same losses and adapter weights."""

@@ -12,7 +12,7 @@ import pytest
 from conftest import make_spec, run_cli, run_cli_here
 from fttool.config.spec import ModelSpec
 from fttool.errors import UserError
-from fttool.plan import budget, estimate, shapes
+from fttool.plan import budget, estimate, fit, shapes
 from fttool.plan.estimate import Setup
 
 # config.json fields of published models (their hub config files), and their published parameter counts
@@ -139,6 +139,41 @@ def test_checkpointing_and_smaller_micro_batches_cut_activations(tmp_path):
     assert half["logits and loss"] == pytest.approx(act["logits and loss"] / 2)
 
 
+def test_selective_checkpointing_sits_between_none_and_full(tmp_path):
+    """train.gradient_checkpointing=selective keeps the matmuls' and attention's outputs: less than half of what no
+    checkpointing keeps, more than full checkpointing; it recomputes less than full checkpointing."""
+    shape = shapes.from_config(LLAMA32_1B)
+    base = Setup.of(_spec(tmp_path, LLAMA32_1B, "method=lora", "hardware=single_gpu", "data.max_length=2048"))
+    act, flops = {}, {}
+    for mode in (False, "selective", True):
+        s = replace(base, ckpt=mode)
+        act[mode] = next(i for i in estimate.memory(s, shape).items if i.name == "activations")
+        flops[mode] = estimate.flops_per_token(s, shape, 2048)
+    assert act[True].gib < act["selective"].gib < act[False].gib / 2
+    assert "selective checkpointing" in act["selective"].note
+    assert flops[False] < flops["selective"] < flops[True]
+    spec = _spec(tmp_path, LLAMA32_1B, "method=lora", "hardware=single_gpu", "train.gradient_checkpointing=selective")
+    assert Setup.of(spec).ckpt == "selective"
+
+
+def test_a_run_that_needs_some_activation_memory_back_is_offered_selective_checkpointing_first(tmp_path):
+    """A run just over its card: the cheapest fix is selective checkpointing, and full checkpointing is never
+    combined with it."""
+    spec = _spec(tmp_path, LLAMA32_1B, "method=lora", "hardware=single_gpu", "data.max_length=2048",
+                 "train.batch_size=4")  # fmt: skip
+    sel = _spec(tmp_path, LLAMA32_1B, "method=lora", "hardware=single_gpu", "data.max_length=2048",
+                "train.batch_size=4", "train.gradient_checkpointing=selective")  # fmt: skip
+    need = [budget.make_plan(x, gpu="H100")["memory"]["per_device_gib"] for x in (spec, sel)]
+    p = budget.make_plan(spec, gpu_memory=sum(need) / 2 / fit.HEADROOM)  # between the two
+    assert p["fits"] is False
+    first = p["fixes"][0]["overrides"]
+    assert first == ["train.gradient_checkpointing=selective"], p["fixes"]
+    assert not any(
+        {"train.gradient_checkpointing=selective", "train.gradient_checkpointing=true"} <= set(f["overrides"])
+        for f in p["fixes"]
+    )
+
+
 def test_a_run_that_does_not_fit_gets_fixes_that_fit_when_applied(tmp_path):
     """full_1b on a 24 GiB card with the full logits (the chunked loss alone makes it fit): each fix's overrides,
     composed and planned again, fit."""
@@ -245,12 +280,13 @@ def vocab_heavy_model(tmp_path_factory):
     return d
 
 
-# Four two-step runs, each its own process (the peak RSS must be the run's own): the differences between them are
+# Five two-step runs, each its own process (the peak RSS must be the run's own): the differences between them are
 # what the plan must get right (what a user changes to make a run fit), each within 10% of the measured one.
 MEASURED = {
     "full": ["method=full", "train.batch_size=8"],
     "lora": ["method=lora", "train.batch_size=8"],
     "lora+ckpt": ["method=lora", "train.batch_size=8", "train.gradient_checkpointing=true"],
+    "lora+selective": ["method=lora", "train.batch_size=8", "train.gradient_checkpointing=selective"],
     "lora-b1": ["method=lora", "train.batch_size=1"],
 }
 
@@ -316,6 +352,16 @@ def measured_runs(vocab_heavy_model, tmp_path_factory):
             ),
         ),
         ("lora", "lora-b1", "micro-batch 8 - 1: activations, logits and loss of 7 more sequences"),
+        pytest.param(
+            "lora",
+            "lora+selective",
+            "selective checkpointing off - on: the elementwise ops' outputs",
+            marks=pytest.mark.xfail(
+                strict=False,
+                reason="the plan says 0.123 GiB, 0.177 GiB measured (-30%; its peak itself is within 10%): the "
+                "same per-layer underestimate as full checkpointing's, not fixed yet",
+            ),
+        ),
     ],
 )
 def test_plan_predicts_what_a_change_saves_within_10_percent(measured_runs, bigger, smaller, what):

@@ -169,7 +169,12 @@ class QLora(Lora):
     def _ready(self, spec, model):
         from peft import prepare_model_for_kbit_training
 
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.train.gradient_checkpointing)
+        # the Trainer then sets the kind of checkpointing (worker/checkpointing.py)
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=bool(spec.train.gradient_checkpointing),
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
 
     def bytes_per_weight(self, m, weight_bytes: int) -> float:
         """4-bit: half a byte, plus one fp32 absmax per block of 64 (double quantization: 8-bit absmax, and one fp32

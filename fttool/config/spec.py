@@ -41,6 +41,11 @@ class ModelSpec:
 
 
 PACKING = ("none", "padding_free", "bins")
+# train.gradient_checkpointing=selective (worker/checkpointing.py) keeps the output of a matmul whose inner
+# dimension is at least KEEP_INNER_DIM: recomputing it would cost as much as the layer's forward; below it (a
+# LoRA's B, rank x out) the product is cheap to redo
+SELECTIVE = "selective"
+KEEP_INNER_DIM = 128
 
 
 @dataclass
@@ -244,7 +249,10 @@ class TrainSpec:
     epochs: float = 3.0  # passes over the data (ignored when max_steps is set)
     max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs)
     optim: str = "adamw_torch"  # optimizer name as transformers knows it
-    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    # recompute activations in backward to save memory: false, true (each decoder layer's forward again: its input
+    # kept, ~20-30% slower) or selective (the matmuls' and attention's outputs kept, the elementwise ops recomputed:
+    # about half the activations, ~5-10% slower)
+    gradient_checkpointing: Any = False
     # the LM head and loss: chunked (trained positions only, in tiles, never the whole [tokens, vocab] logits),
     # full (the model's own logits and loss), or auto (chunked wherever it is exact)
     loss_impl: str = "auto"

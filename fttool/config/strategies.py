@@ -70,6 +70,12 @@ class Strategy:
             raise UserError(
                 "hardware.activation_checkpointing applies to fsdp2; elsewhere use train.gradient_checkpointing=true."
             )
+        if cfg.train.gradient_checkpointing == "selective" and self.shards_parameters and not self.own_checkpointing:
+            raise UserError(
+                f"train.gradient_checkpointing=selective with hardware.strategy={hw.strategy}: ZeRO-3 gathers a "
+                "layer's weights again while the layer is recomputed, which selective checkpointing cannot replay; "
+                "use train.gradient_checkpointing=true, or hardware=zero2 / ddp."
+            )
         if cfg.train.nonfinite_tolerance and not self.drops_steps:
             raise UserError(
                 f"train.nonfinite_tolerance={cfg.train.nonfinite_tolerance} with hardware.strategy="

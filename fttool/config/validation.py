@@ -62,6 +62,11 @@ RANGES: List[Tuple[str, Callable[[Any], bool], str]] = [
     ("train.weight_decay", lambda v: v >= 0, "a number >= 0"),
     ("train.max_grad_norm", lambda v: v > 0, "a number > 0"),
     ("train.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    (
+        "train.gradient_checkpointing",
+        lambda v: isinstance(v, bool) or v == "selective",
+        "true (recompute each layer), false or selective (recompute the elementwise ops only)",
+    ),
     ("train.grad_accum", lambda v: v >= 1, "an integer >= 1"),
     ("train.epochs", lambda v: v > 0, "a number > 0"),
     ("train.max_steps", lambda v: v is None or v >= 1, "an integer >= 1, or null to use train.epochs"),

@@ -9,10 +9,10 @@ non-quantized weight of a QLoRA base (embeddings, output layer, norms) to fp32; 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from fttool.config import devices, losspath, methods, objectives, strategies
-from fttool.config.spec import resolved_precision, world_size
+from fttool.config.spec import KEEP_INNER_DIM, SELECTIVE, resolved_precision, world_size
 from fttool.plan.shapes import ModelShape
 
 GIB = 2**30
@@ -50,6 +50,9 @@ CUDA_CONTEXT_GIB = 0.55  # CUDA context, cuBLAS workspace and kernels of torch o
 CUDA_SLACK = 0.08  # torch's caching allocator: reserved beyond allocated (fragmentation), share of the total
 CPU_RUNTIME_GIB = 0.55  # python, torch, transformers, peft, datasets and the tokenized data, measured on Linux x86-64
 CPU_SLACK = 0.10  # glibc malloc keeps freed blocks; peak RSS runs above what tensors hold
+# selective checkpointing recomputes a layer's elementwise ops: measured on the CPU (SmolLM2-135M, LoRA, batch 8 of
+# GSM8K) as 0.4 of what recomputing the whole layer costs (+9% vs +22% a step), counted as that share of its FLOPs
+SELECTIVE_RECOMPUTE = 0.4
 ZERO_BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce/allgather bucket (elements)
 
 
@@ -64,7 +67,7 @@ class Setup:
     batch: int  # micro-batch per process
     grad_accum: int
     max_length: int
-    ckpt: bool  # activation (gradient) checkpointing, either kind
+    ckpt: Union[bool, str]  # activation (gradient) checkpointing, either kind: True (full) or "selective"
     strategy: str
     offload: bool
     world: int  # processes over all machines
@@ -98,7 +101,7 @@ class Setup:
             batch=tr.batch_size,
             grad_accum=tr.grad_accum,
             max_length=spec.data.max_length,
-            ckpt=bool(tr.gradient_checkpointing or hw.activation_checkpointing),
+            ckpt=tr.gradient_checkpointing or bool(hw.activation_checkpointing),
             strategy=hw.strategy,
             offload=bool(hw.offload),
             world=world_size(hw),
@@ -234,6 +237,21 @@ def _activations_per_token(s: Setup, shape: ModelShape) -> float:
     return elems * b + extra
 
 
+def _selective_per_token(s: Setup, shape: ModelShape) -> float:
+    """Bytes selective checkpointing keeps per token and layer beyond the layer's input (worker/checkpointing.py):
+    the outputs of the q/k/v and output projections, of attention (and its log-sum-exp, a float per head), of the
+    MLP's matmuls (gate and up, or fc1; down), and of each adapter's A (rank wide; B's too when the rank reaches
+    the width at which a matmul's output is kept)."""
+    h, q, k, i = shape.hidden, shape.attn_dim, shape.kv_dim, shape.intermediate
+    elems = q + 2 * k + q + h + (2 * i if shape.gated_mlp else i) + h
+    if s.method_obj.adapter:
+        r = s.mspec.rank
+        for t in s.mspec.target_modules:
+            if t in shape.linears:
+                elems += r + (shape.linears[t][1] if r >= KEEP_INNER_DIM else 0)
+    return elems * s.compute_bytes + shape.heads * 4
+
+
 def memory(s: Setup, shape: ModelShape) -> Memory:
     m, st = s.method_obj, s.strategy_obj
     mem = Memory(device=s.device)
@@ -335,7 +353,16 @@ def memory(s: Setup, shape: ModelShape) -> Memory:
     tokens = s.tokens
     per_layer = _activations_per_token(s, shape) * tokens
     resid = shape.hidden * (4 if (m.quantized or cb == 4 or not m.adapter) else cb)  # the residual stream's dtype
-    if s.ckpt:
+    if s.ckpt == SELECTIVE:
+        kept = _selective_per_token(s, shape)
+        mem.add(
+            "activations",
+            shape.layers * tokens * (resid + kept) + per_layer,
+            f"selective checkpointing: {shape.layers} layers x {(resid + kept) / 1024:.1f} KiB per token (the layer's "
+            f"input, the matmuls' and attention's outputs) + one layer recomputed, {tokens:,} tokens "
+            f"({s.shape_note()}); train.gradient_checkpointing=true keeps the layer inputs only",
+        )
+    elif s.ckpt:
         mem.add(
             "activations",
             shape.layers * tokens * resid + per_layer,
@@ -430,7 +457,9 @@ def flops_per_token(s: Setup, shape: ModelShape, context: float) -> float:
     else:
         f = 6 * n
     f += 6 * shape.layers * (context / 2) * shape.attn_dim * 2
-    if s.ckpt:
+    if s.ckpt == SELECTIVE:
+        f += 2 * shape.linear_params * SELECTIVE_RECOMPUTE
+    elif s.ckpt:
         f += 2 * shape.linear_params  # the decoder layers' forward again (not the output layer)
     if s.reference:
         f += 2 * n

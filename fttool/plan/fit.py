@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
 
 from fttool.config import devices
-from fttool.config.spec import QloraSpec
+from fttool.config.spec import SELECTIVE, QloraSpec
 from fttool.errors import UserError
 from fttool.plan import cards, estimate
 from fttool.plan.estimate import Setup
@@ -81,10 +81,20 @@ class Move:
 
 
 def _ckpt(s: Setup):
-    if s.ckpt:
+    if s.ckpt is True:
         return None
     key = "hardware.activation_checkpointing" if s.strategy_obj.own_checkpointing else "train.gradient_checkpointing"
     return replace(s, ckpt=True), [f"{key}=true"], "~20-30% slower steps (a layer's forward recomputed)"
+
+
+def _selective(s: Setup):
+    if s.ckpt or s.strategy_obj.own_checkpointing:
+        return None
+    return (
+        replace(s, ckpt=SELECTIVE),
+        [f"train.gradient_checkpointing={SELECTIVE}"],
+        "~5-10% slower steps (the elementwise ops recomputed; about half the activations kept)",
+    )
 
 
 def _batch(factor: int):
@@ -147,7 +157,8 @@ def _offload(s: Setup):
 
 
 MOVES = [
-    Move("checkpointing", 1, _ckpt),
+    Move("selective checkpointing", 1, _selective),
+    Move("checkpointing", 2, _ckpt),
     Move("batch/2", 1, _batch(2)),
     Move("batch/4", 2, _batch(4)),
     Move("batch/8", 3, _batch(8)),
@@ -173,7 +184,7 @@ def fixes(s: Setup, shape: ModelShape, t: Target, limit: int = 3) -> List[Fix]:
     found: List[Fix] = []
     for size in (1, 2, 3):
         for combo in itertools.combinations(MOVES, size):
-            if sum(1 for m in combo if m.name.startswith("batch")) > 1:
+            if any(sum(1 for m in combo if kind in m.name) > 1 for kind in ("batch", "checkpointing")):
                 continue
             cur, ovs, costs, ok = s, [], [], True
             for m in combo:

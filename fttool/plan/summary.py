@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 from fttool import assets
 from fttool.config import devices, losspath, methods, objectives, strategies
-from fttool.config.spec import RunSpec, effective_gate, has_validation, resolved_precision, world_size
+from fttool.config.spec import SELECTIVE, RunSpec, effective_gate, has_validation, resolved_precision, world_size
 
 
 def model_shape(spec):
@@ -152,6 +152,7 @@ def describe(spec: RunSpec) -> List[str]:
     lines.append(f"method      {methods.of(spec).describe(m)}")
     lines.append(f"objective   {objectives.of(spec).describe(spec.objective)}")
     lines.append(f"loss        {losspath.describe(spec)}")
+    lines.append(f"activations {checkpointing_line(spec)}")
     if spec.model.from_run:
         how = {"merge": "its adapter merged into the base", "continue": "its adapter trained further"}
         what = how[spec.model.from_run_adapter] if spec.model.parent_adapter else "its trained model"
@@ -191,3 +192,18 @@ def describe(spec: RunSpec) -> List[str]:
     lines += eval_lines(spec)
     lines.append(f"run folder  {Path(spec.output_dir) / str(spec.run_name)}")
     return lines
+
+
+def checkpointing_line(spec) -> str:
+    """What a layer keeps for backward (train.gradient_checkpointing, or FSDP2's own)."""
+    kind = spec.train.gradient_checkpointing
+    if spec.hardware.activation_checkpointing:
+        return "each layer recomputed in backward (hardware.activation_checkpointing=true, FSDP2's own)"
+    if kind == SELECTIVE:
+        return (
+            "selective checkpointing: the matmuls' and attention's outputs kept, the elementwise ops recomputed "
+            "(train.gradient_checkpointing=selective)"
+        )
+    if kind:
+        return "each layer recomputed in backward, its input kept (train.gradient_checkpointing=true)"
+    return "all kept for backward (train.gradient_checkpointing=selective or true to recompute)"

@@ -22,7 +22,7 @@ from fttool.logs import rank, setup_logging
 from fttool.runfolder import folder, runfiles
 from fttool.runfolder.checkpoint import best_checkpoint, last_checkpoint, mark_best, wait_for_hashes
 from fttool.runfolder.runfiles import CHECKPOINTS, FINAL
-from fttool.worker import memory, trainers
+from fttool.worker import checkpointing, memory, trainers
 
 log = logging.getLogger("fttool")
 
@@ -61,7 +61,7 @@ def training_args(spec, run_dir: Path, precision: str):
         gradient_accumulation_steps=t.grad_accum,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
-        gradient_checkpointing=t.gradient_checkpointing,
+        **checkpointing.trainer_kwargs(t.gradient_checkpointing),
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
