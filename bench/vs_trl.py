@@ -38,7 +38,9 @@ MODES = [
     ("trl", "padding_free", "fused", True),
     ("fttool", "padded", "chunked", "selective"),
     ("fttool", "padding_free", "chunked", "selective"),
+    ("fttool", "padded", "full", True),
     ("fttool", "padded", "chunked", True),
+    ("fttool", "padding_free", "full", True),
     ("fttool", "padding_free", "chunked", True),
 ]
 LR, RANK, ALPHA, DROPOUT, BATCH, MAX_LENGTH = 2e-4, 16, 32, 0.05, 8, 512
