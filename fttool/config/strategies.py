@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from fttool.config import devices
+from fttool.config.spec import SELECTIVE
 from fttool.errors import UserError
 
 DEEPSPEED_CONFIG = "deepspeed.json"
@@ -70,7 +71,7 @@ class Strategy:
             raise UserError(
                 "hardware.activation_checkpointing applies to fsdp2; elsewhere use train.gradient_checkpointing=true."
             )
-        if cfg.train.gradient_checkpointing == "selective" and self.shards_parameters and not self.own_checkpointing:
+        if cfg.train.gradient_checkpointing == SELECTIVE and self.shards_parameters and not self.own_checkpointing:
             raise UserError(
                 f"train.gradient_checkpointing=selective with hardware.strategy={hw.strategy}: ZeRO-3 gathers a "
                 "layer's weights again while the layer is recomputed, which selective checkpointing cannot replay; "

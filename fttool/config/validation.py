@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from fttool.config import devices, lineage, losspath, methods, objectives, recipes, registry, strategies
-from fttool.config.spec import DTYPES, PACKING, PRECISIONS, RunSpec, world_size
+from fttool.config.spec import DTYPES, PACKING, PRECISIONS, SELECTIVE, RunSpec, world_size
 from fttool.data.formats import FORMATS
 from fttool.errors import UserError, suggestion
 
@@ -64,7 +64,7 @@ RANGES: List[Tuple[str, Callable[[Any], bool], str]] = [
     ("train.batch_size", lambda v: v >= 1, "an integer >= 1"),
     (
         "train.gradient_checkpointing",
-        lambda v: isinstance(v, bool) or v == "selective",
+        lambda v: isinstance(v, bool) or v == SELECTIVE,
         "true (recompute each layer), false or selective (recompute the elementwise ops only)",
     ),
     ("train.grad_accum", lambda v: v >= 1, "an integer >= 1"),
